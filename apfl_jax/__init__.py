@@ -1,0 +1,1 @@
+"""apfl_jax: a JAX/Flax simulator for (asynchronous) personalized federated learning."""

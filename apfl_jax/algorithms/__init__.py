@@ -1,0 +1,62 @@
+"""Federated algorithms, one file each, behind `apfl_jax.algorithms.base.Algorithm`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from apfl_jax import embeddings
+from apfl_jax import local_training
+from apfl_jax.algorithms import knowledge_transfer
+from apfl_jax.algorithms.apfl import APFL, FriendSetup
+from apfl_jax.algorithms.base import Algorithm
+from apfl_jax.algorithms.fedavg import FedAvg
+from apfl_jax.algorithms.fedgen import FedGen
+from apfl_jax.algorithms.local import LocalOnly
+from apfl_jax.config import Config
+from apfl_jax.errors import ConfigError
+
+# The class-name embedding each generator-based algorithm uses when --embedding is empty.
+DEFAULT_EMBEDDING = {'apfl': 'minilm', 'fedgen': 'onehot'}
+
+
+def create_algorithm(config: Config, model: Any, dataset: Any, partition: Any,
+                     schedule: local_training.Schedule) -> Algorithm:
+  """The algorithm named by --algorithm, built from the config.
+
+  Args:
+    config: the experiment config.
+    model: the Flax model every client trains.
+    dataset: the data set (image shape, class names, pixel statistics).
+    partition: the client partition (label counts).
+    schedule: the static local-training schedule.
+
+  Returns:
+    The algorithm object.
+  """
+  client_optimizer = local_training.make_optimizer(config.client_optimizer,
+                                                   config.learning_rate)
+  server_optimizer = local_training.make_optimizer(config.server_optimizer,
+                                                   config.server_learning_rate)
+  image_shape = dataset.image_shape
+  if config.algorithm == 'fedavg':
+    return FedAvg(model, image_shape, schedule, client_optimizer, server_optimizer)
+  if config.algorithm == 'local':
+    return LocalOnly(model, image_shape, schedule, client_optimizer, config.num_clients)
+  table = embeddings.class_embeddings(
+      dataset.class_names, config.embedding or DEFAULT_EMBEDDING[config.algorithm],
+      config.embedding_template, model_name=config.embedding_model or None)
+  setup = knowledge_transfer.create_setup(config, model, dataset, table)
+  if config.algorithm == 'fedgen':
+    if config.generator != 'feature':
+      raise ConfigError('--generator=image is not FedGen: --algorithm=fedgen needs '
+                        '--generator=feature')
+    held = (np.asarray(partition.train_counts).sum(0) > 0).astype(np.float32)
+    return FedGen(model, image_shape, schedule, client_optimizer, server_optimizer, setup,
+                  config.fedgen_alpha, held)
+  if config.algorithm == 'apfl':
+    return APFL(model, image_shape, schedule, client_optimizer, server_optimizer, setup,
+                FriendSetup.from_config(config, dataset.num_classes),
+                partition.train_counts, config.seed)
+  raise ValueError(f'unknown algorithm {config.algorithm!r}')

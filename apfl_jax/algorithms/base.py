@@ -1,0 +1,166 @@
+"""The functional interface every federated algorithm implements.
+
+An algorithm is an immutable object holding static things (the model, optimizers,
+hyper-parameters); its methods are pure functions of explicit state:
+
+  init(rng) -> AlgorithmState
+  client_update(server, client, index_row, count, rng, data) -> (client, ClientOutput)
+  server_update(server, outputs, rng) -> server
+  personalized_params(state) -> params   # stacked per client if personalized_axis == 0
+  global_params(state) -> params | None
+  unseen_class_params(state) -> params | None   # the model scored on classes no active
+                                                # client holds (default: the global model)
+
+`run_round` composes them: the cohort's `client_update`s run as ONE vmapped call over
+stacked client states, then one `server_update`. The runner jits `run_round` once; an
+algorithm with extra server work (a generator, friend models) overrides `run_round` and
+keeps the same signature.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from apfl_jax.data.client_data import FederatedData
+from apfl_jax.local_training import masked_cross_entropy
+
+Params = Any
+
+
+@flax.struct.dataclass
+class AlgorithmState:
+  """State of a whole federation.
+
+  Attributes:
+    server: the server's pytree (global model, optimizer state, generator, ...).
+    clients: a pytree whose leaves have a leading [num_clients] axis (per-client
+      persistent state; an empty tuple when clients keep nothing between rounds).
+  """
+  server: Any
+  clients: Any
+
+
+@flax.struct.dataclass
+class ClientOutput:
+  """What one client sends back after a round.
+
+  Attributes:
+    update: the client's contribution (e.g. trained params minus the start params).
+    num_examples: float32 weight of the contribution (its training examples).
+    loss: mean local training loss.
+    finite: False when the client's loss or params hold NaN or Inf.
+  """
+  update: Params
+  num_examples: jax.Array
+  loss: jax.Array
+  finite: jax.Array
+
+
+@flax.struct.dataclass
+class RoundMetrics:
+  """Per-cohort-client diagnostics of one round (leading axis: cohort)."""
+  loss: jax.Array
+  finite: jax.Array
+
+
+def all_finite(*trees: Any) -> jax.Array:
+  """True when every leaf of every tree is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for t in trees for x in jax.tree.leaves(t)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def weighted_mean(stacked: Params, weights: jax.Array) -> Params:
+  """Mean over the leading axis weighted by `weights` (normalised here)."""
+  w = weights / jnp.maximum(jnp.sum(weights), 1e-12)
+  return jax.tree.map(lambda x: jnp.tensordot(w, x, axes=1), stacked)
+
+
+def gather_clients(tree: Any, clients: jax.Array) -> Any:
+  return jax.tree.map(lambda x: x[clients], tree)
+
+
+def scatter_clients(tree: Any, clients: jax.Array, values: Any) -> Any:
+  return jax.tree.map(lambda x, v: x.at[clients].set(v), tree, values)
+
+
+class Algorithm:
+  """Base class; subclasses implement the methods named in the module docstring.
+
+  Attributes:
+    personalized_axis: 0 when `personalized_params` returns one model per client
+      (stacked), None when every client uses the same model.
+  """
+  personalized_axis: int | None = None
+
+  def init(self, rng: jax.Array) -> AlgorithmState:
+    raise NotImplementedError
+
+  def client_update(self, server: Any, client: Any, index_row: jax.Array, count: jax.Array,
+                    rng: jax.Array, data: FederatedData) -> tuple[Any, ClientOutput]:
+    raise NotImplementedError
+
+  def server_update(self, server: Any, outputs: ClientOutput, rng: jax.Array) -> Any:
+    raise NotImplementedError
+
+  def personalized_params(self, state: AlgorithmState) -> Params:
+    raise NotImplementedError
+
+  def global_params(self, state: AlgorithmState) -> Params | None:
+    raise NotImplementedError
+
+  def unseen_class_params(self, state: AlgorithmState) -> Params | None:
+    return self.global_params(state)
+
+  def train_cohort(self, server: Any, clients: Any, cohort: jax.Array, rng: jax.Array,
+                   data: FederatedData) -> tuple[Any, ClientOutput]:
+    """Runs `client_update` for the cohort as one vmapped call.
+
+    Each client's key is `fold_in(rng, client_id)`, so a client's training does not
+    depend on which other clients are in the cohort.
+
+    Returns:
+      (the cohort's new client states, their outputs), stacked over the cohort.
+    """
+    keys = jax.vmap(lambda c: jax.random.fold_in(rng, c))(cohort)
+    return jax.vmap(self.client_update, in_axes=(None, 0, 0, 0, 0, None))(
+        server, gather_clients(clients, cohort), data.train_index[cohort],
+        data.train_count[cohort], keys, data)
+
+  def run_round(self, state: AlgorithmState, cohort: jax.Array, rng: jax.Array,
+                data: FederatedData) -> tuple[AlgorithmState, RoundMetrics]:
+    """One synchronous round: the cohort trains in one vmapped call, then the server.
+
+    Args:
+      state: the federation's state.
+      cohort: int32 [K] ids of the clients that train this round.
+      rng: this round's key.
+      data: all clients' data.
+
+    Returns:
+      (new state, per-cohort-client metrics).
+    """
+    client_rng, server_rng = jax.random.split(rng)
+    new_clients, outputs = self.train_cohort(state.server, state.clients, cohort, client_rng,
+                                             data)
+    server = self.server_update(state.server, outputs, server_rng)
+    clients = scatter_clients(state.clients, cohort, new_clients)
+    return AlgorithmState(server=server, clients=clients), RoundMetrics(
+        loss=outputs.loss, finite=outputs.finite)
+
+
+def init_model_params(model: Any, rng: jax.Array, image_shape: tuple[int, ...]) -> Params:
+  """Initial parameters of `model` for inputs of shape image_shape (H, W, C)."""
+  return model.init(rng, jnp.zeros((1, *image_shape), jnp.float32))['params']
+
+
+def classification_loss(model: Any):
+  """The masked cross-entropy loss of `model`, in the LossFn signature of local training."""
+  def loss_fn(params, images, labels, example_mask, rng):
+    del rng
+    logits = model.apply({'params': params}, images)
+    return masked_cross_entropy(logits, labels, example_mask)
+  return loss_fn

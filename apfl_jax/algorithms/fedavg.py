@@ -1,0 +1,84 @@
+"""FedAvg (McMahan et al., 2017) with an optax server optimizer.
+
+Each client starts from the global model, trains locally and sends back its parameter
+change; the server averages the changes weighted by the clients' example counts and
+applies the negated mean as a pseudo-gradient through its optax optimizer. Plain SGD
+with learning rate 1 (the default) is exactly sample-weighted parameter averaging.
+Personalized accuracy of FedAvg is the global model's accuracy on each client's test
+split.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from apfl_jax import local_training
+from apfl_jax.algorithms import base
+
+
+@flax.struct.dataclass
+class FedAvgServer:
+  params: Any
+  opt_state: Any
+
+
+class FedAvg(base.Algorithm):
+  """Sample-weighted federated averaging."""
+
+  def __init__(self, model: Any, image_shape: tuple[int, ...],
+               schedule: local_training.Schedule,
+               client_optimizer: optax.GradientTransformation,
+               server_optimizer: optax.GradientTransformation):
+    self.model = model
+    self.image_shape = image_shape
+    self.schedule = schedule
+    self.client_optimizer = client_optimizer
+    self.server_optimizer = server_optimizer
+    self.loss_fn = base.classification_loss(model)
+
+  def init(self, rng: jax.Array) -> base.AlgorithmState:
+    params = base.init_model_params(self.model, rng, self.image_shape)
+    return base.AlgorithmState(
+        server=FedAvgServer(params=params, opt_state=self.server_optimizer.init(params)),
+        clients=())
+
+  def client_update(self, server, client, index_row, count, rng, data):
+    params, loss = local_training.train_client(
+        server.params, self.loss_fn, self.client_optimizer, data, index_row, count, rng,
+        self.schedule)
+    delta = jax.tree.map(jnp.subtract, params, server.params)
+    return client, base.ClientOutput(update=delta, num_examples=count.astype(jnp.float32),
+                                     loss=loss, finite=base.all_finite(params, loss))
+
+  def server_update(self, server, outputs, rng):
+    del rng
+    params, opt_state = self.apply_mean_update(server.params, server.opt_state,
+                                               outputs.update, outputs.num_examples)
+    return FedAvgServer(params=params, opt_state=opt_state)
+
+  def apply_mean_update(self, params, opt_state, deltas, weights):
+    """Applies the weighted mean of the deltas through the server optimizer.
+
+    Args:
+      params: the global parameters.
+      opt_state: the server optimizer's state.
+      deltas: the clients' parameter changes, stacked.
+      weights: [K] weight of each client (its example count).
+
+    Returns:
+      (new params, new optimizer state).
+    """
+    pseudo_grad = jax.tree.map(jnp.negative, base.weighted_mean(deltas, weights))
+    updates, opt_state = self.server_optimizer.update(pseudo_grad, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  def personalized_params(self, state):
+    return state.server.params
+
+  def global_params(self, state):
+    return state.server.params

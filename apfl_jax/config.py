@@ -1,0 +1,306 @@
+"""Experiment configuration: one frozen dataclass, its validation, and the absl flags.
+
+Every field of `Config` is also a command-line flag of the same name, so flagfiles,
+`experiments/main.py`, `experiments/compare.py` and tests all speak one vocabulary.
+`Config.validate()` turns every invalid value into a `ConfigError` whose one-line
+message names the flag.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from absl import flags
+
+from apfl_jax.data.datasets import DATASETS
+from apfl_jax.embeddings import EMBEDDINGS
+from apfl_jax.errors import ConfigError
+from apfl_jax.generator import GENERATORS, NOISE_DISTRIBUTIONS
+from apfl_jax.models import MODELS
+from apfl_jax.models.conv import CONV_IMPLS
+
+ALGORITHMS = ('fedavg', 'local', 'fedgen', 'apfl')
+PARTITIONS = ('iid', 'dirichlet', 'pathological', 'monopoly')
+CLIENT_OPTIMIZERS = ('sgd', 'momentum', 'adam')
+SERVER_OPTIMIZERS = ('sgd', 'momentum', 'adam')
+FRIEND_INITS = ('local', 'global')
+FRIEND_LABELS = ('client', 'all')
+
+# Fields that may change between a run and its resumption (they do not change the
+# computation of the rounds already done).
+RESUMABLE_FIELDS = ('num_rounds', 'workdir', 'checkpoint_every', 'data_dir', 'verbose')
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """All settings of one experiment; each field is a flag of the same name."""
+  # Data and partition.
+  dataset: str = 'fashion_mnist'
+  data_dir: str = ''
+  num_clients: int = 20
+  partition: str = 'dirichlet'
+  dirichlet_alpha: float = 0.1
+  classes_per_client: int = 2
+  min_samples_per_client: int = 10
+  monopoly_clients: int = 1
+  monopoly_classes_per_client: int = 2
+  # Model and training.
+  model: str = 'cnn'
+  conv_impl: str = 'auto'
+  algorithm: str = 'fedavg'
+  num_rounds: int = 50
+  join_ratio: float = 1.0
+  local_epochs: int = 1
+  local_steps: int = 0
+  batch_size: int = 10
+  learning_rate: float = 0.005
+  client_optimizer: str = 'sgd'
+  server_optimizer: str = 'sgd'
+  server_learning_rate: float = 1.0
+  # Asynchrony and dropout.
+  dropout_clients: str = ''
+  dropout_round: int = 0
+  # Generator (FedGen, AP-FL).
+  embedding: str = ''
+  embedding_template: str = '{}'
+  embedding_model: str = ''
+  generator: str = 'feature'
+  noise_dim: int = 32
+  noise_distribution: str = 'uniform'
+  generator_hidden_dim: int = 256
+  generator_steps: int = 50
+  generator_batch_size: int = 64
+  generator_learning_rate: float = 3e-4
+  generator_ce_weight: float = 0.5
+  global_teacher_weight: float = 0.0
+  fedgen_alpha: float = 1.0
+  # AP-FL friend models and interpolation.
+  beta: float = 0.1
+  synthetic_per_class: int = 600
+  friend_batch_size: int = 64
+  friend_learning_rate: float = 0.05
+  friend_init: str = 'local'
+  friend_labels: str = 'client'
+  # Bookkeeping.
+  seed: int = 0
+  workdir: str = ''
+  eval_every: int = 1
+  checkpoint_every: int = 10
+  verbose: bool = True
+
+  def validate(self) -> 'Config':
+    """Checks every field; returns self so calls can be chained.
+
+    Raises:
+      ConfigError: naming the first invalid flag.
+    """
+    _choice('dataset', self.dataset, DATASETS)
+    _choice('model', self.model, MODELS)
+    _choice('algorithm', self.algorithm, ALGORITHMS)
+    _choice('partition', self.partition, PARTITIONS)
+    _choice('conv_impl', self.conv_impl, CONV_IMPLS)
+    _choice('client_optimizer', self.client_optimizer, CLIENT_OPTIMIZERS)
+    _choice('server_optimizer', self.server_optimizer, SERVER_OPTIMIZERS)
+    _choice('generator', self.generator, GENERATORS)
+    _choice('noise_distribution', self.noise_distribution, NOISE_DISTRIBUTIONS)
+    _choice('friend_init', self.friend_init, FRIEND_INITS)
+    _choice('friend_labels', self.friend_labels, FRIEND_LABELS)
+    if self.embedding:
+      _choice('embedding', self.embedding, EMBEDDINGS)
+    for name in ('noise_dim', 'generator_hidden_dim', 'generator_steps',
+                 'generator_batch_size', 'synthetic_per_class', 'friend_batch_size'):
+      _positive(name, getattr(self, name))
+    for name in ('generator_ce_weight', 'global_teacher_weight', 'beta'):
+      if not 0.0 <= getattr(self, name) <= 1.0:
+        raise ConfigError(f'--{name} must be in [0, 1], got {getattr(self, name)}')
+    for name in ('generator_learning_rate', 'friend_learning_rate'):
+      if not getattr(self, name) > 0:
+        raise ConfigError(f'--{name} must be > 0, got {getattr(self, name)}')
+    if self.fedgen_alpha < 0:
+      raise ConfigError(f'--fedgen_alpha must be >= 0, got {self.fedgen_alpha}')
+    if self.dropout_round < 0:
+      raise ConfigError(f'--dropout_round must be >= 0, got {self.dropout_round}')
+    self.dropout_client_ids(monopoly_clients=())  # checks the syntax and the range
+    _positive('num_clients', self.num_clients)
+    _positive('num_rounds', self.num_rounds)
+    _positive('batch_size', self.batch_size)
+    _positive('eval_every', self.eval_every)
+    _positive('checkpoint_every', self.checkpoint_every)
+    _positive('classes_per_client', self.classes_per_client)
+    _positive('monopoly_classes_per_client', self.monopoly_classes_per_client)
+    if not self.dirichlet_alpha > 0:
+      raise ConfigError(f'--dirichlet_alpha must be > 0, got {self.dirichlet_alpha}')
+    if not 0 < self.join_ratio <= 1:
+      raise ConfigError(f'--join_ratio must be in (0, 1], got {self.join_ratio}')
+    if not self.learning_rate > 0:
+      raise ConfigError(f'--learning_rate must be > 0, got {self.learning_rate}')
+    if not self.server_learning_rate > 0:
+      raise ConfigError(
+          f'--server_learning_rate must be > 0, got {self.server_learning_rate}')
+    if self.local_epochs < 0 or self.local_steps < 0:
+      raise ConfigError('--local_epochs and --local_steps must be >= 0, got '
+                        f'{self.local_epochs} and {self.local_steps}')
+    if (self.local_epochs > 0) == (self.local_steps > 0):
+      raise ConfigError('exactly one of --local_epochs and --local_steps must be > 0 '
+                        f'(got --local_epochs={self.local_epochs}, '
+                        f'--local_steps={self.local_steps}); set the other to 0')
+    if self.min_samples_per_client < 1:
+      raise ConfigError('--min_samples_per_client must be >= 1, got '
+                        f'{self.min_samples_per_client}')
+    if self.partition == 'monopoly':
+      if not 1 <= self.monopoly_clients < self.num_clients:
+        raise ConfigError(
+            f'--monopoly_clients must be in [1, --num_clients={self.num_clients}), '
+            f'got {self.monopoly_clients}')
+    return self
+
+  def dropout_client_ids(self, monopoly_clients: tuple[int, ...]) -> tuple[int, ...]:
+    """The clients named by --dropout_clients ('' none, 'monopoly', or ids '3,7')."""
+    spec = self.dropout_clients.strip()
+    if not spec:
+      return ()
+    if spec == 'monopoly':
+      if self.partition != 'monopoly':
+        raise ConfigError('--dropout_clients=monopoly needs --partition=monopoly')
+      return tuple(monopoly_clients)
+    try:
+      ids = tuple(sorted({int(x) for x in spec.split(',') if x.strip()}))
+    except ValueError:
+      raise ConfigError(f'--dropout_clients must be empty, "monopoly" or client ids like '
+                        f'"3,7"; got {spec!r}') from None
+    if not ids or min(ids) < 0 or max(ids) >= self.num_clients:
+      raise ConfigError(f'--dropout_clients ids must be in [0, --num_clients='
+                        f'{self.num_clients}), got {spec!r}')
+    if len(ids) >= self.num_clients:
+      raise ConfigError(f'--dropout_clients names {len(ids)} clients; at least one of '
+                        f'--num_clients={self.num_clients} must stay active')
+    return ids
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+  def replace(self, **changes: Any) -> 'Config':
+    return dataclasses.replace(self, **changes)
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+  if value not in choices:
+    raise ConfigError(f'--{name}: unknown value {value!r}; choose one of {", ".join(choices)}')
+
+
+def _positive(name: str, value: int) -> None:
+  if not value > 0:
+    raise ConfigError(f'--{name} must be > 0, got {value}')
+
+
+_HELP = {
+    'dataset': 'Data set name.',
+    'data_dir': 'tfds data directory (default: $TFDS_DATA_DIR or ~/tensorflow_datasets).',
+    'num_clients': 'Number of clients the data is split among.',
+    'partition': 'How the training data is split among clients.',
+    'dirichlet_alpha': 'Concentration of the per-class Dirichlet split (smaller = more skew).',
+    'classes_per_client': 'Classes per client for --partition=pathological/monopoly.',
+    'min_samples_per_client': 'Dirichlet split is redrawn until every client has this many.',
+    'monopoly_clients': 'With --partition=monopoly: the last N clients own classes nobody else has.',
+    'monopoly_classes_per_client': 'With --partition=monopoly: classes each monopoly client owns.',
+    'model': 'Model architecture.',
+    'conv_impl': 'Convolution kernel: lax, im2col (fast on CPU) or auto (im2col on CPU only).',
+    'algorithm': 'Federated algorithm.',
+    'num_rounds': 'Number of communication rounds.',
+    'join_ratio': 'Fraction of clients that train in each round.',
+    'local_epochs': 'Local epochs per round (0 to use --local_steps).',
+    'local_steps': 'Fixed local steps per round (0 to use --local_epochs).',
+    'batch_size': 'Client batch size.',
+    'learning_rate': 'Client learning rate.',
+    'client_optimizer': 'Client optimizer (re-initialised every round).',
+    'server_optimizer': 'Server optimizer applied to the averaged update (sgd at lr 1 = FedAvg).',
+    'server_learning_rate': 'Server learning rate.',
+    'dropout_clients': 'Clients that stop sending updates after --dropout_round: empty, '
+                       '"monopoly" (the monopoly clients) or ids such as "3,7".',
+    'dropout_round': 'Dropout clients train in rounds 1..N only (0: never).',
+    'embedding': 'Class-name embedding A(c) of the generator: minilm (offline), clip (needs '
+                 'the hub) or onehot; empty = the algorithm\'s default (apfl: minilm, '
+                 'fedgen: onehot).',
+    'embedding_template': 'Text template of a class name, with one {} for the name.',
+    'embedding_model': 'Hugging Face id or folder of the CLIP model (--embedding=clip).',
+    'generator': 'Generator output: feature (the head\'s input, FedGen) or image (DCGAN).',
+    'noise_dim': 'Width of the generator noise z.',
+    'noise_distribution': 'Distribution of z: uniform U[0,1) (FedGen) or normal.',
+    'generator_hidden_dim': 'Hidden width of the feature generator.',
+    'generator_steps': 'Generator optimizer steps per round on the server.',
+    'generator_batch_size': 'Generated samples per generator step.',
+    'generator_learning_rate': 'Adam learning rate of the generator.',
+    'generator_ce_weight': 'lambda in L_G = lambda*L_CE + (1-lambda)*L_div.',
+    'global_teacher_weight': 'Share of the teacher loss given to the global model (the rest '
+                             'goes to the round\'s clients, weighted per label).',
+    'fedgen_alpha': 'FedGen: weight of the cross-entropy on generated features in the '
+                    'client loss.',
+    'beta': 'AP-FL interpolation: personalized = beta*local + (1-beta)*friend.',
+    'synthetic_per_class': 'AP-FL: generated samples per class for one friend-model epoch.',
+    'friend_batch_size': 'AP-FL: friend-model batch size.',
+    'friend_learning_rate': 'AP-FL: friend-model SGD learning rate.',
+    'friend_init': 'AP-FL: friend model starts from the local or the global model.',
+    'friend_labels': 'AP-FL: friend trains on generated samples of the client\'s own label '
+                     'mix (client) or of every class uniformly (all).',
+    'seed': 'Seed of the partition, the initialisation and every random draw.',
+    'workdir': 'Output folder (default: runs/<dataset>_<algorithm>_<time>); reuse to resume.',
+    'eval_every': 'Evaluate every N rounds (and always after the last round).',
+    'checkpoint_every': 'Save an orbax checkpoint every N rounds (and after the last).',
+    'verbose': 'Print a progress line per round.',
+}
+
+
+def define_flags() -> None:
+  """Defines one absl flag per `Config` field, with the field's default."""
+  choices = {'dataset': DATASETS, 'model': MODELS, 'algorithm': ALGORITHMS,
+             'partition': PARTITIONS, 'conv_impl': CONV_IMPLS,
+             'client_optimizer': CLIENT_OPTIMIZERS, 'server_optimizer': SERVER_OPTIMIZERS,
+             'generator': GENERATORS, 'noise_distribution': NOISE_DISTRIBUTIONS,
+             'friend_init': FRIEND_INITS, 'friend_labels': FRIEND_LABELS}
+  for field in dataclasses.fields(Config):
+    name, default = field.name, field.default
+    if name in flags.FLAGS:
+      continue
+    help_text = _HELP[name]
+    if name in choices:
+      help_text += f' One of: {", ".join(choices[name])}.'
+    if isinstance(default, bool):
+      flags.DEFINE_bool(name, default, help_text)
+    elif isinstance(default, int):
+      flags.DEFINE_integer(name, default, help_text)
+    elif isinstance(default, float):
+      flags.DEFINE_float(name, default, help_text)
+    else:
+      flags.DEFINE_string(name, default, help_text)
+
+
+def from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> Config:
+  """Builds a validated `Config` from parsed absl flags."""
+  values = {f.name: flag_values[f.name].value for f in dataclasses.fields(Config)}
+  return Config(**values).validate()
+
+
+def resolve_flagfile_args(argv: list[str], experiments_dir: str) -> list[str]:
+  """Rewrites `--flagfile=NAME` to experiments/NAME when NAME is not in the cwd.
+
+  Args:
+    argv: command-line arguments.
+    experiments_dir: folder that holds the project's flagfiles.
+
+  Returns:
+    The arguments with such flagfile paths rewritten.
+  """
+  resolved = []
+  for arg in argv:
+    if arg.startswith('--flagfile='):
+      path = arg.split('=', 1)[1]
+      candidate = os.path.join(experiments_dir, path)
+      if not os.path.exists(path) and os.path.exists(candidate):
+        arg = '--flagfile=' + candidate
+      elif not os.path.exists(path):
+        raise ConfigError(f'--flagfile: {path} not found (nor in {experiments_dir})')
+    resolved.append(arg)
+  return resolved

@@ -1,0 +1,188 @@
+"""Local training of one client as a pure function, meant to be vmapped over clients.
+
+A client with n examples trains `local_epochs * ceil(n / batch_size)` steps (or exactly
+`local_steps` steps); the scan runs the cohort's largest number of steps and masks the
+rest, so uneven clients train exactly their own steps and examples and nothing branches
+on data. Each epoch is a fresh permutation of the client's examples; the last batch of an
+epoch may be partial (its missing examples are masked, the loss is the mean over the
+valid ones). Shuffles depend only on the client's key and its count, never on how much
+padding its row has, so padding cannot change a result.
+
+Structure (as in FedJAX): `client_init` -> `client_step` per batch (in `lax.scan`) ->
+`client_final`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from apfl_jax.data.client_data import FederatedData
+
+Params = Any
+# loss_fn(params, images, labels, example_mask, rng) -> scalar loss.
+LossFn = Callable[[Params, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """Static shape of local training (hashable, so it can be a jit constant).
+
+  Attributes:
+    batch_size: examples per step.
+    local_epochs: epochs per round (0 when `local_steps` is used).
+    local_steps: fixed steps per round (0 when `local_epochs` is used).
+    num_steps: scan length, the largest number of steps any client takes.
+    num_epochs: permutations drawn per client, the most epochs any client needs.
+    padded_len: length of a padded permutation, a multiple of `batch_size`.
+  """
+  batch_size: int
+  local_epochs: int
+  local_steps: int
+  num_steps: int
+  num_epochs: int
+  padded_len: int
+
+  @classmethod
+  def create(cls, batch_size: int, local_epochs: int, local_steps: int,
+             min_count: int, max_count: int) -> 'Schedule':
+    """Builds the schedule for clients holding between min_count and max_count examples."""
+    max_batches = math.ceil(max_count / batch_size)
+    min_batches = math.ceil(min_count / batch_size)
+    if local_steps > 0:
+      num_steps, num_epochs = local_steps, math.ceil(local_steps / min_batches)
+    else:
+      num_steps, num_epochs = local_epochs * max_batches, local_epochs
+    return cls(batch_size=batch_size, local_epochs=local_epochs, local_steps=local_steps,
+               num_steps=num_steps, num_epochs=num_epochs,
+               padded_len=max_batches * batch_size)
+
+
+def _epoch_permutation(key: jax.Array, count: jax.Array, length: int) -> jax.Array:
+  """A permutation of range(count) padded to `length`; independent of `length`."""
+  positions = jnp.arange(length)
+  sort_keys = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i)))(positions)
+  sort_keys = jnp.where(positions < count, sort_keys, 2.0)
+  return jnp.argsort(sort_keys, stable=True).astype(jnp.int32)
+
+
+def batch_plan(key: jax.Array, count: jax.Array, schedule: Schedule):
+  """Positions (into the client's index row) of every example of every step.
+
+  Args:
+    key: the client's PRNG key for this round.
+    count: number of examples the client holds.
+    schedule: static schedule.
+
+  Returns:
+    (positions int32 [S, B], example_mask float32 [S, B], step_mask bool [S]).
+  """
+  b = schedule.batch_size
+  batches_per_epoch = jnp.maximum((count + b - 1) // b, 1)
+  if schedule.local_steps > 0:
+    client_steps = jnp.asarray(schedule.local_steps)
+  else:
+    client_steps = schedule.local_epochs * batches_per_epoch
+  epoch_keys = jax.vmap(lambda e: jax.random.fold_in(key, e))(jnp.arange(schedule.num_epochs))
+  perms = jax.vmap(lambda k: _epoch_permutation(k, count, schedule.padded_len))(epoch_keys)
+  steps = jnp.arange(schedule.num_steps)
+  epoch = jnp.minimum(steps // batches_per_epoch, schedule.num_epochs - 1)
+  start = (steps % batches_per_epoch) * b
+  offsets = start[:, None] + jnp.arange(b)[None, :]
+  positions = perms[epoch[:, None], jnp.minimum(offsets, schedule.padded_len - 1)]
+  example_mask = (offsets < count).astype(jnp.float32)
+  step_mask = steps < client_steps
+  return positions, example_mask, step_mask
+
+
+def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean softmax cross-entropy over the examples where mask is 1."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+@flax.struct.dataclass
+class ClientTrainState:
+  """Carry of the local training scan."""
+  params: Params
+  opt_state: Any
+  loss_sum: jax.Array
+  steps: jax.Array
+
+
+def client_init(params: Params, optimizer: optax.GradientTransformation) -> ClientTrainState:
+  """Fresh optimizer state around the starting parameters."""
+  return ClientTrainState(params=params, opt_state=optimizer.init(params),
+                          loss_sum=jnp.zeros((), jnp.float32), steps=jnp.zeros((), jnp.int32))
+
+
+def client_step(state: ClientTrainState, images: jax.Array, labels: jax.Array,
+                example_mask: jax.Array, step_valid: jax.Array, rng: jax.Array,
+                loss_fn: LossFn, optimizer: optax.GradientTransformation) -> ClientTrainState:
+  """One optimizer step; a padded step (step_valid False) leaves the state unchanged."""
+  loss, grads = jax.value_and_grad(loss_fn)(state.params, images, labels, example_mask, rng)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  keep = lambda new, old: jnp.where(step_valid, new, old)
+  return ClientTrainState(
+      params=jax.tree.map(keep, params, state.params),
+      opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+      loss_sum=state.loss_sum + jnp.where(step_valid, loss, 0.0),
+      steps=state.steps + step_valid.astype(jnp.int32))
+
+
+def client_final(state: ClientTrainState) -> tuple[Params, jax.Array]:
+  """Trained parameters and the mean training loss over the steps taken."""
+  return state.params, state.loss_sum / jnp.maximum(state.steps, 1)
+
+
+def train_client(params: Params, loss_fn: LossFn, optimizer: optax.GradientTransformation,
+                 data: FederatedData, index_row: jax.Array, count: jax.Array,
+                 rng: jax.Array, schedule: Schedule) -> tuple[Params, jax.Array]:
+  """Trains one client on its own examples.
+
+  Args:
+    params: starting parameters.
+    loss_fn: loss_fn(params, normalised images, labels, example_mask, rng).
+    optimizer: the client optimizer (its state starts fresh).
+    data: all clients' data.
+    index_row: int32 [max_train], the client's row of `data.train_index`.
+    count: the client's number of training examples.
+    rng: the client's key for this round.
+    schedule: static local-training schedule.
+
+  Returns:
+    (trained params, mean training loss).
+  """
+  plan_key, step_key = jax.random.split(rng)
+  positions, example_mask, step_mask = batch_plan(plan_key, count, schedule)
+  step_keys = jax.vmap(lambda s: jax.random.fold_in(step_key, s))(
+      jnp.arange(schedule.num_steps))
+
+  def scan_step(state, xs):
+    pos, mask, valid, key = xs
+    example_ids = index_row[pos]
+    images = data.normalize(data.train_images[example_ids])
+    labels = data.train_labels[example_ids]
+    return client_step(state, images, labels, mask, valid, key, loss_fn, optimizer), None
+
+  state, _ = jax.lax.scan(scan_step, client_init(params, optimizer),
+                          (positions, example_mask, step_mask, step_keys))
+  return client_final(state)
+
+
+def make_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
+  """The named optax optimizer ('sgd', 'momentum' (0.9) or 'adam')."""
+  if name == 'sgd':
+    return optax.sgd(learning_rate)
+  if name == 'momentum':
+    return optax.sgd(learning_rate, momentum=0.9)
+  if name == 'adam':
+    return optax.adam(learning_rate)
+  raise ValueError(f'unknown optimizer {name!r}')

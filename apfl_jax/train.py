@@ -1,0 +1,328 @@
+"""`train_and_evaluate(config, workdir)`: one complete, resumable federated experiment.
+
+Data flow of a run:
+  load the data set (tfds array_record) -> partition it among clients (seeded) ->
+  stack every client's index row on the device -> init the algorithm state ->
+  per round: pick the cohort (seeded by (seed, round)) -> ONE jitted call trains the
+  cohort (vmapped) and updates the server -> NaN check -> every --eval_every rounds a
+  vmapped evaluation of every client -> metrics.jsonl -> every --checkpoint_every
+  rounds an orbax checkpoint.
+
+Every random draw of round r is derived from (seed, r), so a run resumed from a
+checkpoint computes exactly what the uninterrupted run computes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from apfl_jax import algorithms
+from apfl_jax import evaluation
+from apfl_jax import local_training
+from apfl_jax import models
+from apfl_jax.config import Config, RESUMABLE_FIELDS
+from apfl_jax.data import client_data
+from apfl_jax.data import datasets
+from apfl_jax.data import partition as partition_lib
+from apfl_jax.errors import ConfigError, TrainingDivergedError
+
+EVAL_CHUNK = 256
+
+
+def default_workdir(config: Config) -> str:
+  """runs/<dataset>_<algorithm>_<time> under the current directory."""
+  stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
+  return os.path.join('runs', f'{config.dataset}_{config.algorithm}_{stamp}')
+
+
+def prepare_workdir(workdir: str, config: Config) -> str:
+  """Creates (or reopens) the workdir and checks it belongs to this config.
+
+  Returns:
+    The absolute workdir path.
+
+  Raises:
+    ConfigError: naming --workdir if it cannot be written or holds another run.
+  """
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, '.write_test')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(f'--workdir: cannot write to {workdir}: {e.strerror or e}') from None
+  config_path = os.path.join(workdir, 'config.json')
+  if os.path.exists(config_path):
+    with open(config_path) as f:
+      previous = json.load(f)
+    for key, value in dataclasses.asdict(config).items():
+      if key in RESUMABLE_FIELDS or key not in previous:
+        continue
+      if previous[key] != value:
+        raise ConfigError(
+            f'--workdir {workdir} holds a run with --{key}={previous[key]}, this one has '
+            f'--{key}={value}: pass a new --workdir or the same flags')
+  with open(config_path, 'w') as f:
+    f.write(config.replace(workdir=workdir).to_json())
+  return workdir
+
+
+def cohort_for_round(seed: int, round_index: int, num_clients: int, join_ratio: float,
+                     dropped: tuple[int, ...] = ()) -> np.ndarray:
+  """The sorted client ids that train in `round_index` (deterministic in seed, round).
+
+  Args:
+    seed: the experiment seed.
+    round_index: the round (from 1).
+    num_clients: clients in the federation.
+    join_ratio: fraction of the available clients that train.
+    dropped: clients that are gone for this round.
+
+  Returns:
+    int32 client ids.
+  """
+  available = np.setdiff1d(np.arange(num_clients), np.asarray(dropped, np.int64))
+  size = max(1, int(round(join_ratio * len(available))))
+  if size == len(available):
+    return available.astype(np.int32)
+  rng = np.random.default_rng([seed, round_index])
+  return np.sort(rng.choice(available, size, replace=False)).astype(np.int32)
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything built once before the rounds start."""
+  config: Config
+  dataset: datasets.Dataset
+  partition: partition_lib.Partition
+  data: client_data.FederatedData
+  model: Any
+  algorithm: algorithms.Algorithm
+  groups: dict[str, np.ndarray]
+  dropout_clients: tuple[int, ...]
+  unseen_classes: np.ndarray
+
+
+def build_experiment(config: Config) -> Experiment:
+  """Loads data, partitions it and builds the model and the algorithm."""
+  dataset = datasets.load_dataset(config.dataset, config.data_dir or None)
+  partition = partition_lib.partition_dataset(
+      dataset.train_labels, dataset.test_labels, num_clients=config.num_clients,
+      scheme=config.partition, seed=config.seed, num_classes=dataset.num_classes,
+      dirichlet_alpha=config.dirichlet_alpha, min_samples=config.min_samples_per_client,
+      classes_per_client=config.classes_per_client,
+      monopoly_clients=config.monopoly_clients,
+      monopoly_classes_per_client=config.monopoly_classes_per_client)
+  data = client_data.build_federated_data(dataset, partition, test_multiple=EVAL_CHUNK)
+  counts = np.asarray([len(i) for i in partition.train_indices])
+  schedule = local_training.Schedule.create(
+      config.batch_size, config.local_epochs, config.local_steps,
+      int(counts.min()), int(counts.max()))
+  model = models.create_model(config.model, dataset.num_classes, config.conv_impl)
+  algorithm = algorithms.create_algorithm(config, model, dataset, partition, schedule)
+  dropout = config.dropout_client_ids(partition.monopoly_clients)
+  everyone = np.arange(config.num_clients)
+  groups, unseen = {}, np.zeros((0,), np.int64)
+  if dropout:
+    active = np.setdiff1d(everyone, dropout)
+    groups = {'active': active, 'dropout': np.asarray(dropout)}
+    unseen = np.setdiff1d(partition.classes_held_by(dropout),
+                          partition.classes_held_by(active.tolist()))
+  elif partition.monopoly_clients:
+    monopoly = np.asarray(partition.monopoly_clients)
+    groups = {'monopoly': monopoly, 'non_monopoly': np.setdiff1d(everyone, monopoly)}
+  return Experiment(config, dataset, partition, data, model, algorithm, groups, dropout,
+                    unseen)
+
+
+class Evaluator:
+  """One jitted call evaluates the personalized, global and unseen-class models."""
+
+  def __init__(self, experiment: Experiment):
+    self._exp = experiment
+    self._evaluate = jax.jit(self._correct_counts)
+    unseen = np.flatnonzero(np.isin(experiment.dataset.test_labels[
+        np.asarray(experiment.data.union_test_index)], experiment.unseen_classes))
+    unseen = unseen[unseen < int(np.asarray(experiment.data.test_count).sum())]
+    self._num_unseen = len(unseen)
+    padded = -(-max(len(unseen), 1) // EVAL_CHUNK) * EVAL_CHUNK
+    index = np.zeros((padded,), np.int32)
+    index[:len(unseen)] = np.asarray(experiment.data.union_test_index)[unseen]
+    group = np.ones((padded,), np.int32)
+    group[:len(unseen)] = 0
+    self._unseen_index, self._unseen_group = index, group
+
+  def _correct_counts(self, state, data, unseen_index, unseen_group):
+    algorithm, model, num_clients = self._exp.algorithm, self._exp.model, data.num_clients
+    shared = lambda p: evaluation.correct_by_group(
+        model, p, data, data.union_test_index, data.union_test_client, num_clients,
+        EVAL_CHUNK)
+    params = algorithm.personalized_params(state)
+    if algorithm.personalized_axis is None:
+      personal = shared(params)
+    else:
+      personal = evaluation.client_correct_counts(model, params, data, EVAL_CHUNK)
+    out = {'personalized': personal}
+    global_params = algorithm.global_params(state)
+    if global_params is not None:
+      out['global'] = personal if global_params is params else shared(global_params)
+    unseen_params = algorithm.unseen_class_params(state)
+    if unseen_params is not None and self._num_unseen:
+      out['unseen'] = evaluation.correct_by_group(model, unseen_params, data, unseen_index,
+                                                  unseen_group, 1, EVAL_CHUNK)
+    return out
+
+  def __call__(self, state) -> dict[str, float | None]:
+    exp = self._exp
+    correct = jax.device_get(self._evaluate(state, exp.data, self._unseen_index,
+                                            self._unseen_group))
+    count = np.asarray(exp.data.test_count)
+    metrics = evaluation.accuracy_summary(correct['personalized'], count, exp.groups,
+                                          'personalized')
+    metrics['global_acc'] = (float(correct['global'].sum() / max(count.sum(), 1))
+                             if 'global' in correct else None)
+    if len(exp.unseen_classes):
+      metrics['unseen_class_acc'] = (float(correct['unseen'][0] / self._num_unseen)
+                                     if 'unseen' in correct else None)
+    return metrics
+
+
+def _read_metrics(path: str, up_to_round: int) -> list[dict[str, Any]]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  return [r for r in rows if r['round'] <= up_to_round]
+
+
+def _write_metrics(path: str, rows: list[dict[str, Any]]) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    for r in rows:
+      f.write(json.dumps(r) + '\n')
+  os.replace(tmp, path)
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+  """Final and best-over-rounds values of every accuracy metric in `rows`."""
+  summary: dict[str, Any] = {}
+  if not rows:
+    return summary
+  for key in rows[-1]:
+    if not key.endswith('_acc') and not key.endswith('_acc_weighted'):
+      continue
+    values = [(r[key], r['round']) for r in rows if r.get(key) is not None
+              and not np.isnan(r[key])]
+    summary[f'final_{key}'] = rows[-1][key]
+    if values:
+      best, best_round = max(values)
+      summary[f'best_{key}'] = best
+      summary[f'best_{key}_round'] = best_round
+  return summary
+
+
+def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) the experiment described by `config` in `workdir`.
+
+  Args:
+    config: a validated config.
+    workdir: output folder; a folder holding a checkpoint of the same config resumes.
+
+  Returns:
+    The summary (final and best-over-rounds metrics), also written to summary.json.
+  """
+  config.validate()
+  workdir = prepare_workdir(workdir or default_workdir(config), config)
+  log = print if config.verbose else (lambda *a, **k: None)
+  exp = build_experiment(config)
+  with open(os.path.join(workdir, 'partition.txt'), 'w') as f:
+    f.write(exp.partition.table() + '\n')
+  with open(os.path.join(workdir, 'partition.json'), 'w') as f:
+    f.write(exp.partition.to_json())
+  log(f'{config.dataset}: {exp.partition.num_clients} clients, partition '
+      f'{config.partition}\n{exp.partition.table()}')
+
+  base_key = jax.random.key(config.seed)
+  state = exp.algorithm.init(jax.random.fold_in(base_key, 0))
+  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'),
+                                  options=ocp.CheckpointManagerOptions(max_to_keep=2))
+  metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  start_round = 1
+  if manager.latest_step() is not None:
+    done = manager.latest_step()
+    state = manager.restore(done, args=ocp.args.StandardRestore(state))
+    start_round = done + 1
+    log(f'resuming {workdir} after round {done}')
+  else:
+    done = 0
+  rows = _read_metrics(metrics_path, done)
+  _write_metrics(metrics_path, rows)
+  elapsed_offset = rows[-1]['elapsed_s'] if rows else 0.0
+
+  run_round = jax.jit(exp.algorithm.run_round)
+  evaluate = Evaluator(exp)
+  t0 = time.perf_counter()
+  round_times = []
+  for r in range(start_round, config.num_rounds + 1):
+    t_round = time.perf_counter()
+    dropped = exp.dropout_clients if r > config.dropout_round else ()
+    cohort = cohort_for_round(config.seed, r, config.num_clients, config.join_ratio,
+                              dropped)
+    state, round_metrics = run_round(state, cohort, jax.random.fold_in(base_key, r),
+                                     exp.data)
+    loss, finite = jax.device_get((round_metrics.loss, round_metrics.finite))
+    if not np.all(finite):
+      bad = int(cohort[np.flatnonzero(~finite)[0]])
+      raise TrainingDivergedError(
+          f'NaN/Inf in training at round {r}, client {bad} (try a lower --learning_rate)')
+    row = None
+    if r % config.eval_every == 0 or r == config.num_rounds:
+      row = {'round': r, **evaluate(state), 'train_loss': float(np.mean(loss)),
+             'elapsed_s': round(elapsed_offset + time.perf_counter() - t0, 3)}
+      rows.append(row)
+      with open(metrics_path, 'a') as f:
+        f.write(json.dumps(row) + '\n')
+    if r % config.checkpoint_every == 0 or r == config.num_rounds:
+      manager.save(r, args=ocp.args.StandardSave(state))
+    round_times.append(time.perf_counter() - t_round)
+    eta = np.median(round_times[-10:]) * (config.num_rounds - r)
+    accuracy = '' if row is None else (
+        f' personalized {row["personalized_acc"]:.4f}'
+        + ('' if row['global_acc'] is None else f' global {row["global_acc"]:.4f}'))
+    log(f'round {r}/{config.num_rounds} loss {np.mean(loss):.4f}{accuracy} '
+        f'{round_times[-1]:.2f}s ETA {datetime.timedelta(seconds=int(eta))}', flush=True)
+  manager.wait_until_finished()
+  manager.close()
+
+  summary = summarize(rows)
+  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+    json.dump(summary, f, indent=2)
+  log(format_summary(summary, workdir))
+  return summary
+
+
+def format_summary(summary: dict[str, Any], workdir: str) -> str:
+  """A small table of final and best accuracies."""
+  lines = [f'results in {workdir}', f'{"metric":<34} {"final":>8} {"best":>8} {"round":>6}']
+  for key in summary:
+    if not key.startswith('final_'):
+      continue
+    name = key[len('final_'):]
+    final = summary[key]
+    best = summary.get(f'best_{name}')
+    fmt = lambda v: '     n/a' if v is None or (isinstance(v, float) and np.isnan(v)) \
+        else f'{v:8.4f}'
+    lines.append(f'{name:<34} {fmt(final)} {fmt(best)} '
+                 f'{summary.get(f"best_{name}_round", ""):>6}')
+  return '\n'.join(lines)

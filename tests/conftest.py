@@ -1,0 +1,83 @@
+"""Shared test fixtures: small synthetic federations (no data set is downloaded)."""
+
+import dataclasses
+
+import flax.linen as nn
+import numpy as np
+import pytest
+
+from apfl_jax.data import client_data
+from apfl_jax.data import partition as partition_lib
+
+
+class TinyModel(nn.Module):
+  """A 2-layer MLP with the body/head contract of apfl_jax.models."""
+  num_classes: int = 4
+
+  def setup(self):
+    self.body = nn.Dense(16)
+    self.head = nn.Dense(self.num_classes)
+
+  @property
+  def feature_dim(self):
+    return 16
+
+  def features(self, x):
+    return nn.relu(self.body(x.reshape(x.shape[0], -1)))
+
+  def head_logits(self, h):
+    return self.head(h)
+
+  def __call__(self, x):
+    return self.head_logits(self.features(x))
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticDataset:
+  """Just the fields of apfl_jax.data.datasets.Dataset that the library reads."""
+  name: str
+  train_images: np.ndarray
+  train_labels: np.ndarray
+  test_images: np.ndarray
+  test_labels: np.ndarray
+  class_names: tuple
+  mean: np.ndarray
+  std: np.ndarray
+
+  @property
+  def num_classes(self):
+    return len(self.class_names)
+
+  @property
+  def image_shape(self):
+    return self.train_images.shape[1:]
+
+
+def make_synthetic_dataset(num_classes=4, per_class=30, shape=(6, 6, 1), seed=0):
+  """Images whose mean brightness pattern depends on the label (learnable)."""
+  rng = np.random.default_rng(seed)
+  prototypes = rng.integers(0, 256, size=(num_classes, *shape))
+
+  def draw(n):
+    labels = np.repeat(np.arange(num_classes), n)
+    noise = rng.integers(-40, 40, size=(len(labels), *shape))
+    images = np.clip(prototypes[labels] + noise, 0, 255).astype(np.uint8)
+    return images, labels.astype(np.int32)
+
+  train_x, train_y = draw(per_class)
+  test_x, test_y = draw(per_class // 3)
+  return SyntheticDataset('synthetic', train_x, train_y, test_x, test_y,
+                          tuple(f'class{k}' for k in range(num_classes)),
+                          np.full((shape[-1],), 0.5, np.float32),
+                          np.full((shape[-1],), 0.25, np.float32))
+
+
+@pytest.fixture
+def synthetic_federation():
+  """(dataset, partition, FederatedData) with 4 uneven clients."""
+  dataset = make_synthetic_dataset()
+  partition = partition_lib.partition_dataset(
+      dataset.train_labels, dataset.test_labels, num_clients=4, scheme='dirichlet', seed=0,
+      num_classes=dataset.num_classes, dirichlet_alpha=0.5, min_samples=5)
+  data = client_data.build_federated_data(dataset, partition, test_multiple=8)
+  return dataset, partition, data

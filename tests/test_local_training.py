@@ -1,0 +1,96 @@
+"""Tests of apfl_jax.local_training: masking, step counts, vmap = sequential."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from apfl_jax import local_training
+from apfl_jax.algorithms import base
+from conftest import TinyModel
+
+
+def schedule_for(data, batch_size=8, epochs=1, steps=0):
+  counts = np.asarray(data.train_count)
+  return local_training.Schedule.create(batch_size, epochs, steps, int(counts.min()),
+                                        int(counts.max()))
+
+
+@pytest.mark.parametrize('epochs,steps', [(2, 0), (0, 7)])
+def test_batch_plan_visits_each_example_once_per_epoch(epochs, steps):
+  count, batch = 13, 4
+  schedule = local_training.Schedule.create(batch, epochs, steps, 5, 30)
+  positions, example_mask, step_mask = jax.device_get(
+      local_training.batch_plan(jax.random.key(0), jnp.asarray(count), schedule))
+  expected_steps = steps if steps else epochs * 4
+  assert step_mask.sum() == expected_steps
+  valid = positions[step_mask][example_mask[step_mask] > 0]
+  if steps == 0:
+    assert len(valid) == epochs * count
+    for e in range(epochs):
+      np.testing.assert_array_equal(np.sort(valid[e * count:(e + 1) * count]),
+                                    np.arange(count))
+  assert valid.max() < count
+
+
+def test_padding_does_not_change_training(synthetic_federation):
+  _, _, data = synthetic_federation
+  model = TinyModel()
+  params = base.init_model_params(model, jax.random.key(1), (6, 6, 1))
+  loss_fn = base.classification_loss(model)
+  opt = optax.sgd(0.1)
+  row, count = data.train_index[0], data.train_count[0]
+  wide = jnp.concatenate([row, jnp.zeros((37,), jnp.int32)])
+  small_schedule = schedule_for(data)
+  wide_schedule = local_training.Schedule.create(8, 1, 0, small_schedule.batch_size,
+                                                 int(wide.shape[0]))
+  a, loss_a = local_training.train_client(params, loss_fn, opt, data, row, count,
+                                          jax.random.key(2), small_schedule)
+  b, loss_b = local_training.train_client(params, loss_fn, opt, data, wide, count,
+                                          jax.random.key(2), wide_schedule)
+  assert wide_schedule.num_steps > small_schedule.num_steps
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
+  np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
+
+
+def test_vmapped_clients_equal_sequential_clients(synthetic_federation):
+  _, _, data = synthetic_federation
+  model = TinyModel()
+  params = base.init_model_params(model, jax.random.key(1), (6, 6, 1))
+  loss_fn = base.classification_loss(model)
+  opt = optax.sgd(0.1, momentum=0.9)
+  schedule = schedule_for(data, epochs=2)
+  keys = jax.random.split(jax.random.key(3), data.num_clients)
+
+  train = lambda row, count, key: local_training.train_client(
+      params, loss_fn, opt, data, row, count, key, schedule)
+  stacked, _ = jax.jit(jax.vmap(train))(data.train_index, data.train_count, keys)
+  for c in range(data.num_clients):
+    single, _ = jax.jit(train)(data.train_index[c], data.train_count[c], keys[c])
+    jax.tree.map(lambda s, x: np.testing.assert_allclose(s[c], x, rtol=1e-5, atol=1e-6),
+                 stacked, single)
+
+
+def test_training_lowers_the_loss(synthetic_federation):
+  _, _, data = synthetic_federation
+  model = TinyModel()
+  params = base.init_model_params(model, jax.random.key(1), (6, 6, 1))
+  loss_fn = base.classification_loss(model)
+  schedule = schedule_for(data, epochs=5)
+  row, count = data.train_index[1], data.train_count[1]
+  images = data.normalize(data.train_images[row[:int(count)]])
+  labels = data.train_labels[row[:int(count)]]
+  mask = jnp.ones(labels.shape)
+  before = loss_fn(params, images, labels, mask, None)
+  trained, _ = local_training.train_client(params, loss_fn, optax.sgd(0.1), data, row, count,
+                                           jax.random.key(0), schedule)
+  assert loss_fn(trained, images, labels, mask, None) < 0.5 * before
+
+
+def test_masked_cross_entropy_ignores_masked_examples():
+  logits = jnp.array([[2.0, 0.0], [0.0, 5.0], [9.0, -9.0]])
+  labels = jnp.array([0, 0, 1])
+  full = local_training.masked_cross_entropy(logits[:2], labels[:2], jnp.ones(2))
+  masked = local_training.masked_cross_entropy(logits, labels, jnp.array([1.0, 1.0, 0.0]))
+  np.testing.assert_allclose(full, masked, rtol=1e-6)

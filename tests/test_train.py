@@ -1,0 +1,144 @@
+"""End-to-end tests of apfl_jax.train and experiments/main.py (synthetic data, tiny runs)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from apfl_jax import train
+from apfl_jax.config import Config
+from apfl_jax.errors import ConfigError, TrainingDivergedError
+from conftest import make_synthetic_dataset
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAIN = os.path.join(REPO, 'experiments', 'main.py')
+
+
+@pytest.fixture
+def synthetic_data(monkeypatch):
+  dataset = make_synthetic_dataset(num_classes=4, per_class=20, shape=(28, 28, 1))
+  monkeypatch.setattr(train.datasets, 'load_dataset', lambda name, data_dir=None: dataset)
+  return dataset
+
+
+def tiny_config(**changes):
+  config = Config(dataset='mnist', num_clients=4, partition='dirichlet', dirichlet_alpha=0.5,
+                  min_samples_per_client=5, num_rounds=4, batch_size=8, local_epochs=1,
+                  learning_rate=0.05, checkpoint_every=2, verbose=False)
+  return config.replace(**changes)
+
+
+def read_rows(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  for r in rows:
+    r.pop('elapsed_s')
+  return rows
+
+
+@pytest.mark.parametrize('algorithm', ['fedavg', 'local'])
+def test_run_writes_metrics_partition_and_checkpoints(tmp_path, synthetic_data, algorithm):
+  summary = train.train_and_evaluate(tiny_config(algorithm=algorithm), str(tmp_path))
+  rows = read_rows(tmp_path)
+  assert [r['round'] for r in rows] == [1, 2, 3, 4]
+  for key in ('personalized_acc', 'personalized_acc_weighted', 'global_acc', 'train_loss'):
+    assert key in rows[0]
+  if algorithm == 'local':
+    assert rows[-1]['global_acc'] is None
+  else:
+    assert 0.0 <= rows[-1]['global_acc'] <= 1.0
+  assert summary['final_personalized_acc'] == rows[-1]['personalized_acc']
+  for name in ('config.json', 'partition.txt', 'partition.json', 'summary.json'):
+    assert os.path.exists(tmp_path / name)
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '4']
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path, synthetic_data, monkeypatch):
+  config = tiny_config(join_ratio=0.5, server_optimizer='momentum', server_learning_rate=0.5)
+  train.train_and_evaluate(config, str(tmp_path / 'straight'))
+
+  original = train.cohort_for_round
+
+  def interrupt_at_round_4(seed, round_index, *args, **kwargs):
+    if round_index == 4:
+      raise KeyboardInterrupt
+    return original(seed, round_index, *args, **kwargs)
+
+  monkeypatch.setattr(train, 'cohort_for_round', interrupt_at_round_4)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  # Rounds 1-3 were evaluated, but only round 2 was checkpointed.
+  assert [r['round'] for r in read_rows(tmp_path / 'resumed')] == [1, 2, 3]
+  monkeypatch.setattr(train, 'cohort_for_round', original)
+  train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  assert read_rows(tmp_path / 'resumed') == read_rows(tmp_path / 'straight')
+
+
+def test_longer_rerun_continues_from_last_checkpoint(tmp_path, synthetic_data):
+  train.train_and_evaluate(tiny_config(num_rounds=2), str(tmp_path / 'a'))
+  train.train_and_evaluate(tiny_config(num_rounds=4), str(tmp_path / 'a'))
+  train.train_and_evaluate(tiny_config(num_rounds=4), str(tmp_path / 'b'))
+  assert read_rows(tmp_path / 'a') == read_rows(tmp_path / 'b')
+
+
+def test_workdir_of_another_config_is_refused(tmp_path, synthetic_data):
+  train.train_and_evaluate(tiny_config(num_rounds=1), str(tmp_path))
+  with pytest.raises(ConfigError, match='--learning_rate'):
+    train.train_and_evaluate(tiny_config(num_rounds=1, learning_rate=0.1), str(tmp_path))
+
+
+def test_nan_names_round_and_client(tmp_path, synthetic_data):
+  with pytest.raises(TrainingDivergedError, match=r'round 1, client \d'):
+    train.train_and_evaluate(tiny_config(learning_rate=1e38), str(tmp_path))
+
+
+def test_cohort_is_deterministic_and_sized_by_join_ratio():
+  a = train.cohort_for_round(0, 5, 10, 0.3)
+  np.testing.assert_array_equal(a, train.cohort_for_round(0, 5, 10, 0.3))
+  assert len(a) == 3 and len(np.unique(a)) == 3
+  assert not all(np.array_equal(a, train.cohort_for_round(0, r, 10, 0.3)) for r in range(6, 9))
+
+
+def run_main(*args, cwd=REPO):
+  return subprocess.run([sys.executable, MAIN, *args], cwd=cwd, capture_output=True,
+                        text=True, timeout=120)
+
+
+@pytest.mark.parametrize('flag,value', [
+    ('dirichlet_alpha', '0'), ('dirichlet_alpha', '-1'), ('batch_size', '0'),
+    ('dataset', 'imagenet'), ('model', 'vgg'), ('algorithm', 'fedfoo'),
+    ('partition', 'zipf'), ('num_clients', '0'), ('join_ratio', '1.5'),
+])
+def test_invalid_flag_exits_with_one_line_naming_it(flag, value):
+  result = run_main(f'--{flag}={value}', '--num_rounds=1')
+  assert result.returncode != 0
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1, result.stderr
+  assert f'--{flag}' in lines[0]
+
+
+def test_too_many_monopoly_clients_is_refused():
+  result = run_main('--partition=monopoly', '--num_clients=5', '--monopoly_clients=5')
+  assert result.returncode != 0
+  assert '--monopoly_clients' in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_unwritable_workdir_is_refused(tmp_path):
+  blocker = tmp_path / 'file'
+  blocker.write_text('x')
+  result = run_main('--flagfile=smoke.flags', f'--workdir={blocker}/run')
+  assert result.returncode != 0
+  assert result.stderr.strip().startswith('error: --workdir')
+  assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_missing_dataset_fails_fast_with_one_line(tmp_path):
+  # A bare flagfile name is found in experiments/ from any working directory.
+  result = run_main('--flagfile=cifar10.flags', f'--data_dir={tmp_path}',
+                    f'--workdir={tmp_path}/run', cwd=str(tmp_path))
+  assert result.returncode != 0
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and 'cifar10' in lines[0], result.stderr
