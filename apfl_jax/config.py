@@ -22,7 +22,12 @@ from apfl_jax.generator import GENERATORS, NOISE_DISTRIBUTIONS
 from apfl_jax.models import MODELS
 from apfl_jax.models.conv import CONV_IMPLS
 
-ALGORITHMS = ('fedavg', 'local', 'fedgen', 'apfl')
+ALGORITHMS = ('fedavg', 'local', 'fedgen', 'apfl', 'fedprox', 'ditto', 'fedrep', 'apfl_deng',
+              'fedavg_ft')
+SERVERS = ('sync', 'fedasync', 'fedbuff')
+STALENESS_FUNCTIONS = ('constant', 'polynomial', 'hinge')
+SPEED_DISTRIBUTIONS = ('constant', 'lognormal', 'trace')
+AVAILABILITIES = ('always', 'bernoulli', 'markov')
 PARTITIONS = ('iid', 'dirichlet', 'pathological', 'monopoly')
 CLIENT_OPTIMIZERS = ('sgd', 'momentum', 'adam')
 SERVER_OPTIMIZERS = ('sgd', 'momentum', 'adam')
@@ -63,6 +68,27 @@ class Config:
   # Asynchrony and dropout.
   dropout_clients: str = ''
   dropout_round: int = 0
+  server: str = 'sync'
+  buffer_size: int = 10
+  concurrency: int = 0
+  server_mixing: float = 0.6
+  staleness_function: str = 'polynomial'
+  staleness_exponent: float = 0.5
+  staleness_hinge_b: float = 4.0
+  max_staleness: int = 16
+  speed_distribution: str = 'lognormal'
+  speed_spread: float = 1.0
+  speed_trace: str = ''
+  availability: str = 'always'
+  availability_p: float = 0.9
+  availability_switch_p: float = 0.1
+  dropout_time: float = -1.0
+  rejoin_time: float = -1.0
+  # Baselines.
+  fedprox_mu: float = 0.01
+  ditto_lambda: float = 0.1
+  apfl_deng_alpha: float = 0.5
+  finetune_epochs: int = 1
   # Generator (FedGen, AP-FL).
   embedding: str = ''
   embedding_template: str = '{}'
@@ -81,7 +107,7 @@ class Config:
   beta: float = 0.1
   synthetic_per_class: int = 600
   friend_batch_size: int = 64
-  friend_learning_rate: float = 0.05
+  friend_learning_rate: float = 0.5
   friend_init: str = 'local'
   friend_labels: str = 'client'
   # Bookkeeping.
@@ -104,6 +130,26 @@ class Config:
     _choice('conv_impl', self.conv_impl, CONV_IMPLS)
     _choice('client_optimizer', self.client_optimizer, CLIENT_OPTIMIZERS)
     _choice('server_optimizer', self.server_optimizer, SERVER_OPTIMIZERS)
+    _choice('server', self.server, SERVERS)
+    _choice('staleness_function', self.staleness_function, STALENESS_FUNCTIONS)
+    _choice('speed_distribution', self.speed_distribution, SPEED_DISTRIBUTIONS)
+    _choice('availability', self.availability, AVAILABILITIES)
+    for name in ('buffer_size', 'max_staleness'):
+      _positive(name, getattr(self, name))
+    for name in ('concurrency', 'finetune_epochs'):
+      if getattr(self, name) < 0:
+        raise ConfigError(f'--{name} must be >= 0, got {getattr(self, name)}')
+    for name in ('server_mixing', 'availability_p', 'availability_switch_p',
+                 'apfl_deng_alpha'):
+      if not 0.0 <= getattr(self, name) <= 1.0:
+        raise ConfigError(f'--{name} must be in [0, 1], got {getattr(self, name)}')
+    for name in ('staleness_exponent', 'staleness_hinge_b', 'speed_spread', 'fedprox_mu',
+                 'ditto_lambda'):
+      if getattr(self, name) < 0:
+        raise ConfigError(f'--{name} must be >= 0, got {getattr(self, name)}')
+    if self.speed_distribution == 'trace' and not os.path.isfile(self.speed_trace):
+      raise ConfigError(f'--speed_trace: file {self.speed_trace!r} not found '
+                        '(needed by --speed_distribution=trace)')
     _choice('generator', self.generator, GENERATORS)
     _choice('noise_distribution', self.noise_distribution, NOISE_DISTRIBUTIONS)
     _choice('friend_init', self.friend_init, FRIEND_INITS)
@@ -221,6 +267,28 @@ _HELP = {
     'dropout_clients': 'Clients that stop sending updates after --dropout_round: empty, '
                        '"monopoly" (the monopoly clients) or ids such as "3,7".',
     'dropout_round': 'Dropout clients train in rounds 1..N only (0: never).',
+    'server': 'Server mode: sync rounds, fedasync (mix each arriving update) or fedbuff '
+              '(aggregate every --buffer_size arrivals).',
+    'buffer_size': 'fedbuff: updates per server step (K).',
+    'concurrency': 'Async: clients training at once (0 = as many as --join_ratio picks).',
+    'server_mixing': 'fedasync: alpha in x <- (1 - alpha*s(tau)) x + alpha*s(tau) x_client.',
+    'staleness_function': 'Staleness weight s(tau): constant, polynomial (tau+1)^-a or hinge.',
+    'staleness_exponent': 'a of the polynomial and hinge staleness weights.',
+    'staleness_hinge_b': 'b of the hinge staleness weight (1 while tau <= b).',
+    'max_staleness': 'Async: server versions kept; an update staler than this is dropped.',
+    'speed_distribution': 'Client compute time per local step: constant, lognormal or trace.',
+    'speed_spread': 'sigma of the log-normal step durations (0 = equal speeds).',
+    'speed_trace': 'CSV file with columns client,duration (--speed_distribution=trace).',
+    'availability': 'Client availability: always, bernoulli (--availability_p) or markov.',
+    'availability_p': 'Probability that a client is available (bernoulli; markov start).',
+    'availability_switch_p': 'markov: probability of switching on<->off per time unit.',
+    'dropout_time': 'Async: virtual time after which --dropout_clients stop (-1: use '
+                    '--dropout_round).',
+    'rejoin_time': 'Async: virtual time at which dropout clients come back (-1: never).',
+    'fedprox_mu': 'FedProx: weight mu of the proximal term mu/2 ||w - w_global||^2.',
+    'ditto_lambda': 'Ditto: weight lambda of the personal model\'s pull to the global model.',
+    'apfl_deng_alpha': 'APFL (Deng et al.): initial mixing weight alpha of each client.',
+    'finetune_epochs': 'FedAvg+FT: local epochs of fine-tuning before evaluation.',
     'embedding': 'Class-name embedding A(c) of the generator: minilm (offline), clip (needs '
                  'the hub) or onehot; empty = the algorithm\'s default (apfl: minilm, '
                  'fedgen: onehot).',
@@ -259,7 +327,9 @@ def define_flags() -> None:
              'partition': PARTITIONS, 'conv_impl': CONV_IMPLS,
              'client_optimizer': CLIENT_OPTIMIZERS, 'server_optimizer': SERVER_OPTIMIZERS,
              'generator': GENERATORS, 'noise_distribution': NOISE_DISTRIBUTIONS,
-             'friend_init': FRIEND_INITS, 'friend_labels': FRIEND_LABELS}
+             'friend_init': FRIEND_INITS, 'friend_labels': FRIEND_LABELS, 'server': SERVERS,
+             'staleness_function': STALENESS_FUNCTIONS,
+             'speed_distribution': SPEED_DISTRIBUTIONS, 'availability': AVAILABILITIES}
   for field in dataclasses.fields(Config):
     name, default = field.name, field.default
     if name in flags.FLAGS:

@@ -168,7 +168,7 @@ class Evaluator:
     shared = lambda p: evaluation.correct_by_group(
         model, p, data, data.union_test_index, data.union_test_client, num_clients,
         EVAL_CHUNK)
-    params = algorithm.personalized_params(state)
+    params = algorithm.personalized_params(state, data)
     if algorithm.personalized_axis is None:
       personal = shared(params)
     else:
@@ -177,7 +177,7 @@ class Evaluator:
     global_params = algorithm.global_params(state)
     if global_params is not None:
       out['global'] = personal if global_params is params else shared(global_params)
-    unseen_params = algorithm.unseen_class_params(state)
+    unseen_params = algorithm.unseen_class_params(state, data)
     if unseen_params is not None and self._num_unseen:
       out['unseen'] = evaluation.correct_by_group(model, unseen_params, data, unseen_index,
                                                   unseen_group, 1, EVAL_CHUNK)

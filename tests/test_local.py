@@ -32,4 +32,4 @@ def test_only_the_cohort_trains_and_nothing_is_shared(synthetic_federation):
                after, alone)
   assert alg.global_params(new_state) is None
   assert alg.personalized_axis == 0
-  assert alg.personalized_params(new_state) is new_state.clients.params
+  assert alg.personalized_params(new_state, data) is new_state.clients.params

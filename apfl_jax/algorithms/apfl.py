@@ -192,7 +192,7 @@ class APFL(FedAvg):
             clients.has_local.reshape((-1,) + (1,) * g.ndim), local, g[None]),
         clients.local_params, server.params)
 
-  def personalized_params(self, state):
+  def personalized_params(self, state, data):
     server = state.server
     local = self.local_models(state)
     if self.friend.init == 'local':
@@ -209,7 +209,7 @@ class APFL(FedAvg):
         server, start, label_probs, keys)
     return interpolate(local, friends, self.friend.beta)
 
-  def unseen_class_params(self, state):
+  def unseen_class_params(self, state, data):
     server = state.server
     return self.train_friend(server, server.params,
                              jnp.ones((self.num_classes,), jnp.float32),

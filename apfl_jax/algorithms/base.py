@@ -6,10 +6,10 @@ hyper-parameters); its methods are pure functions of explicit state:
   init(rng) -> AlgorithmState
   client_update(server, client, index_row, count, rng, data) -> (client, ClientOutput)
   server_update(server, outputs, rng) -> server
-  personalized_params(state) -> params   # stacked per client if personalized_axis == 0
+  personalized_params(state, data) -> params   # stacked per client if personalized_axis == 0
   global_params(state) -> params | None
-  unseen_class_params(state) -> params | None   # the model scored on classes no active
-                                                # client holds (default: the global model)
+  unseen_class_params(state, data) -> params | None   # the model scored on classes no
+                                       # active client holds (default: the global model)
 
 `run_round` composes them: the cohort's `client_update`s run as ONE vmapped call over
 stacked client states, then one `server_update`. The runner jits `run_round` once; an
@@ -106,13 +106,13 @@ class Algorithm:
   def server_update(self, server: Any, outputs: ClientOutput, rng: jax.Array) -> Any:
     raise NotImplementedError
 
-  def personalized_params(self, state: AlgorithmState) -> Params:
+  def personalized_params(self, state: AlgorithmState, data: FederatedData) -> Params:
     raise NotImplementedError
 
   def global_params(self, state: AlgorithmState) -> Params | None:
     raise NotImplementedError
 
-  def unseen_class_params(self, state: AlgorithmState) -> Params | None:
+  def unseen_class_params(self, state: AlgorithmState, data: FederatedData) -> Params | None:
     return self.global_params(state)
 
   def train_cohort(self, server: Any, clients: Any, cohort: jax.Array, rng: jax.Array,

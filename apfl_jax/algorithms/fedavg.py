@@ -77,7 +77,7 @@ class FedAvg(base.Algorithm):
     updates, opt_state = self.server_optimizer.update(pseudo_grad, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
-  def personalized_params(self, state):
+  def personalized_params(self, state, data):
     return state.server.params
 
   def global_params(self, state):

@@ -53,7 +53,7 @@ class LocalOnly(base.Algorithm):
     del rng
     return server
 
-  def personalized_params(self, state):
+  def personalized_params(self, state, data):
     return state.clients.params
 
   def global_params(self, state):
