@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorboardX
 
 from apfl_jax import algorithms
 from apfl_jax import evaluation
@@ -190,6 +191,8 @@ class Evaluator:
     count = np.asarray(exp.data.test_count)
     metrics = evaluation.accuracy_summary(correct['personalized'], count, exp.groups,
                                           'personalized')
+    metrics['client_personalized_acc'] = [
+        round(float(c / n), 6) if n else None for c, n in zip(correct['personalized'], count)]
     metrics['global_acc'] = (float(correct['global'].sum() / max(count.sum(), 1))
                              if 'global' in correct else None)
     if len(exp.unseen_classes):
@@ -220,7 +223,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
   if not rows:
     return summary
   for key in rows[-1]:
-    if not key.endswith('_acc') and not key.endswith('_acc_weighted'):
+    if isinstance(rows[-1][key], list) or not (key.endswith('_acc')
+                                               or key.endswith('_acc_weighted')):
       continue
     values = [(r[key], r['round']) for r in rows if r.get(key) is not None
               and not np.isnan(r[key])]
@@ -272,6 +276,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
 
   run_round = jax.jit(exp.algorithm.run_round)
   evaluate = Evaluator(exp)
+  board = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
   t0 = time.perf_counter()
   round_times = []
   for r in range(start_round, config.num_rounds + 1):
@@ -293,6 +298,10 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
       rows.append(row)
       with open(metrics_path, 'a') as f:
         f.write(json.dumps(row) + '\n')
+      for key, value in row.items():
+        if key != 'round' and isinstance(value, float):
+          board.add_scalar(key, value, r)
+      board.flush()
     if r % config.checkpoint_every == 0 or r == config.num_rounds:
       manager.save(r, args=ocp.args.StandardSave(state))
     round_times.append(time.perf_counter() - t_round)
@@ -304,6 +313,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
         f'{round_times[-1]:.2f}s ETA {datetime.timedelta(seconds=int(eta))}', flush=True)
   manager.wait_until_finished()
   manager.close()
+  board.close()
 
   summary = summarize(rows)
   with open(os.path.join(workdir, 'summary.json'), 'w') as f:

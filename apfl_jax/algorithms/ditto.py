@@ -1,0 +1,82 @@
+"""Ditto (Li, Hu, Beirami and Smith, "Ditto: Fair and Robust Federated Learning Through
+Personalization", ICML 2021).
+
+The global model w is trained exactly as in FedAvg. Each client k also keeps a personal
+model v_k, trained in the same round on its own data from its previous value (initially
+the initial global model) with the regularised objective
+
+  L_k(v_k) + lambda / 2 * ||v_k - w||^2,
+
+where w is the global model the client received this round. Both trainings run inside
+one `client_update` (so one vmapped call for the cohort): the global copy with the
+client's key, the personal model with `fold_in(key, 1)`. lambda = 0 is Local-only
+training of v_k alongside FedAvg. The personalized model of client k is v_k; the loss
+a client reports is its global copy's (FedAvg's), and it is finite only when both models
+are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from apfl_jax import local_training
+from apfl_jax.algorithms import base
+from apfl_jax.algorithms.fedavg import FedAvg
+from apfl_jax.algorithms.fedprox import proximal_loss
+
+
+@flax.struct.dataclass
+class DittoClient:
+  """Per-client personal model v_k (leaves stacked over clients)."""
+  params: Any
+
+
+def personal_key(rng: jax.Array) -> jax.Array:
+  """The key of the personal model's training, derived from the client's round key."""
+  return jax.random.fold_in(rng, 1)
+
+
+class Ditto(FedAvg):
+  """FedAvg plus a personal model per client pulled towards the global model."""
+  personalized_axis = 0
+
+  def __init__(self, model: Any, image_shape: tuple[int, ...],
+               schedule: local_training.Schedule,
+               client_optimizer: optax.GradientTransformation,
+               server_optimizer: optax.GradientTransformation, lam: float,
+               num_clients: int):
+    super().__init__(model, image_shape, schedule, client_optimizer, server_optimizer)
+    self.lam = lam
+    self.num_clients = num_clients
+
+  @classmethod
+  def from_config(cls, config: Any, model: Any, dataset: Any, partition: Any,
+                  schedule: local_training.Schedule,
+                  client_optimizer: optax.GradientTransformation,
+                  server_optimizer: optax.GradientTransformation) -> 'Ditto':
+    """Ditto with lambda = config.ditto_lambda, one personal model per partition client."""
+    return cls(model, dataset.image_shape, schedule, client_optimizer, server_optimizer,
+               config.ditto_lambda, np.asarray(partition.train_counts).shape[0])
+
+  def init(self, rng: jax.Array) -> base.AlgorithmState:
+    fedavg = super().init(rng)
+    personal = jax.tree.map(lambda x: jnp.broadcast_to(x, (self.num_clients, *x.shape)),
+                            fedavg.server.params)
+    return base.AlgorithmState(server=fedavg.server, clients=DittoClient(params=personal))
+
+  def client_update(self, server, client, index_row, count, rng, data):
+    _, output = super().client_update(server, (), index_row, count, rng, data)
+    personal, personal_loss = local_training.train_client(
+        client.params, proximal_loss(self.loss_fn, server.params, self.lam),
+        self.client_optimizer, data, index_row, count, personal_key(rng), self.schedule)
+    return DittoClient(params=personal), output.replace(
+        finite=output.finite & base.all_finite(personal, personal_loss))
+
+  def personalized_params(self, state, data):
+    return state.clients.params

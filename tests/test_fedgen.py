@@ -1,0 +1,37 @@
+"""Tests of apfl_jax.algorithms.fedgen."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from apfl_jax.algorithms.fedavg import FedAvg
+from apfl_fixtures import make_fedgen, schedule_for
+from conftest import TinyModel
+
+
+def test_alpha_zero_trains_clients_exactly_like_fedavg(synthetic_federation):
+  _, partition, data = synthetic_federation
+  fedgen = make_fedgen(data, partition, alpha=0.0)
+  fedavg = FedAvg(TinyModel(), (6, 6, 1), schedule_for(data), optax.sgd(0.1), optax.sgd(1.0))
+  cohort = jnp.array([0, 1, 3], jnp.int32)
+  a = fedgen.init(jax.random.key(0))
+  b = fedavg.init(jax.random.split(jax.random.key(0))[0])
+  jax.tree.map(np.testing.assert_array_equal, a.server.params, b.server.params)
+  a, _ = jax.jit(fedgen.run_round)(a, cohort, jax.random.key(1), data)
+  b, _ = jax.jit(fedavg.run_round)(b, cohort, jax.random.key(1), data)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7),
+               a.server.params, b.server.params)
+
+
+def test_generator_and_label_set_follow_the_round(synthetic_federation):
+  _, partition, data = synthetic_federation
+  fedgen = make_fedgen(data, partition)
+  state = fedgen.init(jax.random.key(0))
+  cohort = jnp.array([2], jnp.int32)
+  new_state, metrics = jax.jit(fedgen.run_round)(state, cohort, jax.random.key(1), data)
+  held_by_client_2 = (partition.train_counts[2] > 0).astype(np.float32)
+  np.testing.assert_array_equal(new_state.server.label_probs, held_by_client_2)
+  assert not np.allclose(state.server.generator.params['Dense_0']['kernel'],
+                         new_state.server.generator.params['Dense_0']['kernel'])
+  assert bool(np.all(metrics.finite))
