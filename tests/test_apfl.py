@@ -3,10 +3,16 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from apfl_jax import generator as generator_lib
 from apfl_jax.algorithms import apfl as apfl_lib
-from apfl_fixtures import make_apfl
+from apfl_jax.algorithms import knowledge_transfer
+from apfl_jax.config import Config
+from apfl_jax.data import client_data
+from apfl_jax.data import partition as partition_lib
+from apfl_fixtures import make_apfl, schedule_for
+from conftest import TinyModel, make_synthetic_dataset
 
 
 def assert_trees_equal(a, b):
@@ -92,3 +98,24 @@ def test_unseen_class_probe_is_finite(synthetic_federation):
   state = trained_state(alg, data)
   probe = alg.unseen_class_params(state, data)
   assert all(bool(np.all(np.isfinite(x))) for x in jax.tree.leaves(probe))
+
+
+def test_image_generator_trains_whole_friend_models():
+  dataset = make_synthetic_dataset(shape=(8, 8, 1))
+  partition = partition_lib.partition_dataset(
+      dataset.train_labels, dataset.test_labels, num_clients=3, scheme='iid', seed=0,
+      num_classes=4)
+  data = client_data.build_federated_data(dataset, partition, test_multiple=8)
+  setup = knowledge_transfer.create_setup(
+      Config(generator='image', noise_dim=8, generator_steps=3, generator_batch_size=8),
+      TinyModel(), dataset, np.eye(4, dtype=np.float32))
+  friend = apfl_lib.FriendSetup(steps=3, batch_size=8, learning_rate=0.1, init='local',
+                       labels='all', beta=0.5)
+  alg = apfl_lib.APFL(TinyModel(), (8, 8, 1), schedule_for(data), optax.sgd(0.1), optax.sgd(1.0),
+             setup, friend, partition.train_counts, seed=0)
+  state = trained_state(alg, data, cohort=(0, 1, 2))
+  personalized = alg.personalized_params(state, data)
+  local = alg.local_models(state)
+  # Both body and head moved: the friend trained end to end on generated images.
+  for part in ('body', 'head'):
+    assert not np.allclose(personalized[part]['kernel'], local[part]['kernel'])
