@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 import tensorboardX
 
 from apfl_jax import algorithms
+from apfl_jax import asynchrony
 from apfl_jax import evaluation
 from apfl_jax import local_training
 from apfl_jax import models
@@ -110,6 +111,7 @@ class Experiment:
   data: client_data.FederatedData
   model: Any
   algorithm: algorithms.Algorithm
+  schedule: local_training.Schedule
   groups: dict[str, np.ndarray]
   dropout_clients: tuple[int, ...]
   unseen_classes: np.ndarray
@@ -143,8 +145,8 @@ def build_experiment(config: Config) -> Experiment:
   elif partition.monopoly_clients:
     monopoly = np.asarray(partition.monopoly_clients)
     groups = {'monopoly': monopoly, 'non_monopoly': np.setdiff1d(everyone, monopoly)}
-  return Experiment(config, dataset, partition, data, model, algorithm, groups, dropout,
-                    unseen)
+  return Experiment(config, dataset, partition, data, model, algorithm, schedule, groups,
+                    dropout, unseen)
 
 
 class Evaluator:
@@ -199,6 +201,100 @@ class Evaluator:
       metrics['unseen_class_acc'] = (float(correct['unseen'][0] / self._num_unseen)
                                      if 'unseen' in correct else None)
     return metrics
+
+
+@dataclasses.dataclass
+class StepReport:
+  """What the host learns from one round (sync) or one server step (async).
+
+  Attributes:
+    clients: int [K] clients whose updates were applied.
+    loss: float [K] their mean local training loss.
+    finite: bool [K] False where a client's loss or params hold NaN/Inf.
+    extra: more metrics for metrics.jsonl (async: virtual_time, staleness_mean, ...).
+  """
+  clients: np.ndarray
+  loss: np.ndarray
+  finite: np.ndarray
+  extra: dict[str, Any]
+
+
+class SyncRounds:
+  """Synchronous rounds: the cohort trains in one jitted `run_round` call per round."""
+
+  def __init__(self, experiment: Experiment):
+    self._exp = experiment
+    self._run_round = jax.jit(experiment.algorithm.run_round)
+
+  def init(self, state):
+    return state
+
+  def device_tree(self, state):
+    return state
+
+  def restore(self, device_tree, done_round):
+    del done_round
+    return device_tree
+
+  def save_host_state(self, state, round_index):
+    del state, round_index
+
+  def algorithm_state(self, state):
+    return state
+
+  def step(self, state, round_index, rng):
+    exp, config = self._exp, self._exp.config
+    dropped = exp.dropout_clients if round_index > config.dropout_round else ()
+    cohort = cohort_for_round(config.seed, round_index, config.num_clients,
+                              config.join_ratio, dropped)
+    state, metrics = self._run_round(state, cohort, rng, exp.data)
+    loss, finite = jax.device_get((metrics.loss, metrics.finite))
+    return state, StepReport(cohort, np.asarray(loss), np.asarray(finite), {})
+
+
+class AsyncRounds:
+  """Asynchronous server steps (--server=fedasync|fedbuff): one 'round' = one server
+  version. The device state is checkpointed by orbax, the host clock as JSON beside it."""
+
+  def __init__(self, experiment: Experiment, workdir: str):
+    self._exp = experiment
+    self._clock_dir = os.path.join(workdir, 'clock')
+    os.makedirs(self._clock_dir, exist_ok=True)
+    self._sim = asynchrony.AsyncSimulator(
+        experiment.algorithm, experiment.config, experiment.config.num_clients,
+        asynchrony.client_step_counts(experiment.schedule,
+                                      np.asarray(experiment.data.train_count)),
+        experiment.dropout_clients)
+
+  def init(self, state):
+    return self._sim.init(state)
+
+  def device_tree(self, async_state):
+    return async_state.device
+
+  def restore(self, device_tree, done_round):
+    with open(os.path.join(self._clock_dir, f'{done_round}.json')) as f:
+      clock = asynchrony.Clock.from_json(f.read())
+    return asynchrony.AsyncState(device=device_tree, clock=clock)
+
+  def save_host_state(self, async_state, round_index):
+    path = os.path.join(self._clock_dir, f'{round_index}.json')
+    with open(path + '.tmp', 'w') as f:
+      f.write(async_state.clock.to_json())
+    os.replace(path + '.tmp', path)
+
+  def algorithm_state(self, async_state):
+    return self._sim.algorithm_state(async_state)
+
+  def step(self, async_state, round_index, rng):
+    del round_index
+    async_state, m = self._sim.server_step(async_state, rng, self._exp.data)
+    extra = {'virtual_time': float(m['virtual_time']),
+             'staleness_mean': float(m['staleness_mean']),
+             'staleness': [int(t) for t in m['staleness']],
+             'dropped_stale': int(async_state.clock.dropped_stale)}
+    return async_state, StepReport(np.asarray(m['clients']), np.asarray(m['loss']),
+                                   np.asarray(m['finite']), extra)
 
 
 def _read_metrics(path: str, up_to_round: int) -> list[dict[str, Any]]:
@@ -259,41 +355,38 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
 
   base_key = jax.random.key(config.seed)
   state = exp.algorithm.init(jax.random.fold_in(base_key, 0))
+  if config.server == 'sync':
+    rounds = SyncRounds(exp)
+  else:
+    rounds = AsyncRounds(exp, workdir)
+  tree = rounds.init(state)
   manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'),
                                   options=ocp.CheckpointManagerOptions(max_to_keep=2))
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
-  start_round = 1
-  if manager.latest_step() is not None:
-    done = manager.latest_step()
-    state = manager.restore(done, args=ocp.args.StandardRestore(state))
-    start_round = done + 1
+  done = manager.latest_step() or 0
+  if done:
+    tree = rounds.restore(manager.restore(done, args=ocp.args.StandardRestore(
+        rounds.device_tree(tree))), done)
     log(f'resuming {workdir} after round {done}')
-  else:
-    done = 0
   rows = _read_metrics(metrics_path, done)
   _write_metrics(metrics_path, rows)
   elapsed_offset = rows[-1]['elapsed_s'] if rows else 0.0
 
-  run_round = jax.jit(exp.algorithm.run_round)
   evaluate = Evaluator(exp)
   board = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
   t0 = time.perf_counter()
   round_times = []
-  for r in range(start_round, config.num_rounds + 1):
+  for r in range(done + 1, config.num_rounds + 1):
     t_round = time.perf_counter()
-    dropped = exp.dropout_clients if r > config.dropout_round else ()
-    cohort = cohort_for_round(config.seed, r, config.num_clients, config.join_ratio,
-                              dropped)
-    state, round_metrics = run_round(state, cohort, jax.random.fold_in(base_key, r),
-                                     exp.data)
-    loss, finite = jax.device_get((round_metrics.loss, round_metrics.finite))
-    if not np.all(finite):
-      bad = int(cohort[np.flatnonzero(~finite)[0]])
+    tree, report = rounds.step(tree, r, jax.random.fold_in(base_key, r))
+    if not np.all(report.finite):
+      bad = int(report.clients[np.flatnonzero(~report.finite)[0]])
       raise TrainingDivergedError(
           f'NaN/Inf in training at round {r}, client {bad} (try a lower --learning_rate)')
     row = None
     if r % config.eval_every == 0 or r == config.num_rounds:
-      row = {'round': r, **evaluate(state), 'train_loss': float(np.mean(loss)),
+      row = {'round': r, **evaluate(rounds.algorithm_state(tree)),
+             'train_loss': float(np.mean(report.loss)), **report.extra,
              'elapsed_s': round(elapsed_offset + time.perf_counter() - t0, 3)}
       rows.append(row)
       with open(metrics_path, 'a') as f:
@@ -303,13 +396,14 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
           board.add_scalar(key, value, r)
       board.flush()
     if r % config.checkpoint_every == 0 or r == config.num_rounds:
-      manager.save(r, args=ocp.args.StandardSave(state))
+      rounds.save_host_state(tree, r)
+      manager.save(r, args=ocp.args.StandardSave(rounds.device_tree(tree)))
     round_times.append(time.perf_counter() - t_round)
     eta = np.median(round_times[-10:]) * (config.num_rounds - r)
     accuracy = '' if row is None else (
         f' personalized {row["personalized_acc"]:.4f}'
         + ('' if row['global_acc'] is None else f' global {row["global_acc"]:.4f}'))
-    log(f'round {r}/{config.num_rounds} loss {np.mean(loss):.4f}{accuracy} '
+    log(f'round {r}/{config.num_rounds} loss {np.mean(report.loss):.4f}{accuracy} '
         f'{round_times[-1]:.2f}s ETA {datetime.timedelta(seconds=int(eta))}', flush=True)
   manager.wait_until_finished()
   manager.close()

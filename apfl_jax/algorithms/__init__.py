@@ -10,15 +10,23 @@ from apfl_jax import embeddings
 from apfl_jax import local_training
 from apfl_jax.algorithms import knowledge_transfer
 from apfl_jax.algorithms.apfl import APFL, FriendSetup
+from apfl_jax.algorithms.apfl_deng import APFLDeng
 from apfl_jax.algorithms.base import Algorithm
+from apfl_jax.algorithms.ditto import Ditto
 from apfl_jax.algorithms.fedavg import FedAvg
+from apfl_jax.algorithms.fedavg_ft import FedAvgFT
 from apfl_jax.algorithms.fedgen import FedGen
+from apfl_jax.algorithms.fedprox import FedProx
+from apfl_jax.algorithms.fedrep import FedRep
 from apfl_jax.algorithms.local import LocalOnly
 from apfl_jax.config import Config
 from apfl_jax.errors import ConfigError
 
 # The class-name embedding each generator-based algorithm uses when --embedding is empty.
 DEFAULT_EMBEDDING = {'apfl': 'minilm', 'fedgen': 'onehot'}
+# Baselines built by their own `from_config`.
+BASELINES = {'fedprox': FedProx, 'ditto': Ditto, 'fedrep': FedRep, 'apfl_deng': APFLDeng,
+             'fedavg_ft': FedAvgFT}
 
 
 def create_algorithm(config: Config, model: Any, dataset: Any, partition: Any,
@@ -44,6 +52,9 @@ def create_algorithm(config: Config, model: Any, dataset: Any, partition: Any,
     return FedAvg(model, image_shape, schedule, client_optimizer, server_optimizer)
   if config.algorithm == 'local':
     return LocalOnly(model, image_shape, schedule, client_optimizer, config.num_clients)
+  if config.algorithm in BASELINES:
+    return BASELINES[config.algorithm].from_config(config, model, dataset, partition, schedule,
+                                                   client_optimizer, server_optimizer)
   table = embeddings.class_embeddings(
       dataset.class_names, config.embedding or DEFAULT_EMBEDDING[config.algorithm],
       config.embedding_template, model_name=config.embedding_model or None)

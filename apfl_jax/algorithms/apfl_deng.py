@@ -13,9 +13,9 @@ simultaneous steps of the paper's Algorithm 1 at the current (w, v, alpha):
 
 (w and v step through the client optimizer, each with its own fresh state; alpha takes a
 plain SGD step of the exact gradient, without the 0.02 * alpha term FedTorch and PFLlib
-add.) The client sends w - w_global and the server averages as in FedAvg. A padded step
-changes nothing, as in `local_training`; with the same key the w-part is exactly FedAvg's
-local training.
+add.) The client sends w - w_global and the server averages as in FedAvg; the loss it
+reports is that of w. A padded step changes nothing, as in `local_training`; with the same
+key the w-part is exactly FedAvg's local training.
 
 Personalized model: v_bar_k = alpha_k * v_k + (1 - alpha_k) * w_global with the current
 global model, which is the paper's output (at a synchronisation every w_k equals the
@@ -138,8 +138,5 @@ class APFLDeng(FedAvg):
         finite=base.all_finite(state.w, state.v, state.alpha, loss))
 
   def personalized_params(self, state, data):
-    alpha = state.clients.alpha
-    return jax.tree.map(
-        lambda v, w: (alpha.reshape((-1,) + (1,) * w.ndim) * v
-                      + (1.0 - alpha.reshape((-1,) + (1,) * w.ndim)) * w[None]),
-        state.clients.params, state.server.params)
+    return jax.vmap(mix, in_axes=(0, None, 0))(state.clients.params, state.server.params,
+                                               state.clients.alpha)

@@ -1,0 +1,478 @@
+"""Asynchronous federated learning on a virtual clock: FedAsync and FedBuff.
+
+A host-side event simulation (numpy, deterministic in --seed) decides who trains when;
+the device does the training, in ONE jitted call per server step.
+
+Virtual clock. Client c needs `local_steps[c] * step_duration[c]` time units per job;
+its step duration is drawn once from --speed_distribution (constant 1, lognormal
+exp(N(0, speed_spread^2)) or a --speed_trace CSV `client,duration`). Up to
+--concurrency clients train at once. Whenever a slot is free, a client is drawn
+uniformly among the idle, available, non-dropped clients and starts from the current
+server version. Availability: always; bernoulli (a drawn client is available with
+probability --availability_p, otherwise it retries one time unit later); markov (an
+on/off chain per client, on at time 0 with probability --availability_p, switching with
+probability --availability_switch_p per time unit). The --dropout_clients stop at virtual
+time --dropout_time (a job in flight then is lost) or, when --dropout_time < 0, start no
+job once the server version reaches --dropout_round (the sync semantics); with
+--rejoin_time >= 0 they come back then and start from the current server state (the
+global model, and for FedGen / AP-FL the current generator, which lives there).
+
+Events at one instant: the arrivals are taken in client-id order until the buffer is
+full, then the server step happens, then free slots are refilled from the new version. The
+staleness of an update is tau = (server version when it is aggregated) - (version it
+started from); an update with tau > --max_staleness is dropped (and counted).
+
+Server modes (one `server_step` = one server version = one "round" of the runner):
+  fedbuff: K = --buffer_size accepted arrivals, then the algorithm's own
+    `server_update` on them with each ClientOutput.num_examples scaled by s(tau): for
+    FedAvg the server optimizer applies the mean of the K deltas weighted by
+    examples x s(tau) (normalised, so s only re-weights the buffer); FedGen / AP-FL
+    also train their generator on it, with teachers = current model + stale delta.
+  fedasync: K = 1, x <- (1 - a) x + a x_client with a = --server_mixing * s(tau) and
+    x_client = (start version's params) + delta. The algorithm's `server_update` still
+    runs on the update x_client - x (so a generator learns from the client model itself);
+    its params are then replaced by the mixture and its optimizer state is kept (the
+    server optimizer is not used). Each arrival can depend on the previous server step,
+    so fedasync trains one client per jitted call.
+
+Vectorisation. Training is a pure function of (start server state, client state, key),
+so an update is computed when it ARRIVES, from the version it STARTED on: the device
+keeps the server states of the last --max_staleness + 1 versions in a ring (version v
+in slot v % R), gathers each buffered client's start state and vmaps `client_update`
+over the buffer with the server state on axis 0. Every call has the same shapes, so the
+step compiles once. Keys: the i-th arrival (i = 0, 1, ...) of client c within a server
+step trains with fold_in(client_rng, c + i * num_clients), where client_rng is the first
+half of split(step rng) as in `Algorithm.run_round`; so fedbuff with the whole federation
+in the buffer and no staleness computes exactly the synchronous round. Client states are
+scattered back after the step (a client's last arrival in the buffer wins); an algorithm
+whose `client_update` reads the client state sees, for a client arriving twice in one
+buffer, the state from before the buffer.
+
+Checkpointing. `AsyncState.device` is a pytree (save it with orbax) and
+`AsyncState.clock.to_json()` is the whole host state, random generator included;
+`Clock.from_json` restores it, after which the run continues exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import json
+import math
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from apfl_jax import local_training
+from apfl_jax.algorithms import base
+from apfl_jax.config import Config
+from apfl_jax.errors import ConfigError
+
+# Streams of the host-side random draws (SeedSequence entropy beside --seed).
+_SPEED_STREAM = 0xA51
+_CLOCK_STREAM = 0xA52
+
+
+def staleness_weight(tau: Any, function: str, exponent: float, hinge_b: float) -> np.ndarray:
+  """s(tau): constant 1, polynomial (tau+1)^-a, or hinge 1 if tau <= b else 1/(a(tau-b)+1)."""
+  tau = np.asarray(tau, np.float64)
+  if function == 'constant':
+    return np.ones_like(tau)
+  if function == 'polynomial':
+    return (tau + 1.0) ** -exponent
+  if function == 'hinge':
+    return 1.0 / (exponent * np.maximum(tau - hinge_b, 0.0) + 1.0)
+  raise ConfigError(f'--staleness_function: unknown value {function!r}')
+
+
+def read_speed_trace(path: str, num_clients: int) -> np.ndarray:
+  """Per-step durations from a CSV with the header `client,duration`, one row per client.
+
+  Raises:
+    ConfigError: naming --speed_trace when the file is unreadable or a row is bad or
+      missing.
+  """
+  where = f'--speed_trace {path!r}'
+  try:
+    with open(path, newline='') as f:
+      lines = [(n, row) for n, row in enumerate(csv.reader(f), 1)
+               if any(cell.strip() for cell in row)]
+  except OSError as e:
+    raise ConfigError(f'{where}: cannot read it ({e.strerror or e})') from None
+  if not lines or [cell.strip() for cell in lines[0][1]] != ['client', 'duration']:
+    raise ConfigError(f'{where}: the first line must be the header "client,duration"')
+  durations = np.full((num_clients,), np.nan)
+  for n, row in lines[1:]:
+    try:
+      if len(row) != 2:
+        raise ValueError
+      client, duration = int(row[0]), float(row[1])
+    except ValueError:
+      raise ConfigError(f'{where}: line {n} is not "client,duration": {",".join(row)!r}') \
+          from None
+    if not 0 <= client < num_clients:
+      raise ConfigError(f'{where}: line {n}: client {client} is not in [0, {num_clients})')
+    if not (math.isfinite(duration) and duration > 0):
+      raise ConfigError(f'{where}: line {n}: duration must be > 0, got {row[1].strip()}')
+    if not np.isnan(durations[client]):
+      raise ConfigError(f'{where}: line {n}: client {client} appears twice')
+    durations[client] = duration
+  missing = np.flatnonzero(np.isnan(durations))
+  if missing.size:
+    raise ConfigError(f'{where}: no row for client(s) {missing[:10].tolist()} '
+                      f'(one row per client of --num_clients={num_clients})')
+  return durations
+
+
+def step_durations(config: Config, num_clients: int) -> np.ndarray:
+  """Each client's time per local step, drawn once from --speed_distribution."""
+  if config.speed_distribution == 'constant':
+    return np.ones((num_clients,))
+  if config.speed_distribution == 'lognormal':
+    rng = np.random.default_rng([config.seed, _SPEED_STREAM])
+    return np.exp(config.speed_spread * rng.standard_normal(num_clients))
+  if config.speed_distribution == 'trace':
+    return read_speed_trace(config.speed_trace, num_clients)
+  raise ConfigError(f'--speed_distribution: unknown value {config.speed_distribution!r}')
+
+
+def client_step_counts(schedule: local_training.Schedule, counts: Any) -> np.ndarray:
+  """Local optimizer steps of each client per job (as `local_training.batch_plan`)."""
+  counts = np.asarray(counts, np.int64)
+  if schedule.local_steps > 0:
+    return np.full(counts.shape, schedule.local_steps)
+  return schedule.local_epochs * np.maximum(-(-counts // schedule.batch_size), 1)
+
+
+@dataclasses.dataclass
+class Job:
+  """One client's local training in flight.
+
+  Attributes:
+    client: the client id.
+    start_version: the server version it started from.
+    finish_time: when its update arrives (or, if cancelled, when it is lost).
+    cancelled: True when the client drops out before finishing.
+  """
+  client: int
+  start_version: int
+  finish_time: float
+  cancelled: bool
+
+
+@dataclasses.dataclass
+class Clock:
+  """The host-side state of the event simulation (JSON-serialisable).
+
+  Attributes:
+    time: current virtual time.
+    version: current server version (server steps done).
+    jobs: jobs in flight.
+    rng_state: state of the numpy generator of the clock's draws.
+    unavailable_until: [num_clients] bernoulli: a client is not drawn before this time.
+    online: [num_clients] markov chain state at `time` (always True otherwise).
+    next_switch: [num_clients] markov: next time the chain switches (inf: never).
+    dropped_stale: updates dropped so far for staleness > --max_staleness.
+  """
+  time: float
+  version: int
+  jobs: list[Job]
+  rng_state: dict[str, Any]
+  unavailable_until: np.ndarray
+  online: np.ndarray
+  next_switch: np.ndarray
+  dropped_stale: int
+
+  def to_json(self) -> str:
+    return json.dumps({
+        'time': self.time, 'version': self.version,
+        'jobs': [dataclasses.asdict(j) for j in self.jobs], 'rng_state': self.rng_state,
+        'unavailable_until': self.unavailable_until.tolist(),
+        'online': self.online.tolist(),
+        'next_switch': [t if math.isfinite(t) else None for t in self.next_switch.tolist()],
+        'dropped_stale': self.dropped_stale})
+
+  @classmethod
+  def from_json(cls, text: str) -> 'Clock':
+    d = json.loads(text)
+    return cls(time=d['time'], version=d['version'],
+               jobs=[Job(**j) for j in d['jobs']], rng_state=d['rng_state'],
+               unavailable_until=np.asarray(d['unavailable_until'], np.float64),
+               online=np.asarray(d['online'], bool),
+               next_switch=np.asarray([math.inf if t is None else t
+                                       for t in d['next_switch']], np.float64),
+               dropped_stale=d['dropped_stale'])
+
+
+@flax.struct.dataclass
+class AsyncDeviceState:
+  """The device part of an asynchronous run (a pytree: checkpoint it with orbax).
+
+  Attributes:
+    servers: the server states of the last R = max_staleness + 1 versions, stacked on a
+      leading [R] axis; version v is in slot v % R.
+    clients: the algorithm's per-client state (leading axis num_clients).
+    version: int32 scalar, the current server version.
+  """
+  servers: Any
+  clients: Any
+  version: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class AsyncState:
+  """A whole asynchronous run: device pytree plus host clock."""
+  device: AsyncDeviceState
+  clock: Clock
+
+
+class AsyncSimulator:
+  """FedAsync / FedBuff on a virtual clock around any `base.Algorithm`."""
+
+  def __init__(self, algorithm: base.Algorithm, config: Config, num_clients: int,
+               local_steps_per_client: Any, dropout_clients: tuple[int, ...] = ()):
+    """Builds the simulator.
+
+    Args:
+      algorithm: the federated algorithm.
+      config: the experiment config (its --server must be fedasync or fedbuff).
+      num_clients: clients in the federation.
+      local_steps_per_client: [num_clients] local steps of each client per job (see
+        `client_step_counts`).
+      dropout_clients: ids of the clients that drop out.
+
+    Raises:
+      ConfigError: naming the flag whose value cannot be simulated.
+    """
+    if config.server not in ('fedasync', 'fedbuff'):
+      raise ConfigError(f'--server={config.server} is not asynchronous: use fedasync or '
+                        'fedbuff')
+    steps = np.asarray(local_steps_per_client, np.float64)
+    if steps.shape != (num_clients,):
+      raise ValueError(f'local_steps_per_client has shape {steps.shape}, expected '
+                       f'({num_clients},)')
+    if config.availability == 'bernoulli' and config.availability_p <= 0:
+      raise ConfigError('--availability_p must be > 0 with --availability=bernoulli')
+    if (config.availability == 'markov' and config.availability_switch_p <= 0
+        and config.availability_p <= 0):
+      raise ConfigError('--availability=markov with --availability_p=0 and '
+                        '--availability_switch_p=0: no client is ever available')
+    if 0 <= config.rejoin_time < config.dropout_time:
+      raise ConfigError(f'--rejoin_time={config.rejoin_time} is before '
+                        f'--dropout_time={config.dropout_time}')
+    self.algorithm = algorithm
+    self.config = config
+    self.num_clients = num_clients
+    self.buffer_size = config.buffer_size if config.server == 'fedbuff' else 1
+    self.concurrency = min(num_clients, config.concurrency
+                           or max(1, int(round(config.join_ratio * num_clients))))
+    self.ring_size = config.max_staleness + 1
+    self.durations = steps * step_durations(config, num_clients)
+    self.dropout = np.zeros((num_clients,), bool)
+    self.dropout[list(dropout_clients)] = True
+    self._step = jax.jit(self._device_step)
+
+  def init(self, state: base.AlgorithmState) -> AsyncState:
+    """The asynchronous run starting from `state` at virtual time 0, version 0."""
+    if self.config.server == 'fedasync' and not (hasattr(state.server, 'params')
+                                                 and hasattr(state.server, 'opt_state')):
+      raise ConfigError(f'--server=fedasync needs a global model; --algorithm='
+                        f'{self.config.algorithm} has none')
+    servers = jax.tree.map(lambda x: jnp.repeat(jnp.asarray(x)[None], self.ring_size, 0),
+                           state.server)
+    device = AsyncDeviceState(servers=servers, clients=state.clients,
+                              version=jnp.zeros((), jnp.int32))
+    n, config = self.num_clients, self.config
+    rng = np.random.default_rng([config.seed, _CLOCK_STREAM])
+    online, next_switch = np.ones((n,), bool), np.full((n,), math.inf)
+    if config.availability == 'markov':
+      online = rng.random(n) < config.availability_p
+      if config.availability_switch_p > 0:
+        next_switch = rng.geometric(config.availability_switch_p, n).astype(np.float64)
+    clock = Clock(time=0.0, version=0, jobs=[], rng_state=rng.bit_generator.state,
+                  unavailable_until=np.zeros((n,)), online=online, next_switch=next_switch,
+                  dropped_stale=0)
+    return AsyncState(device=device, clock=clock)
+
+  def server_step(self, state: AsyncState, rng: jax.Array,
+                  data: Any) -> tuple[AsyncState, dict[str, Any]]:
+    """Advances the clock to the next server step and performs it.
+
+    Args:
+      state: the run's state (not modified).
+      rng: this server step's key (e.g. fold_in(seed key, new version)).
+      data: all clients' data (FederatedData).
+
+    Returns:
+      (new state, metrics): virtual_time (of the step), server_version (after it),
+      clients (ids, arrival order), arrival_times, staleness (per client),
+      staleness_mean, dropped_stale (this step), loss and finite (numpy, per client).
+    """
+    clock = copy.deepcopy(state.clock)
+    generator = np.random.default_rng()
+    generator.bit_generator.state = clock.rng_state
+    arrivals, dropped = self._collect(clock, generator)
+    clock.rng_state = generator.bit_generator.state
+    clock.dropped_stale += dropped
+    clients = np.asarray([j.client for j in arrivals], np.int32)
+    tau = np.asarray([clock.version - j.start_version for j in arrivals])
+    scale = staleness_weight(tau, self.config.staleness_function,
+                             self.config.staleness_exponent, self.config.staleness_hinge_b)
+    if self.config.server == 'fedasync':
+      scale = scale * self.config.server_mixing
+    occurrence = np.asarray([np.sum(clients[:i] == c) for i, c in enumerate(clients)])
+    is_last = np.asarray([not np.any(clients[i + 1:] == c) for i, c in enumerate(clients)])
+    slots = np.asarray([j.start_version % self.ring_size for j in arrivals], np.int32)
+    device, round_metrics = self._step(
+        state.device, clients, (clients + self.num_clients * occurrence).astype(np.int32),
+        np.where(is_last, clients, self.num_clients).astype(np.int32), slots,
+        scale.astype(np.float32), rng, data)
+    clock.version += 1
+    loss, finite = jax.device_get((round_metrics.loss, round_metrics.finite))
+    metrics = {'virtual_time': clock.time, 'server_version': clock.version,
+               'clients': clients.tolist(),
+               'arrival_times': [j.finish_time for j in arrivals],
+               'staleness': tau.tolist(), 'staleness_mean': float(tau.mean()),
+               'dropped_stale': dropped, 'loss': loss, 'finite': finite}
+    return AsyncState(device=device, clock=clock), metrics
+
+  def algorithm_state(self, state: AsyncState) -> base.AlgorithmState:
+    """The current server state and client states, e.g. for evaluation."""
+    slot = state.clock.version % self.ring_size
+    return base.AlgorithmState(server=jax.tree.map(lambda r: r[slot], state.device.servers),
+                               clients=state.device.clients)
+
+  def _device_step(self, device: AsyncDeviceState, clients: jax.Array, key_ids: jax.Array,
+                   scatter_ids: jax.Array, slots: jax.Array, scale: jax.Array,
+                   rng: jax.Array, data: Any) -> tuple[AsyncDeviceState, base.RoundMetrics]:
+    """One server step on the buffered arrivals (all arguments have fixed shapes).
+
+    Args:
+      device: the device state.
+      clients: int32 [K] client of each arrival.
+      key_ids: int32 [K] what each arrival's key folds into the client key.
+      scatter_ids: int32 [K] where each new client state goes (num_clients: nowhere).
+      slots: int32 [K] ring slot of each arrival's start version.
+      scale: float32 [K] s(tau) (fedbuff) or server_mixing * s(tau) (fedasync).
+      rng: the step's key.
+      data: all clients' data.
+
+    Returns:
+      (new device state, per-arrival loss and finiteness).
+    """
+    client_rng, server_rng = jax.random.split(rng)
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(client_rng, key_ids)
+    starts = jax.tree.map(lambda r: r[slots], device.servers)
+    current = jax.tree.map(lambda r: r[device.version % self.ring_size], device.servers)
+    new_clients, outputs = jax.vmap(self.algorithm.client_update,
+                                    in_axes=(0, 0, 0, 0, 0, None))(
+        starts, base.gather_clients(device.clients, clients), data.train_index[clients],
+        data.train_count[clients], keys, data)
+    if self.config.server == 'fedbuff':
+      server = self.algorithm.server_update(
+          current, outputs.replace(num_examples=outputs.num_examples * scale), server_rng)
+    else:
+      server = self._mix(current, starts, outputs, scale[0], server_rng)
+    version = device.version + 1
+    servers = jax.tree.map(lambda r, s: r.at[version % self.ring_size].set(s),
+                           device.servers, server)
+    client_states = jax.tree.map(lambda x, v: x.at[scatter_ids].set(v, mode='drop'),
+                                 device.clients, new_clients)
+    return AsyncDeviceState(servers=servers, clients=client_states, version=version), \
+        base.RoundMetrics(loss=outputs.loss, finite=outputs.finite)
+
+  def _mix(self, current: Any, starts: Any, outputs: base.ClientOutput, mixing: jax.Array,
+           rng: jax.Array) -> Any:
+    """FedAsync: (1 - mixing) x + mixing x_client for the one arrival (leading axis 1)."""
+    update = outputs.update
+    labelled = isinstance(update, dict) and 'delta' in update
+    delta = update['delta'] if labelled else update
+    towards = jax.tree.map(lambda s, d, x: s + d - x[None], starts.params, delta,
+                           current.params)
+    server = self.algorithm.server_update(
+        current, outputs.replace(update={**update, 'delta': towards} if labelled else towards),
+        rng)
+    params = jax.tree.map(lambda x, d: x + mixing * d[0], current.params, towards)
+    return server.replace(params=params, opt_state=current.opt_state)
+
+  def _collect(self, clock: Clock, rng: np.random.Generator) -> tuple[list[Job], int]:
+    """Runs the events until the buffer is full.
+
+    Returns:
+      (the buffered jobs in arrival order, updates dropped for staleness).
+    """
+    buffer, dropped = [], 0
+    while len(buffer) < self.buffer_size:
+      self._fill(clock, rng)
+      finish = min((j.finish_time for j in clock.jobs), default=math.inf)
+      wake = self._wake_time(clock) if len(clock.jobs) < self.concurrency else math.inf
+      if math.isinf(min(finish, wake)):
+        raise ConfigError('no client can ever start training: check --availability, '
+                          '--availability_p, --availability_switch_p and --dropout_clients')
+      if wake < finish:
+        clock.time = wake
+        continue
+      clock.time = finish
+      for job in sorted((j for j in clock.jobs if j.finish_time == finish),
+                        key=lambda j: j.client):
+        if len(buffer) == self.buffer_size:
+          break
+        clock.jobs.remove(job)
+        if job.cancelled:
+          continue
+        if clock.version - job.start_version > self.config.max_staleness:
+          dropped += 1
+        else:
+          buffer.append(job)
+    return buffer, dropped
+
+  def _fill(self, clock: Clock, rng: np.random.Generator) -> None:
+    """Starts clients on the free slots at the current time."""
+    config, t = self.config, clock.time
+    if config.availability == 'markov':
+      while True:
+        due = np.flatnonzero(clock.next_switch <= t)
+        if not due.size:
+          break
+        clock.online[due] = ~clock.online[due]
+        clock.next_switch[due] += rng.geometric(config.availability_switch_p, due.size)
+    while len(clock.jobs) < self.concurrency:
+      candidates = np.flatnonzero(self._idle_eligible(clock) & (clock.unavailable_until <= t)
+                                  & clock.online)
+      if not candidates.size:
+        return
+      client = int(rng.choice(candidates))
+      if config.availability == 'bernoulli' and rng.random() >= config.availability_p:
+        clock.unavailable_until[client] = t + 1.0
+        continue
+      finish = t + float(self.durations[client])
+      cancelled = bool(self.dropout[client] and t < config.dropout_time < finish)
+      clock.jobs.append(Job(client=client, start_version=clock.version,
+                            finish_time=config.dropout_time if cancelled else finish,
+                            cancelled=cancelled))
+
+  def _idle_eligible(self, clock: Clock) -> np.ndarray:
+    """[num_clients] bool: not training and not dropped out now."""
+    config, t = self.config, clock.time
+    idle = np.ones((self.num_clients,), bool)
+    idle[[j.client for j in clock.jobs]] = False
+    if config.dropout_time >= 0:
+      gone = t >= config.dropout_time
+    else:
+      gone = clock.version >= config.dropout_round
+    if 0 <= config.rejoin_time <= t:
+      gone = False
+    return idle & ~(self.dropout & gone)
+
+  def _wake_time(self, clock: Clock) -> float:
+    """The next time an idle client may become available or eligible (inf: never)."""
+    t, idle = clock.time, self._idle_eligible(clock)
+    times = [clock.unavailable_until[idle & (clock.unavailable_until > t)],
+             clock.next_switch[idle & ~clock.online]]
+    if self.config.rejoin_time > t and np.any(self.dropout):
+      times.append(np.asarray([self.config.rejoin_time]))
+    return float(min((x.min() for x in times if x.size), default=math.inf))

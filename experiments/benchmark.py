@@ -1,0 +1,414 @@
+"""Times one federated round of FedAvg in JAX (vmapped) and in PyTorch (two ways).
+
+The same work in every backend: K clients each start from the global model, take
+`steps` plain-SGD steps on batches of `batch` examples of their own (synthetic) data,
+and the server averages the trained models weighted by example counts. Every client
+holds exactly steps * batch examples, so one local epoch is exactly `steps` full
+batches. The model is PFLlib's FedAvgCNN (conv5x5 32 - ReLU - maxpool 2 - conv5x5 64 -
+ReLU - maxpool 2 - fc 512 - ReLU - fc classes) in every backend and preset; the
+pfl_cifar10 preset uses it on 32x32x3 inputs as a stand-in for pfl-research's small
+CIFAR-10 CNN (an approximation, not its exact layers).
+
+Backends:
+  jax_vmap: apfl_jax's own round, `jax.jit(FedAvg.run_round)`: all clients train in
+    one vmapped call (`local_training.train_client` in a `lax.scan`), then the server
+    update.
+  torch_loop: clients train one after another, updating ONE model in place
+    (load_state_dict from the global model, SGD steps, accumulate the weighted
+    average), as PFLlib and pfl-research do.
+  torch_func: torch.func: `vmap(grad(functional_call(...)))` over stacked client
+    parameters, one SGD step for all clients at a time.
+
+Every (configuration, backend) runs in its own subprocess, so that its peak memory is
+its own: on CPU `peak_mem_mb` is the subprocess's peak resident set size
+(`resource.getrusage(RUSAGE_SELF).ru_maxrss`, which includes the framework runtime;
+`base_mem_mb` is the same right after importing the framework); on GPU it is
+`peak_bytes_in_use` of the JAX device or `torch.cuda.max_memory_allocated()`.
+`compile_s` is the wall time of the first round (JAX: tracing, compilation and one
+round; PyTorch: a warm-up round); `round_s` is the median of `--rounds` later rounds,
+with the device synchronised before every clock read. `load_avg_1m` is the machine's
+1-minute load average when the backend finished (a noise indicator on shared hosts).
+
+Presets:
+  small: 20 clients x 5 steps x batch 32, 28x28x1, 10 classes.
+  pfl_cifar10: 50 clients x 5 steps x batch 10, 32x32x3, 10 classes.
+  sweep: the small configuration with 10, 100 and 1000 clients (`--max_clients`
+    drops the larger ones, e.g. on CPU).
+  tiny: 3 clients x 2 steps x batch 4 on 16x16x1 (for tests).
+
+Usage:
+  python experiments/benchmark.py --preset=small [--backends=jax_vmap,torch_loop]
+    [--rounds=5] [--json=PATH] [--conv_impl=auto] [--device=auto|cpu|gpu]
+    [--max_clients=N]
+
+The markdown table goes to stdout. The JSON file holds `device`, `versions`, `runs`
+(every configuration with its `backends`) and, at the top level, `backends` of the
+preset's last (largest) configuration; each backend has `samples_per_s`, `round_s`,
+`compile_s`, `peak_mem_mb`, `base_mem_mb` and `time_vs_jax_vmap` (its round_s over
+jax_vmap's).
+"""
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import pathlib
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+# Run as a script from anywhere: make the repository root importable.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+BACKENDS = ('jax_vmap', 'torch_loop', 'torch_func')
+LEARNING_RATE = 0.01
+NUM_CLASSES = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """One round's shape.
+
+  Attributes:
+    clients: clients per round.
+    steps: local SGD steps per client.
+    batch: examples per step.
+    image_shape: (height, width, channels).
+  """
+  clients: int
+  steps: int
+  batch: int
+  image_shape: tuple[int, int, int]
+
+  @property
+  def samples_per_round(self) -> int:
+    return self.clients * self.steps * self.batch
+
+  def describe(self) -> str:
+    shape = 'x'.join(map(str, self.image_shape))
+    return f'{self.clients} clients x {self.steps} steps x batch {self.batch}, {shape}'
+
+
+PRESETS = {
+    'small': (Config(20, 5, 32, (28, 28, 1)),),
+    'pfl_cifar10': (Config(50, 5, 10, (32, 32, 3)),),
+    'sweep': tuple(Config(k, 5, 32, (28, 28, 1)) for k in (10, 100, 1000)),
+    'tiny': (Config(3, 2, 4, (16, 16, 1)),),
+}
+
+
+def synthetic_data(config: Config, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """uint8 NHWC images and int32 labels, client c owning rows [c*n, (c+1)*n)."""
+  rng = np.random.default_rng(seed)
+  total = config.clients * config.steps * config.batch
+  images = rng.integers(0, 256, size=(total, *config.image_shape), dtype=np.uint8)
+  labels = rng.integers(0, NUM_CLASSES, size=(total,)).astype(np.int32)
+  return images, labels
+
+
+def _cpu_rss_mb() -> float:
+  """Peak resident set size of this process so far, in MiB (Linux: ru_maxrss is KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _time_rounds(run_round, rounds: int, sync) -> tuple[float, list[float]]:
+  """(first call seconds, later calls' seconds); run_round(r) runs round r."""
+  times = []
+  for r in range(rounds + 1):
+    start = time.perf_counter()
+    run_round(r)
+    sync()
+    times.append(time.perf_counter() - start)
+  return times[0], times[1:]
+
+
+def run_jax_vmap(config: Config, rounds: int, conv_impl: str, device: str) -> dict:
+  """Times apfl_jax's jitted FedAvg round."""
+  if device == 'cpu':
+    os.environ['JAX_PLATFORMS'] = 'cpu'
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+
+  from apfl_jax import local_training  # pylint: disable=import-outside-toplevel
+  from apfl_jax.algorithms.fedavg import FedAvg  # pylint: disable=import-outside-toplevel
+  from apfl_jax.data import client_data  # pylint: disable=import-outside-toplevel
+  from apfl_jax.data.partition import Partition  # pylint: disable=import-outside-toplevel
+  from apfl_jax.models import create_model  # pylint: disable=import-outside-toplevel
+  from apfl_jax.models.conv import resolve_conv_impl  # pylint: disable=import-outside-toplevel
+
+  base_mem = _cpu_rss_mb()
+  if device == 'gpu' and jax.default_backend() != 'gpu':
+    raise SystemExit('error: --device=gpu but JAX has no GPU backend')
+  images, labels = synthetic_data(config)
+  n = config.steps * config.batch
+  train_indices = tuple(np.arange(c * n, (c + 1) * n) for c in range(config.clients))
+  empty = tuple(np.zeros((0,), np.int64) for _ in range(config.clients))
+  counts = np.stack([np.bincount(labels[i], minlength=NUM_CLASSES) for i in train_indices])
+  partition = Partition(train_indices=train_indices, test_indices=empty,
+                        num_classes=NUM_CLASSES, train_counts=counts,
+                        test_counts=np.zeros_like(counts))
+  dataset = argparse.Namespace(
+      train_images=images, train_labels=labels, test_images=images[:1],
+      test_labels=labels[:1], mean=np.full((config.image_shape[-1],), 0.5, np.float32),
+      std=np.full((config.image_shape[-1],), 0.25, np.float32))
+  data = client_data.build_federated_data(dataset, partition)
+  schedule = local_training.Schedule.create(
+      batch_size=config.batch, local_epochs=0, local_steps=config.steps, min_count=n,
+      max_count=n)
+  algorithm = FedAvg(create_model('cnn', NUM_CLASSES, conv_impl), config.image_shape,
+                     schedule, optax.sgd(LEARNING_RATE), optax.sgd(1.0))
+  key = jax.random.key(0)
+  state = {'value': algorithm.init(key)}
+  cohort = jnp.arange(config.clients, dtype=jnp.int32)
+  run = jax.jit(algorithm.run_round)
+
+  def run_round(r):
+    state['value'], _ = run(state['value'], cohort, jax.random.fold_in(key, r), data)
+
+  compile_s, times = _time_rounds(run_round, rounds,
+                                  lambda: jax.block_until_ready(state['value']))
+  dev = jax.devices()[0]
+  if dev.platform == 'cpu':
+    peak = _cpu_rss_mb()
+  else:
+    peak = dev.memory_stats()['peak_bytes_in_use'] / 2**20
+  return {'device': f'{dev.platform} ({dev.device_kind})',
+          'conv_impl': resolve_conv_impl(conv_impl), 'compile_s': compile_s,
+          'times': times, 'peak_mem_mb': peak, 'base_mem_mb': base_mem}
+
+
+def _torch_setup(config: Config, device: str):
+  """(torch device, model, images, labels, client index rows, normalise)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from torch import nn  # pylint: disable=import-outside-toplevel
+
+  if device == 'gpu' and not torch.cuda.is_available():
+    raise SystemExit('error: --device=gpu but torch has no CUDA device')
+  use_cuda = device != 'cpu' and torch.cuda.is_available()
+  dev = torch.device('cuda' if use_cuda else 'cpu')
+  torch.manual_seed(0)
+  h, w, c = config.image_shape
+  flat = 64 * (((h - 4) // 2 - 4) // 2) * (((w - 4) // 2 - 4) // 2)
+  model = nn.Sequential(
+      nn.Conv2d(c, 32, 5), nn.ReLU(), nn.MaxPool2d(2),
+      nn.Conv2d(32, 64, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+      nn.Linear(flat, 512), nn.ReLU(), nn.Linear(512, NUM_CLASSES)).to(dev)
+  images_np, labels_np = synthetic_data(config)
+  images = torch.from_numpy(images_np).permute(0, 3, 1, 2).contiguous().to(dev)
+  labels = torch.from_numpy(labels_np).long().to(dev)
+  n = config.steps * config.batch
+  index = torch.arange(config.clients * n, device=dev).reshape(config.clients, n)
+  mean = torch.full((1, c, 1, 1), 0.5, device=dev)
+  std = torch.full((1, c, 1, 1), 0.25, device=dev)
+
+  def normalize(x):
+    return (x.float() / 255.0 - mean) / std
+
+  return dev, model, images, labels, index, normalize
+
+
+def _torch_result(torch, dev, compile_s, times, base_mem) -> dict:
+  if dev.type == 'cuda':
+    peak = torch.cuda.max_memory_allocated() / 2**20
+    name = f'cuda ({torch.cuda.get_device_name()})'
+  else:
+    peak = _cpu_rss_mb()
+    name = f'cpu ({torch.get_num_threads()} threads)'
+  return {'device': name, 'compile_s': compile_s, 'times': times, 'peak_mem_mb': peak,
+          'base_mem_mb': base_mem}
+
+
+def run_torch_loop(config: Config, rounds: int, device: str) -> dict:
+  """Times clients trained one after another on one in-place model."""
+  import torch  # pylint: disable=import-outside-toplevel
+  base_mem = _cpu_rss_mb()
+  dev, model, images, labels, index, normalize = _torch_setup(config, device)
+  loss_fn = torch.nn.functional.cross_entropy
+  n = index.shape[1]
+  global_state = {'value': {k: v.clone() for k, v in model.state_dict().items()}}
+  generator = torch.Generator(device=dev).manual_seed(0)
+  weight = 1.0 / config.clients  # Equal example counts.
+
+  def run_round(r):
+    del r
+    average = {k: torch.zeros_like(v) for k, v in global_state['value'].items()}
+    for client in range(config.clients):
+      model.load_state_dict(global_state['value'])
+      optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
+      order = index[client][torch.randperm(n, generator=generator, device=dev)]
+      for step in range(config.steps):
+        ids = order[step * config.batch:(step + 1) * config.batch]
+        optimizer.zero_grad()
+        loss_fn(model(normalize(images[ids])), labels[ids]).backward()
+        optimizer.step()
+      with torch.no_grad():
+        for k, v in model.state_dict().items():
+          average[k].add_(v, alpha=weight)
+    global_state['value'] = average
+
+  sync = torch.cuda.synchronize if dev.type == 'cuda' else lambda: None
+  compile_s, times = _time_rounds(run_round, rounds, sync)
+  return _torch_result(torch, dev, compile_s, times, base_mem)
+
+
+def run_torch_func(config: Config, rounds: int, device: str) -> dict:
+  """Times torch.func: vmap(grad) over stacked client parameters."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from torch import func  # pylint: disable=import-outside-toplevel
+  base_mem = _cpu_rss_mb()
+  dev, model, images, labels, index, normalize = _torch_setup(config, device)
+  n = index.shape[1]
+
+  def loss(params, x, y):
+    return torch.nn.functional.cross_entropy(func.functional_call(model, params, (x,)), y)
+
+  grads_fn = func.vmap(func.grad(loss))
+  global_params = {'value': {k: v.detach().clone() for k, v in model.named_parameters()}}
+  generator = torch.Generator(device=dev).manual_seed(0)
+  rows = torch.arange(config.clients, device=dev)[:, None]
+
+  def run_round(r):
+    del r
+    params = {k: v.expand(config.clients, *v.shape).clone()
+              for k, v in global_params['value'].items()}
+    order = torch.argsort(torch.rand(config.clients, n, generator=generator, device=dev),
+                          dim=1)
+    for step in range(config.steps):
+      ids = index[rows, order[:, step * config.batch:(step + 1) * config.batch]]
+      x = normalize(images[ids.flatten()]).reshape(*ids.shape, *images.shape[1:])
+      grads = grads_fn(params, x, labels[ids])
+      params = {k: v - LEARNING_RATE * grads[k] for k, v in params.items()}
+    global_params['value'] = {k: v.mean(0) for k, v in params.items()}  # Equal weights.
+
+  sync = torch.cuda.synchronize if dev.type == 'cuda' else lambda: None
+  compile_s, times = _time_rounds(run_round, rounds, sync)
+  return _torch_result(torch, dev, compile_s, times, base_mem)
+
+
+def run_backend(backend: str, config: Config, rounds: int, conv_impl: str,
+                device: str) -> dict:
+  """Runs one backend in this process; returns its timing record."""
+  if backend == 'jax_vmap':
+    raw = run_jax_vmap(config, rounds, conv_impl, device)
+  elif backend == 'torch_loop':
+    raw = run_torch_loop(config, rounds, device)
+  else:
+    raw = run_torch_func(config, rounds, device)
+  times = raw.pop('times')
+  round_s = statistics.median(times)
+  return {**raw, 'round_s': round_s, 'round_s_all': times,
+          'samples_per_s': config.samples_per_round / round_s,
+          'load_avg_1m': os.getloadavg()[0]}
+
+
+def run_backend_subprocess(backend: str, config: Config, args: argparse.Namespace) -> dict:
+  """Runs one backend in a fresh Python process (so its peak memory is its own)."""
+  spec = json.dumps({'backend': backend, 'config': dataclasses.asdict(config),
+                     'rounds': args.rounds, 'conv_impl': args.conv_impl,
+                     'device': args.device})
+  out = subprocess.run([sys.executable, __file__, f'--_worker={spec}'], check=True,
+                       stdout=subprocess.PIPE, text=True).stdout
+  return json.loads(out.strip().splitlines()[-1])
+
+
+def _worker(spec: str) -> None:
+  spec = json.loads(spec)
+  config = spec['config']
+  config = Config(config['clients'], config['steps'], config['batch'],
+                  tuple(config['image_shape']))
+  record = run_backend(spec['backend'], config, spec['rounds'], spec['conv_impl'],
+                       spec['device'])
+  print(json.dumps(record))
+
+
+def markdown_table(runs: list[dict]) -> str:
+  """The runs' results as one markdown table."""
+  lines = ['| configuration | backend | round s (median) | samples/s | first round s '
+           '| peak mem MiB (after import) | time vs jax_vmap |',
+           '|---|---|---:|---:|---:|---:|---:|']
+  for run in runs:
+    for name, r in run['backends'].items():
+      ratio = r.get('time_vs_jax_vmap')
+      lines.append(
+          f'| {run["config_text"]} | {name} | {r["round_s"]:.3f} | '
+          f'{r["samples_per_s"]:,.0f} | {r["compile_s"]:.2f} | '
+          f'{r["peak_mem_mb"]:,.0f} ({r["base_mem_mb"]:,.0f}) | '
+          f'{"-" if ratio is None else f"{ratio:.2f}x"} |')
+  return '\n'.join(lines)
+
+
+def _versions() -> dict:
+  versions = {'python': platform.python_version()}
+  for name in ('jax', 'jaxlib', 'flax', 'optax', 'torch'):
+    spec = importlib.util.find_spec(name)
+    if spec is not None:
+      versions[name] = __import__(name).__version__
+  return versions
+
+
+def main(argv: list[str] | None = None) -> dict:
+  """Parses flags, runs every configuration and backend, prints the table."""
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--preset', default='small', choices=sorted(PRESETS))
+  parser.add_argument('--backends', default=','.join(BACKENDS),
+                      help='comma-separated subset of ' + ','.join(BACKENDS))
+  parser.add_argument('--rounds', type=int, default=5,
+                      help='timed rounds after the first (warm-up/compile) round')
+  parser.add_argument('--json', default='', help='also write the results here')
+  parser.add_argument('--conv_impl', default='auto',
+                      help='apfl_jax conv backend: auto, lax, im2col or patches')
+  parser.add_argument('--device', default='auto', choices=('auto', 'cpu', 'gpu'))
+  parser.add_argument('--max_clients', type=int, default=0,
+                      help='skip configurations with more clients (0: no cap)')
+  parser.add_argument('--_worker', default='', help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args._worker:  # pylint: disable=protected-access
+    _worker(args._worker)  # pylint: disable=protected-access
+    return {}
+
+  backends = [b for b in args.backends.split(',') if b]
+  unknown = set(backends) - set(BACKENDS)
+  if unknown:
+    parser.error(f'unknown backends {sorted(unknown)}; choose from {BACKENDS}')
+  if importlib.util.find_spec('torch') is None and any(b != 'jax_vmap' for b in backends):
+    print('note: torch is not installed (pip install -r requirements-bench.txt); '
+          'running jax_vmap only')
+    backends = [b for b in backends if b == 'jax_vmap']
+  configs = PRESETS[args.preset]
+  if args.max_clients:
+    skipped = [c for c in configs if c.clients > args.max_clients]
+    configs = tuple(c for c in configs if c.clients <= args.max_clients)
+    for c in skipped:
+      print(f'note: --max_clients={args.max_clients} skips {c.describe()}')
+
+  runs, device = [], {}
+  for config in configs:
+    results = {}
+    for backend in backends:
+      print(f'running {backend}: {config.describe()} ...', file=sys.stderr, flush=True)
+      results[backend] = run_backend_subprocess(backend, config, args)
+      device[backend.split('_')[0]] = results[backend]['device']
+    if 'jax_vmap' in results:
+      for r in results.values():
+        r['time_vs_jax_vmap'] = r['round_s'] / results['jax_vmap']['round_s']
+    runs.append({'config': dataclasses.asdict(config), 'config_text': config.describe(),
+                 'backends': results})
+  report = {'preset': args.preset, 'device': device, 'versions': _versions(),
+            'cpu_count': os.cpu_count(), 'rounds': args.rounds,
+            'date': time.strftime('%Y-%m-%d'), 'runs': runs,
+            'backends': runs[-1]['backends'] if runs else {}}
+  print(markdown_table(runs))
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps(report, indent=2) + '\n')
+  return report
+
+
+if __name__ == '__main__':
+  main()
