@@ -220,11 +220,34 @@ class StepReport:
 
 
 class SyncRounds:
-  """Synchronous rounds: the cohort trains in one jitted `run_round` call per round."""
+  """Synchronous rounds: the cohort trains in one jitted `run_round` call per round.
+
+  A round lasts, in virtual time, as long as its slowest client (job duration = local
+  steps x that client's step duration from --speed_distribution), so sync and async runs
+  can be compared at the same virtual time.
+  """
 
   def __init__(self, experiment: Experiment):
     self._exp = experiment
     self._run_round = jax.jit(experiment.algorithm.run_round)
+    config = experiment.config
+    self._job_time = asynchrony.step_durations(config, config.num_clients) * \
+        asynchrony.client_step_counts(experiment.schedule,
+                                      np.asarray(experiment.data.train_count))
+    self._end_times = [0.0]
+
+  def _cohort(self, round_index: int) -> np.ndarray:
+    exp, config = self._exp, self._exp.config
+    dropped = exp.dropout_clients if round_index > config.dropout_round else ()
+    return cohort_for_round(config.seed, round_index, config.num_clients,
+                            config.join_ratio, dropped)
+
+  def virtual_time(self, round_index: int) -> float:
+    """Virtual time at the end of `round_index` (rounds back to back)."""
+    while len(self._end_times) <= round_index:
+      r = len(self._end_times)
+      self._end_times.append(self._end_times[-1] + float(self._job_time[self._cohort(r)].max()))
+    return self._end_times[round_index]
 
   def init(self, state):
     return state
@@ -243,13 +266,11 @@ class SyncRounds:
     return state
 
   def step(self, state, round_index, rng):
-    exp, config = self._exp, self._exp.config
-    dropped = exp.dropout_clients if round_index > config.dropout_round else ()
-    cohort = cohort_for_round(config.seed, round_index, config.num_clients,
-                              config.join_ratio, dropped)
-    state, metrics = self._run_round(state, cohort, rng, exp.data)
+    cohort = self._cohort(round_index)
+    state, metrics = self._run_round(state, cohort, rng, self._exp.data)
     loss, finite = jax.device_get((metrics.loss, metrics.finite))
-    return state, StepReport(cohort, np.asarray(loss), np.asarray(finite), {})
+    return state, StepReport(cohort, np.asarray(loss), np.asarray(finite),
+                             {'virtual_time': self.virtual_time(round_index)})
 
 
 class AsyncRounds:

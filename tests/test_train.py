@@ -142,3 +142,29 @@ def test_missing_dataset_fails_fast_with_one_line(tmp_path):
   assert result.returncode != 0
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and 'cifar10' in lines[0], result.stderr
+
+
+def test_async_run_resumes_exactly_and_logs_virtual_time(tmp_path, synthetic_data,
+                                                         monkeypatch):
+  config = tiny_config(server='fedbuff', buffer_size=2, speed_distribution='lognormal',
+                       speed_spread=1.0, join_ratio=0.75)
+  train.train_and_evaluate(config, str(tmp_path / 'straight'))
+  rows = read_rows(tmp_path / 'straight')
+  assert [r['round'] for r in rows] == [1, 2, 3, 4]
+  times = [r['virtual_time'] for r in rows]
+  assert times == sorted(times) and times[0] > 0
+  assert all(r['staleness_mean'] >= 0 for r in rows)
+
+  original = train.AsyncRounds.step
+
+  def interrupt_at_round_4(self, async_state, round_index, rng):
+    if round_index == 4:
+      raise KeyboardInterrupt
+    return original(self, async_state, round_index, rng)
+
+  monkeypatch.setattr(train.AsyncRounds, 'step', interrupt_at_round_4)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  monkeypatch.setattr(train.AsyncRounds, 'step', original)
+  train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  assert read_rows(tmp_path / 'resumed') == rows
