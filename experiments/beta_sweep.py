@@ -45,7 +45,7 @@ def evaluate_run(workdir: str, betas: list[float]) -> dict[float, dict[str, floa
     raise UserError(f'--runs: {workdir} is a {config.algorithm} run, not apfl')
   experiment = train.build_experiment(config)
   state = experiment.algorithm.init(jax.random.fold_in(jax.random.key(config.seed), 0))
-  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
+  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')))
   step = manager.latest_step()
   if step is None:
     raise UserError(f'--runs: {workdir} has no checkpoint')

@@ -108,10 +108,19 @@ def run_main(*args, cwd=REPO):
 
 
 @pytest.mark.parametrize('flag,value', [
-    ('dirichlet_alpha', '0'), ('dirichlet_alpha', '-1'), ('batch_size', '0'),
+    ('dirichlet_alpha', 0.0), ('dirichlet_alpha', -1.0), ('batch_size', 0),
     ('dataset', 'imagenet'), ('model', 'vgg'), ('algorithm', 'fedfoo'),
-    ('partition', 'zipf'), ('num_clients', '0'), ('join_ratio', '1.5'),
+    ('partition', 'zipf'), ('num_clients', 0), ('join_ratio', 1.5), ('beta', 2.0),
+    ('server', 'gossip'), ('dropout_clients', '3,x'), ('dropout_clients', '0,99'),
+    ('learning_rate', 0.0), ('embedding', 'word2vec'),
 ])
+def test_invalid_value_names_its_flag(flag, value):
+  with pytest.raises(ConfigError, match=f'--{flag}') as error:
+    Config(**{flag: value}).validate()
+  assert '\n' not in str(error.value)
+
+
+@pytest.mark.parametrize('flag,value', [('dirichlet_alpha', '0'), ('model', 'vgg')])
 def test_invalid_flag_exits_with_one_line_naming_it(flag, value):
   result = run_main(f'--{flag}={value}', '--num_rounds=1')
   assert result.returncode != 0
@@ -168,3 +177,8 @@ def test_async_run_resumes_exactly_and_logs_virtual_time(tmp_path, synthetic_dat
   monkeypatch.setattr(train.AsyncRounds, 'step', original)
   train.train_and_evaluate(config, str(tmp_path / 'resumed'))
   assert read_rows(tmp_path / 'resumed') == rows
+
+
+def test_all_clients_dropping_out_is_refused():
+  with pytest.raises(ConfigError, match='--dropout_clients'):
+    Config(num_clients=3, dropout_clients='0,1,2').validate()
