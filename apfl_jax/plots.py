@@ -292,3 +292,45 @@ def plot_generated_samples(pixels: np.ndarray, class_names: Sequence[str],
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+def virtual_time_to_target(times: Sequence[float], accuracies: Sequence[float],
+                           target: float) -> float | None:
+  """The first virtual time at which accuracy reaches `target` (None if never)."""
+  for t, a in zip(times, accuracies):
+    if a is not None and a >= target:
+      return float(t)
+  return None
+
+
+def plot_accuracy_vs_virtual_time(series: dict[str, tuple[Sequence[float], Sequence[float]]],
+                                  path: str, metric: str = 'personalized_acc') -> None:
+  """One line per run: accuracy against virtual time.
+
+  Args:
+    series: label -> (virtual times, accuracies).
+    path: PNG to write.
+    metric: y-axis label.
+  """
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for label, (times, accuracies) in series.items():
+    ax.plot(times, accuracies, marker='.', label=label)
+  ax.set_xlabel('virtual time')
+  ax.set_ylabel(metric)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_staleness_histogram(staleness: Sequence[int], path: str) -> None:
+  """Histogram of the staleness of the applied updates."""
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  values = np.asarray(staleness, np.int64)
+  ax.hist(values, bins=np.arange(values.max(initial=0) + 2) - 0.5, rwidth=0.85)
+  ax.set_xlabel('staleness tau (server versions)')
+  ax.set_ylabel('updates')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
