@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorboardX
@@ -164,7 +165,7 @@ class Evaluator:
     index[:len(unseen)] = np.asarray(experiment.data.union_test_index)[unseen]
     group = np.ones((padded,), np.int32)
     group[:len(unseen)] = 0
-    self._unseen_index, self._unseen_group = index, group
+    self._unseen_index, self._unseen_group = jnp.asarray(index), jnp.asarray(group)
 
   def _correct_counts(self, state, data, unseen_index, unseen_group):
     algorithm, model, num_clients = self._exp.algorithm, self._exp.model, data.num_clients
