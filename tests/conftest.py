@@ -3,8 +3,12 @@
 import dataclasses
 
 import flax.linen as nn
+import jax
 import numpy as np
+import optax
 import pytest
+
+from apfl_jax.algorithms.fedavg import FedAvg
 
 from apfl_jax.data import client_data
 from apfl_jax.data import partition as partition_lib
@@ -81,3 +85,14 @@ def synthetic_federation():
       num_classes=dataset.num_classes, dirichlet_alpha=0.5, min_samples=5)
   data = client_data.build_federated_data(dataset, partition, test_multiple=8)
   return dataset, partition, data
+
+
+def fedavg_reference_round(schedule, data, cohort, seed=0, round_seed=5):
+  """One FedAvg round (TinyModel, SGD 0.1, plain averaging) from `key(seed)`'s init.
+
+  Returns:
+    (new state, round metrics), the reference that FedAvg-like algorithms reduce to.
+  """
+  fedavg = FedAvg(TinyModel(), (6, 6, 1), schedule, optax.sgd(0.1), optax.sgd(1.0))
+  return jax.jit(fedavg.run_round)(fedavg.init(jax.random.key(seed)), cohort,
+                                   jax.random.key(round_seed), data)

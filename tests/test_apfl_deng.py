@@ -7,9 +7,8 @@ import optax
 
 from apfl_jax import local_training
 from apfl_jax.algorithms.apfl_deng import APFLDeng
-from apfl_jax.algorithms.fedavg import FedAvg
 from apfl_jax.algorithms.local import LocalOnly
-from conftest import TinyModel
+from conftest import TinyModel, fedavg_reference_round
 
 
 def make_schedule(data):
@@ -34,9 +33,7 @@ def test_fixed_alpha_one_is_fedavg_plus_local_only(synthetic_federation):
   cohort = jnp.array([0, 2, 3], jnp.int32)
   new_state, metrics = jax.jit(alg.run_round)(state, cohort, jax.random.key(5), data)
   # The w-part is FedAvg's local training, so the global model is FedAvg's.
-  fedavg = FedAvg(TinyModel(), (6, 6, 1), alg.schedule, optax.sgd(0.1), optax.sgd(1.0))
-  fedavg_state, fedavg_metrics = jax.jit(fedavg.run_round)(
-      fedavg.init(jax.random.key(0)), cohort, jax.random.key(5), data)
+  fedavg_state, fedavg_metrics = fedavg_reference_round(alg.schedule, data, cohort)
   assert_trees_close(new_state.server.params, fedavg_state.server.params, rtol=1e-6,
                      atol=1e-7)
   np.testing.assert_allclose(metrics.loss, fedavg_metrics.loss, rtol=1e-6)

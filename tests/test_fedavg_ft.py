@@ -9,9 +9,8 @@ import optax
 
 from apfl_jax import config as config_lib
 from apfl_jax import local_training
-from apfl_jax.algorithms.fedavg import FedAvg
 from apfl_jax.algorithms.fedavg_ft import FedAvgFT
-from conftest import TinyModel
+from conftest import TinyModel, fedavg_reference_round
 
 
 def make_fedavg_ft(dataset, partition, finetune_epochs, server_optimizer='sgd'):
@@ -34,9 +33,7 @@ def test_global_is_fedavg_and_each_client_fine_tunes_it(synthetic_federation):
   state = alg.init(jax.random.key(0))
   cohort = jnp.array([0, 2, 3], jnp.int32)
   new_state, _ = jax.jit(alg.run_round)(state, cohort, jax.random.key(5), data)
-  fedavg = FedAvg(TinyModel(), (6, 6, 1), alg.schedule, optax.sgd(0.1), optax.sgd(1.0))
-  fedavg_state, _ = jax.jit(fedavg.run_round)(fedavg.init(jax.random.key(0)), cohort,
-                                              jax.random.key(5), data)
+  fedavg_state, _ = fedavg_reference_round(alg.schedule, data, cohort)
   assert_trees_close(alg.global_params(new_state), fedavg_state.server.params, rtol=1e-6,
                      atol=1e-7)
   assert int(new_state.server.round) == 1
