@@ -96,3 +96,17 @@ def fedavg_reference_round(schedule, data, cohort, seed=0, round_seed=5):
   fedavg = FedAvg(TinyModel(), (6, 6, 1), schedule, optax.sgd(0.1), optax.sgd(1.0))
   return jax.jit(fedavg.run_round)(fedavg.init(jax.random.key(seed)), cohort,
                                    jax.random.key(round_seed), data)
+
+
+def run_two_rounds_compiling_once(algorithm, data):
+  """Runs two rounds with different cohorts and asserts the second did not recompile.
+
+  Returns:
+    (state, metrics) after the second round.
+  """
+  run_round = jax.jit(algorithm.run_round)
+  state = algorithm.init(jax.random.key(0))
+  state, _ = run_round(state, np.array([1, 3], np.int32), jax.random.key(1), data)
+  state, metrics = run_round(state, np.array([0, 2], np.int32), jax.random.key(2), data)
+  assert run_round._cache_size() == 1  # pylint: disable=protected-access
+  return state, metrics

@@ -8,7 +8,7 @@ import optax
 from apfl_jax import local_training
 from apfl_jax.algorithms.apfl_deng import APFLDeng
 from apfl_jax.algorithms.local import LocalOnly
-from conftest import TinyModel, fedavg_reference_round
+from conftest import TinyModel, fedavg_reference_round, run_two_rounds_compiling_once
 
 
 def make_schedule(data):
@@ -74,8 +74,4 @@ def test_alpha_is_learned_within_zero_and_one(synthetic_federation):
 def test_second_round_does_not_recompile(synthetic_federation):
   _, _, data = synthetic_federation
   alg = make_apfl_deng(data, 0.5, 0.1, optax.adam(1e-2))
-  run_round = jax.jit(alg.run_round)
-  state = alg.init(jax.random.key(0))
-  state, _ = run_round(state, jnp.array([1, 3], jnp.int32), jax.random.key(1), data)
-  state, _ = run_round(state, jnp.array([0, 2], jnp.int32), jax.random.key(2), data)
-  assert run_round._cache_size() == 1
+  state, _ = run_two_rounds_compiling_once(alg, data)

@@ -8,7 +8,7 @@ import optax
 from apfl_jax import local_training
 from apfl_jax.algorithms.ditto import Ditto, personal_key
 from apfl_jax.algorithms.local import LocalClient, LocalOnly
-from conftest import TinyModel, fedavg_reference_round
+from conftest import TinyModel, fedavg_reference_round, run_two_rounds_compiling_once
 
 
 def make_schedule(data):
@@ -73,9 +73,5 @@ def test_lambda_pulls_the_personal_model_towards_the_global_one(synthetic_federa
 def test_second_round_does_not_recompile(synthetic_federation):
   _, _, data = synthetic_federation
   alg = make_ditto(data, 0.1, optax.adam(1e-2))
-  run_round = jax.jit(alg.run_round)
-  state = alg.init(jax.random.key(0))
-  state, _ = run_round(state, jnp.array([1, 3], jnp.int32), jax.random.key(1), data)
-  state, metrics = run_round(state, jnp.array([0, 2], jnp.int32), jax.random.key(2), data)
-  assert run_round._cache_size() == 1
+  state, metrics = run_two_rounds_compiling_once(alg, data)
   assert bool(np.all(metrics.finite))

@@ -10,7 +10,7 @@ import optax
 from apfl_jax import config as config_lib
 from apfl_jax import local_training
 from apfl_jax.algorithms.fedavg_ft import FedAvgFT
-from conftest import TinyModel, fedavg_reference_round
+from conftest import TinyModel, fedavg_reference_round, run_two_rounds_compiling_once
 
 
 def make_fedavg_ft(dataset, partition, finetune_epochs, server_optimizer='sgd'):
@@ -71,9 +71,5 @@ def test_finetune_epochs_set_the_steps(synthetic_federation):
 def test_second_round_does_not_recompile(synthetic_federation):
   dataset, partition, data = synthetic_federation
   alg = make_fedavg_ft(dataset, partition, 1, server_optimizer='adam')
-  run_round = jax.jit(alg.run_round)
-  state = alg.init(jax.random.key(0))
-  state, _ = run_round(state, jnp.array([1, 3], jnp.int32), jax.random.key(1), data)
-  state, _ = run_round(state, jnp.array([0, 2], jnp.int32), jax.random.key(2), data)
-  assert run_round._cache_size() == 1
+  state, _ = run_two_rounds_compiling_once(alg, data)
   assert int(state.server.round) == 2
