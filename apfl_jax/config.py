@@ -29,6 +29,7 @@ STALENESS_FUNCTIONS = ('constant', 'polynomial', 'hinge')
 SPEED_DISTRIBUTIONS = ('constant', 'lognormal', 'trace')
 AVAILABILITIES = ('always', 'bernoulli', 'markov')
 PARTITIONS = ('iid', 'dirichlet', 'pathological', 'monopoly')
+TEST_SPLITS = ('proportional', 'pooled')
 CLIENT_OPTIMIZERS = ('sgd', 'momentum', 'adam')
 SERVER_OPTIMIZERS = ('sgd', 'momentum', 'adam')
 FRIEND_INITS = ('local', 'global')
@@ -52,6 +53,8 @@ class Config:
   min_samples_per_client: int = 10
   monopoly_clients: int = 1
   monopoly_classes_per_client: int = 2
+  test_split: str = 'proportional'
+  client_train_fraction: float = 0.75
   # Model and training.
   model: str = 'cnn'
   conv_impl: str = 'auto'
@@ -60,6 +63,7 @@ class Config:
   join_ratio: float = 1.0
   local_epochs: int = 1
   local_steps: int = 0
+  max_client_buckets: int = 4
   batch_size: int = 10
   learning_rate: float = 0.005
   client_optimizer: str = 'sgd'
@@ -127,6 +131,11 @@ class Config:
     _choice('model', self.model, MODELS)
     _choice('algorithm', self.algorithm, ALGORITHMS)
     _choice('partition', self.partition, PARTITIONS)
+    _choice('test_split', self.test_split, TEST_SPLITS)
+    _positive('max_client_buckets', self.max_client_buckets)
+    if not 0.0 < self.client_train_fraction < 1.0:
+      raise ConfigError('--client_train_fraction must be in (0, 1), got '
+                        f'{self.client_train_fraction}')
     _choice('conv_impl', self.conv_impl, CONV_IMPLS)
     _choice('client_optimizer', self.client_optimizer, CLIENT_OPTIMIZERS)
     _choice('server_optimizer', self.server_optimizer, SERVER_OPTIMIZERS)
@@ -252,6 +261,15 @@ _HELP = {
     'min_samples_per_client': 'Dirichlet split is redrawn until every client has this many.',
     'monopoly_clients': 'With --partition=monopoly: the last N clients own classes nobody else has.',
     'monopoly_classes_per_client': 'With --partition=monopoly: classes each monopoly client owns.',
+    'max_client_buckets': ('Epoch mode: the cohort, sorted by data size, trains in up to N '
+                           'vmapped groups, each scanning only as many steps as its largest '
+                           'client needs (1: one lockstep scan; the training is the same up '
+                           'to float rounding).'),
+    'test_split': ('proportional: client test sets are drawn from the test split in proportion '
+                   "to each client's label mix; pooled: train and test splits are pooled, "
+                   "partitioned, and each client's share is split --client_train_fraction / "
+                   'rest (PFLlib).'),
+    'client_train_fraction': "With --test_split=pooled: the training fraction of each client's share.",
     'model': 'Model architecture.',
     'conv_impl': 'Convolution kernel: lax, im2col (fast on CPU) or auto (im2col on CPU only).',
     'algorithm': 'Federated algorithm.',
@@ -324,7 +342,7 @@ _HELP = {
 def define_flags() -> None:
   """Defines one absl flag per `Config` field, with the field's default."""
   choices = {'dataset': DATASETS, 'model': MODELS, 'algorithm': ALGORITHMS,
-             'partition': PARTITIONS, 'conv_impl': CONV_IMPLS,
+             'partition': PARTITIONS, 'test_split': TEST_SPLITS, 'conv_impl': CONV_IMPLS,
              'client_optimizer': CLIENT_OPTIMIZERS, 'server_optimizer': SERVER_OPTIMIZERS,
              'generator': GENERATORS, 'noise_distribution': NOISE_DISTRIBUTIONS,
              'friend_init': FRIEND_INITS, 'friend_labels': FRIEND_LABELS, 'server': SERVERS,

@@ -3,7 +3,10 @@
 A client with n examples trains `local_epochs * ceil(n / batch_size)` steps (or exactly
 `local_steps` steps); the scan runs the cohort's largest number of steps and masks the
 rest, so uneven clients train exactly their own steps and examples and nothing branches
-on data. Each epoch is a fresh permutation of the client's examples; the last batch of an
+on data. In epoch mode the masked steps can be most of the work (a Dirichlet split gives
+some clients several times the mean), so `Schedule.buckets` cuts a cohort, sorted by
+size, into a few groups that each scan only as far as their own largest client can need
+(see `Algorithm.train_cohort`). Each epoch is a fresh permutation of the client's examples; the last batch of an
 epoch may be partial (its missing examples are masked, the loss is the mean over the
 valid ones). Shuffles depend only on the client's key and its count, never on how much
 padding its row has, so padding cannot change a result.
@@ -41,6 +44,8 @@ class Schedule:
     num_steps: scan length, the largest number of steps any client takes.
     num_epochs: permutations drawn per client, the most epochs any client needs.
     padded_len: length of a padded permutation, a multiple of `batch_size`.
+    client_counts: every client's example count, largest first (for `buckets`).
+    max_buckets: the most groups `buckets` may cut a cohort into (1: one lockstep scan).
   """
   batch_size: int
   local_epochs: int
@@ -48,11 +53,27 @@ class Schedule:
   num_steps: int
   num_epochs: int
   padded_len: int
+  client_counts: tuple[int, ...] = ()
+  max_buckets: int = 1
 
   @classmethod
   def create(cls, batch_size: int, local_epochs: int, local_steps: int,
-             min_count: int, max_count: int) -> 'Schedule':
-    """Builds the schedule for clients holding between min_count and max_count examples."""
+             min_count: int, max_count: int, client_counts: tuple[int, ...] = (),
+             max_buckets: int = 1) -> 'Schedule':
+    """Builds the schedule for clients holding between min_count and max_count examples.
+
+    Args:
+      batch_size: examples per step.
+      local_epochs: epochs per round (0 with `local_steps`).
+      local_steps: fixed steps per round (0 with `local_epochs`).
+      min_count: the smallest client's example count.
+      max_count: the largest client's example count.
+      client_counts: every client's example count (any order), for `buckets`.
+      max_buckets: the most groups `buckets` may cut a cohort into.
+
+    Returns:
+      The schedule.
+    """
     max_batches = math.ceil(max_count / batch_size)
     min_batches = math.ceil(min_count / batch_size)
     if local_steps > 0:
@@ -61,7 +82,69 @@ class Schedule:
       num_steps, num_epochs = local_epochs * max_batches, local_epochs
     return cls(batch_size=batch_size, local_epochs=local_epochs, local_steps=local_steps,
                num_steps=num_steps, num_epochs=num_epochs,
-               padded_len=max_batches * batch_size)
+               padded_len=max_batches * batch_size,
+               client_counts=tuple(sorted((int(c) for c in client_counts), reverse=True)),
+               max_buckets=max_buckets)
+
+  def steps_for(self, count: int) -> int:
+    """Scan length a client of `count` examples needs."""
+    if self.local_steps > 0:
+      return self.local_steps
+    return self.local_epochs * math.ceil(count / self.batch_size)
+
+  def buckets(self, cohort_size: int) -> tuple[tuple[int, int, 'Schedule'], ...]:
+    """Groups of a size-sorted cohort and the schedule each group can scan with.
+
+    Position j of a cohort sorted by example count, largest first, holds at most the
+    (j+1)-th largest count of all clients, whichever clients the cohort holds; so the
+    group [start, end) never needs more steps than `steps_for(client_counts[start])`.
+    The groups minimise the scanned client-steps, sum of (end - start) x steps, over at
+    most `max_buckets` groups (fewer when more would not scan fewer steps).
+
+    Args:
+      cohort_size: number of clients in the cohort (static).
+
+    Returns:
+      ((start, end, schedule), ...) covering range(cohort_size) in order; a single
+      (0, cohort_size, self) without client counts, in `local_steps` mode or with
+      max_buckets 1.
+    """
+    if (self.max_buckets <= 1 or self.local_steps > 0 or
+        len(self.client_counts) < cohort_size or cohort_size <= 1):
+      return ((0, cohort_size, self),)
+    steps = [self.steps_for(c) for c in self.client_counts[:cohort_size]]
+    cut_points = _fewest_scanned_steps(steps, self.max_buckets)
+    if len(cut_points) == 2:
+      return ((0, cohort_size, self),)
+    groups = []
+    for start, end in zip(cut_points[:-1], cut_points[1:]):
+      batches = math.ceil(self.client_counts[start] / self.batch_size)
+      groups.append((start, end, dataclasses.replace(
+          self, num_steps=self.local_epochs * batches, padded_len=batches * self.batch_size,
+          max_buckets=1)))
+    return tuple(groups)
+
+
+def _fewest_scanned_steps(steps: list[int], max_groups: int) -> list[int]:
+  """Cut points [0, ..., len] of non-increasing `steps` minimising sum(size x first)."""
+  n = len(steps)
+  # best[g][i]: least cost of the first i positions in g groups; cut[g][i]: the last cut.
+  inf = float('inf')
+  best = [[inf] * (n + 1) for _ in range(max_groups + 1)]
+  cut = [[0] * (n + 1) for _ in range(max_groups + 1)]
+  best[0][0] = 0
+  for g in range(1, max_groups + 1):
+    for i in range(1, n + 1):
+      for j in range(i):
+        cost = best[g - 1][j] + (i - j) * steps[j]
+        if cost < best[g][i]:
+          best[g][i], cut[g][i] = cost, j
+  groups = min(range(1, max_groups + 1), key=lambda g: (best[g][n], g))
+  points, i = [n], n
+  for g in range(groups, 0, -1):
+    i = cut[g][i]
+    points.append(i)
+  return points[::-1]
 
 
 def _epoch_permutation(key: jax.Array, count: jax.Array, length: int) -> jax.Array:

@@ -121,18 +121,22 @@ class Experiment:
 def build_experiment(config: Config) -> Experiment:
   """Loads data, partitions it and builds the model and the algorithm."""
   dataset = datasets.load_dataset(config.dataset, config.data_dir or None)
+  if config.test_split == 'pooled':
+    dataset = datasets.pooled(dataset)
   partition = partition_lib.partition_dataset(
       dataset.train_labels, dataset.test_labels, num_clients=config.num_clients,
       scheme=config.partition, seed=config.seed, num_classes=dataset.num_classes,
       dirichlet_alpha=config.dirichlet_alpha, min_samples=config.min_samples_per_client,
       classes_per_client=config.classes_per_client,
       monopoly_clients=config.monopoly_clients,
-      monopoly_classes_per_client=config.monopoly_classes_per_client)
+      monopoly_classes_per_client=config.monopoly_classes_per_client,
+      test_split=config.test_split, client_train_fraction=config.client_train_fraction)
   data = client_data.build_federated_data(dataset, partition, test_multiple=EVAL_CHUNK)
   counts = np.asarray([len(i) for i in partition.train_indices])
   schedule = local_training.Schedule.create(
       config.batch_size, config.local_epochs, config.local_steps,
-      int(counts.min()), int(counts.max()))
+      int(counts.min()), int(counts.max()), client_counts=tuple(counts.tolist()),
+      max_buckets=config.max_client_buckets)
   model = models.create_model(config.model, dataset.num_classes, config.conv_impl)
   algorithm = algorithms.create_algorithm(config, model, dataset, partition, schedule)
   dropout = config.dropout_client_ids(partition.monopoly_clients)

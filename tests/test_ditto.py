@@ -75,3 +75,19 @@ def test_second_round_does_not_recompile(synthetic_federation):
   alg = make_ditto(data, 0.1, optax.adam(1e-2))
   state, metrics = run_two_rounds_compiling_once(alg, data)
   assert bool(np.all(metrics.finite))
+
+
+def test_size_buckets_keep_each_personal_model_with_its_client(synthetic_federation):
+  _, _, data = synthetic_federation
+  counts = np.asarray(data.train_count)
+  lockstep = make_ditto(data, 0.1)
+  bucketed = lockstep.with_schedule(local_training.Schedule.create(
+      8, 1, 0, int(counts.min()), int(counts.max()), client_counts=tuple(counts),
+      max_buckets=4))
+  assert len(bucketed.schedule.buckets(4)) > 1
+  state = lockstep.init(jax.random.key(0))
+  cohort = jnp.array([1, 3, 0, 2], jnp.int32)
+  expected, _ = jax.jit(lockstep.run_round)(state, cohort, jax.random.key(3), data)
+  got, _ = jax.jit(bucketed.run_round)(state, cohort, jax.random.key(3), data)
+  assert_trees_close(got.clients, expected.clients, rtol=1e-5, atol=1e-6)
+  run_two_rounds_compiling_once(bucketed, data)

@@ -59,3 +59,21 @@ def test_nan_is_reported_as_not_finite(synthetic_federation):
   _, metrics = jax.jit(alg.run_round)(poisoned, jnp.array([0, 1], jnp.int32),
                                        jax.random.key(1), data)
   assert not np.any(metrics.finite)
+
+
+def test_size_buckets_give_the_lockstep_round(synthetic_federation):
+  _, _, data = synthetic_federation
+  counts = np.asarray(data.train_count)
+  lockstep = make_fedavg(data)
+  bucketed = lockstep.with_schedule(local_training.Schedule.create(
+      8, 1, 0, int(counts.min()), int(counts.max()), client_counts=tuple(counts),
+      max_buckets=3))
+  assert len(bucketed.schedule.buckets(3)) > 1
+  state = lockstep.init(jax.random.key(0))
+  cohort = jnp.array([2, 0, 3], jnp.int32)  # not sorted by size
+  expected, expected_metrics = jax.jit(lockstep.run_round)(state, cohort, jax.random.key(5),
+                                                           data)
+  got, metrics = jax.jit(bucketed.run_round)(state, cohort, jax.random.key(5), data)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               got.server.params, expected.server.params)
+  np.testing.assert_allclose(metrics.loss, expected_metrics.loss, rtol=1e-5)

@@ -94,3 +94,40 @@ def test_masked_cross_entropy_ignores_masked_examples():
   full = local_training.masked_cross_entropy(logits[:2], labels[:2], jnp.ones(2))
   masked = local_training.masked_cross_entropy(logits, labels, jnp.array([1.0, 1.0, 0.0]))
   np.testing.assert_allclose(full, masked, rtol=1e-6)
+
+
+@pytest.mark.parametrize('max_buckets', [2, 3, 4])
+def test_buckets_cover_any_cohort_and_bound_each_member(max_buckets):
+  rng = np.random.default_rng(max_buckets)
+  counts = rng.integers(5, 400, size=12)
+  schedule = local_training.Schedule.create(10, 2, 0, int(counts.min()), int(counts.max()),
+                                            client_counts=tuple(counts), max_buckets=max_buckets)
+  for cohort_size in (1, 5, 12):
+    buckets = schedule.buckets(cohort_size)
+    assert 1 <= len(buckets) <= max_buckets
+    assert [b[0] for b in buckets] == [0] + [b[1] for b in buckets[:-1]]
+    assert buckets[-1][1] == cohort_size
+    scanned = sum((end - start) * s.num_steps for start, end, s in buckets)
+    assert scanned <= cohort_size * schedule.num_steps
+    for _ in range(20):  # whichever clients form the cohort, no member is cut short
+      cohort = np.sort(rng.choice(counts, cohort_size, replace=False))[::-1]
+      for start, end, s in buckets:
+        assert all(schedule.steps_for(int(c)) <= s.num_steps for c in cohort[start:end])
+        assert all(c <= s.padded_len for c in cohort[start:end])
+
+
+def test_uneven_clients_scan_fewer_steps_in_buckets():
+  # Training examples of the 20 clients of a Dirichlet(0.1) split of Fashion-MNIST.
+  counts = np.array([414, 581, 641, 729, 1181, 1235, 1548, 1700, 2553, 2633, 2854, 2869,
+                     3104, 3134, 3310, 3548, 4386, 4785, 5502, 5786])
+  schedule = local_training.Schedule.create(10, 1, 0, 414, 5786, client_counts=tuple(counts),
+                                            max_buckets=4)
+  scanned = sum((end - start) * s.num_steps for start, end, s in schedule.buckets(20))
+  assert scanned < 0.55 * 20 * schedule.num_steps
+
+
+@pytest.mark.parametrize('epochs,steps,counts', [(0, 20, (30, 300)), (1, 0, (50, 50, 50))])
+def test_fixed_steps_or_equal_clients_keep_one_lockstep_scan(epochs, steps, counts):
+  schedule = local_training.Schedule.create(10, epochs, steps, min(counts), max(counts),
+                                            client_counts=counts, max_buckets=4)
+  assert schedule.buckets(len(counts)) == ((0, len(counts), schedule),)

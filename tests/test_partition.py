@@ -96,3 +96,41 @@ def test_table_lists_every_client():
   table = p.table()
   assert len(table.splitlines()) == 1 + 10 + 1
   assert 'monopoly clients [9]' in table
+
+
+POOL = np.concatenate([TRAIN, TEST])
+
+
+@pytest.mark.parametrize('scheme', ['dirichlet', 'pathological'])
+def test_pooled_split_cuts_each_client_share_into_train_and_test(scheme):
+  p = partition_lib.partition_dataset(POOL, POOL, num_clients=10, scheme=scheme, seed=0,
+                                      num_classes=NUM_CLASSES, test_split='pooled',
+                                      client_train_fraction=0.75)
+  assert_disjoint_cover(p.train_indices + p.test_indices, len(POOL))
+  for train, test in zip(p.train_indices, p.test_indices):
+    share = len(train) + len(test)
+    assert len(train) == int(np.floor(0.75 * share))
+    if scheme == 'pathological':  # test examples come from the client's own 2 classes
+      assert len(set(POOL[train]) | set(POOL[test])) == 2
+  # Every pooled example (test ones included) goes to some client under pathological.
+  if scheme == 'pathological':
+    assert sum(len(a) + len(b) for a, b in zip(p.train_indices, p.test_indices)) == len(POOL)
+  # Client shares are the same draw as the scheme's: classes held come from the share.
+  np.testing.assert_array_equal(p.test_counts.sum(1), [len(i) for i in p.test_indices])
+
+
+def test_pooled_split_is_reproducible_and_differs_from_proportional():
+  kw = dict(num_clients=10, scheme='dirichlet', seed=3, num_classes=NUM_CLASSES)
+  a = partition_lib.partition_dataset(POOL, POOL, test_split='pooled', **kw)
+  b = partition_lib.partition_dataset(POOL, POOL, test_split='pooled', **kw)
+  for x, y in zip(a.train_indices + a.test_indices, b.train_indices + b.test_indices):
+    np.testing.assert_array_equal(x, y)
+  # The pool's test half (indices >= len(TRAIN)) is used for training too.
+  assert max(int(i.max()) for i in a.train_indices) >= len(TRAIN)
+
+
+def test_pooled_split_that_leaves_a_client_no_training_example_names_the_flag():
+  with pytest.raises(ConfigError, match='--client_train_fraction'):
+    partition_lib.partition_dataset(POOL, POOL, num_clients=10, scheme='iid', seed=0,
+                                    num_classes=NUM_CLASSES, test_split='pooled',
+                                    client_train_fraction=0.005)

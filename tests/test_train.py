@@ -56,6 +56,21 @@ def test_run_writes_metrics_partition_and_checkpoints(tmp_path, synthetic_data, 
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '4']
 
 
+def test_pooled_test_split_trains_and_tests_on_one_device_copy(tmp_path, synthetic_data):
+  config = tiny_config(test_split='pooled', num_rounds=1)
+  experiment = train.build_experiment(config)
+  pool = len(synthetic_data.train_labels) + len(synthetic_data.test_labels)
+  assert experiment.data.train_images is experiment.data.test_images
+  assert experiment.data.train_images.shape[0] == pool
+  counts = (np.asarray(experiment.data.train_count) + np.asarray(experiment.data.test_count))
+  assert counts.sum() == sum(len(a) + len(b) for a, b in zip(
+      experiment.partition.train_indices, experiment.partition.test_indices))
+  np.testing.assert_array_equal(np.asarray(experiment.data.train_count),
+                                np.floor(0.75 * counts).astype(np.int32))
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert 0.0 <= summary['final_personalized_acc'] <= 1.0
+
+
 def test_resumed_run_equals_uninterrupted_run(tmp_path, synthetic_data, monkeypatch):
   config = tiny_config(join_ratio=0.5, server_optimizer='momentum', server_learning_rate=0.5)
   train.train_and_evaluate(config, str(tmp_path / 'straight'))
@@ -112,7 +127,8 @@ def run_main(*args, cwd=REPO):
     ('dataset', 'imagenet'), ('model', 'vgg'), ('algorithm', 'fedfoo'),
     ('partition', 'zipf'), ('num_clients', 0), ('join_ratio', 1.5), ('beta', 2.0),
     ('server', 'gossip'), ('dropout_clients', '3,x'), ('dropout_clients', '0,99'),
-    ('learning_rate', 0.0), ('embedding', 'word2vec'),
+    ('learning_rate', 0.0), ('embedding', 'word2vec'), ('test_split', 'random'),
+    ('client_train_fraction', 1.0),
 ])
 def test_invalid_value_names_its_flag(flag, value):
   with pytest.raises(ConfigError, match=f'--{flag}') as error:

@@ -11,14 +11,16 @@ hyper-parameters); its methods are pure functions of explicit state:
   unseen_class_params(state, data) -> params | None   # the model scored on classes no
                                        # active client holds (default: the global model)
 
-`run_round` composes them: the cohort's `client_update`s run as ONE vmapped call over
-stacked client states, then one `server_update`. The runner jits `run_round` once; an
+`run_round` composes them: the cohort's `client_update`s run vmapped over stacked client
+states (one call, or one per size group in epoch mode: see `train_cohort`), then one
+`server_update`. The runner jits `run_round` once; an
 algorithm with extra server work (a generator, friend models) overrides `run_round` and
 keeps the same signature.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import flax.struct
@@ -117,22 +119,41 @@ class Algorithm:
 
   def train_cohort(self, server: Any, clients: Any, cohort: jax.Array, rng: jax.Array,
                    data: FederatedData) -> tuple[Any, ClientOutput]:
-    """Runs `client_update` for the cohort as one vmapped call.
+    """Runs `client_update` for the cohort, vmapped over its clients.
 
     Each client's key is `fold_in(rng, client_id)`, so a client's training does not
-    depend on which other clients are in the cohort.
+    depend on which other clients are in the cohort. With `schedule.buckets` giving
+    several groups (epoch mode, uneven clients), the cohort is sorted by example count
+    and each group is one vmapped call that scans only its own group's steps; the
+    results are put back in cohort order. A client's steps and batches are the same
+    either way; only masked padding steps are skipped.
 
     Returns:
       (the cohort's new client states, their outputs), stacked over the cohort.
     """
     keys = jax.vmap(lambda c: jax.random.fold_in(rng, c))(cohort)
-    return jax.vmap(self.client_update, in_axes=(None, 0, 0, 0, 0, None))(
-        server, gather_clients(clients, cohort), data.train_index[cohort],
-        data.train_count[cohort], keys, data)
+    train = lambda algorithm, ids, ids_keys: jax.vmap(
+        algorithm.client_update, in_axes=(None, 0, 0, 0, 0, None))(
+            server, gather_clients(clients, ids), data.train_index[ids],
+            data.train_count[ids], ids_keys, data)
+    buckets = self.schedule.buckets(cohort.shape[0])
+    if len(buckets) == 1:
+      return train(self, cohort, keys)
+    order = jnp.argsort(-data.train_count[cohort], stable=True)
+    parts = [train(self.with_schedule(schedule), cohort[order[start:end]],
+                   keys[order[start:end]]) for start, end, schedule in buckets]
+    joined = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+    return jax.tree.map(lambda x: x[jnp.argsort(order)], joined)
+
+  def with_schedule(self, schedule: Any) -> 'Algorithm':
+    """A copy of this algorithm whose local training follows `schedule`."""
+    clone = copy.copy(self)
+    clone.schedule = schedule
+    return clone
 
   def run_round(self, state: AlgorithmState, cohort: jax.Array, rng: jax.Array,
                 data: FederatedData) -> tuple[AlgorithmState, RoundMetrics]:
-    """One synchronous round: the cohort trains in one vmapped call, then the server.
+    """One synchronous round: the cohort trains (`train_cohort`), then the server.
 
     Args:
       state: the federation's state.

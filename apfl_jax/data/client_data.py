@@ -88,11 +88,16 @@ def build_federated_data(dataset, partition: Partition,
   union_index[:len(union)] = union
   union_client = np.full((padded,), len(partition.test_indices), np.int32)
   union_client[:len(union)] = owner
+  train_images = jnp.asarray(dataset.train_images)
+  train_labels = jnp.asarray(dataset.train_labels, jnp.int32)
+  if dataset.test_images is dataset.train_images:  # a pooled data set: one device copy
+    test_images, test_labels = train_images, train_labels
+  else:
+    test_images = jnp.asarray(dataset.test_images)
+    test_labels = jnp.asarray(dataset.test_labels, jnp.int32)
   return FederatedData(
-      train_images=jnp.asarray(dataset.train_images),
-      train_labels=jnp.asarray(dataset.train_labels, jnp.int32),
-      test_images=jnp.asarray(dataset.test_images),
-      test_labels=jnp.asarray(dataset.test_labels, jnp.int32),
+      train_images=train_images, train_labels=train_labels,
+      test_images=test_images, test_labels=test_labels,
       train_index=jnp.asarray(train_index), train_count=jnp.asarray(train_count),
       test_index=jnp.asarray(test_index), test_count=jnp.asarray(test_count),
       union_test_index=jnp.asarray(union_index), union_test_client=jnp.asarray(union_client),

@@ -133,6 +133,20 @@ class Dataset:
     return np.array(means, np.float32), np.array(stds, np.float32)
 
 
+def pooled(dataset: Dataset) -> Dataset:
+  """The train and test splits as one pool, which both splits of the result hold.
+
+  For `--test_split=pooled` (PFLlib): the pool is partitioned among clients and each
+  client's share is cut into training and test examples, so both index the same arrays
+  (one copy; `build_federated_data` moves it to the device once). The normalisation
+  moments are then those of the whole pool.
+  """
+  images = np.concatenate([dataset.train_images, dataset.test_images])
+  labels = np.concatenate([dataset.train_labels, dataset.test_labels])
+  return Dataset(name=dataset.name, train_images=images, train_labels=labels,
+                 test_images=images, test_labels=labels, class_names=dataset.class_names)
+
+
 def default_data_dir() -> pathlib.Path:
   """Returns $TFDS_DATA_DIR, or ~/tensorflow_datasets when it is not set."""
   return pathlib.Path(

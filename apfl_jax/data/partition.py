@@ -11,10 +11,14 @@ Four schemes (`--partition`):
     classes that no other client holds (the AP-FL dropout scenario); the other clients
     split the remaining classes pathologically.
 
-Each client's test split follows its own label mix: the test examples of class k are
-shared among the clients in proportion to their training counts of class k, so each test
-example belongs to at most one client and the union of the client test splits is the test
-set of the classes that some client holds.
+Two ways to give clients test data (`--test_split`):
+  * proportional: each client's test split follows its own label mix: the test examples of
+    class k are shared among the clients in proportion to their training counts of class k,
+    so each test example belongs to at most one client and the union of the client test
+    splits is the test set of the classes that some client holds.
+  * pooled (PFLlib): the caller pools the train and test splits into one set (see
+    `datasets.pooled`), the scheme splits the pool among clients, and each client's share
+    is shuffled and cut into `client_train_fraction` training and the rest test examples.
 """
 
 from __future__ import annotations
@@ -90,12 +94,15 @@ def partition_dataset(train_labels: np.ndarray, test_labels: np.ndarray, *,
                       num_classes: int, dirichlet_alpha: float = 0.1,
                       min_samples: int = 10, classes_per_client: int = 2,
                       monopoly_clients: int = 1,
-                      monopoly_classes_per_client: int = 2) -> Partition:
+                      monopoly_classes_per_client: int = 2,
+                      test_split: str = 'proportional',
+                      client_train_fraction: float = 0.75) -> Partition:
   """Splits a data set among clients.
 
   Args:
-    train_labels: int [N] training labels.
-    test_labels: int [Nt] test labels.
+    train_labels: int [N] training labels (with test_split 'pooled': the pool's labels).
+    test_labels: int [Nt] test labels (with test_split 'pooled': the pool's labels again;
+      train and test indices then both index the pool).
     num_clients: number of clients.
     scheme: 'iid', 'dirichlet', 'pathological' or 'monopoly'.
     seed: seed of every random draw here.
@@ -106,6 +113,8 @@ def partition_dataset(train_labels: np.ndarray, test_labels: np.ndarray, *,
       'monopoly').
     monopoly_clients: number of monopoly clients (the last ones).
     monopoly_classes_per_client: classes each monopoly client owns.
+    test_split: 'proportional' or 'pooled' (see the module docstring).
+    client_train_fraction: with 'pooled', the training share of each client's examples.
 
   Returns:
     The partition.
@@ -152,6 +161,13 @@ def partition_dataset(train_labels: np.ndarray, test_labels: np.ndarray, *,
   else:
     raise ConfigError(f'--partition: unknown value {scheme!r}')
 
+  if test_split == 'pooled':
+    if len(test_labels) != len(train_labels):
+      raise ValueError('test_split pooled: train_labels and test_labels must both be the '
+                       f'pool, got {len(train_labels)} and {len(test_labels)} labels')
+    train_indices, pooled_test = _cut_each_client(train_indices, client_train_fraction, rng)
+  elif test_split != 'proportional':
+    raise ConfigError(f'--test_split: unknown value {test_split!r}')
   train_indices = tuple(np.sort(np.asarray(i, np.int64)) for i in train_indices)
   for c, idx in enumerate(train_indices):
     if len(idx) == 0:
@@ -159,7 +175,10 @@ def partition_dataset(train_labels: np.ndarray, test_labels: np.ndarray, *,
                         f'client {c} gets no training data')
   train_counts = np.stack([np.bincount(train_labels[i], minlength=num_classes)
                            for i in train_indices]).astype(np.int64)
-  test_indices = _proportional_test_split(np.asarray(test_labels), train_counts, rng)
+  if test_split == 'pooled':
+    test_indices = tuple(np.sort(i) for i in pooled_test)
+  else:
+    test_indices = _proportional_test_split(np.asarray(test_labels), train_counts, rng)
   test_counts = np.stack([np.bincount(np.asarray(test_labels)[i], minlength=num_classes)
                           for i in test_indices]).astype(np.int64)
   return Partition(train_indices=train_indices, test_indices=test_indices,
@@ -207,6 +226,21 @@ def _pathological(labels: np.ndarray, clients: list[int], classes: np.ndarray,
     for i, part in zip(holding, np.array_split(idx_k, len(holding))):
       shards[i].append(part)
   return [np.concatenate(s) if s else np.zeros((0,), np.int64) for s in shards]
+
+
+def _cut_each_client(indices: list[np.ndarray], train_fraction: float,
+                     rng: np.random.Generator) -> tuple[list[np.ndarray], list[np.ndarray]]:
+  """Shuffles each client's examples and cuts floor(fraction * n) off for training."""
+  train, test = [], []
+  for c, idx in enumerate(indices):
+    shuffled = rng.permutation(np.asarray(idx, np.int64))
+    cut = int(np.floor(train_fraction * len(shuffled)))
+    if cut == 0:
+      raise ConfigError(f'--client_train_fraction={train_fraction} leaves client {c} (with '
+                        f'{len(shuffled)} examples) no training example')
+    train.append(shuffled[:cut])
+    test.append(shuffled[cut:].astype(np.int64))
+  return train, test
 
 
 def _proportional_test_split(test_labels: np.ndarray, train_counts: np.ndarray,

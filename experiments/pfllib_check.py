@@ -1,0 +1,163 @@
+"""Puts our accuracies beside PFLlib's published Fashion-MNIST table.
+
+  python experiments/compare.py --flagfile=pfllib_fmnist.flags \
+      --algorithms=fedavg,ditto,fedrep,fedprox,apfl_deng,fedgen --seeds=0 --num_rounds=10 \
+      --out=docs/results/pfllib_dir
+  python experiments/compare.py --flagfile=pfllib_fmnist_pat.flags \
+      --algorithms=fedavg,ditto,fedrep --seeds=0 --num_rounds=10 --out=docs/results/pfllib_pat
+  python experiments/pfllib_check.py \
+      --runs=dirichlet:docs/results/pfllib_dir,pathological:docs/results/pfllib_pat \
+      --report=docs/results/pfllib.md
+
+PFLlib (benchmark page of its documentation) reports, for 20 clients, each client's data
+split 75/25 train/test, batch 10, 1 local epoch, the 4-layer CNN, the best test accuracy
+over its rounds, sample-weighted over clients. Our counterpart is the best
+`personalized_acc_weighted` over the evaluated rounds (for FedAvg, FedProx and FedGen the
+personalized model is the global one, as in PFLlib's evaluation). Runs are read from
+<folder>/runs/<algorithm>/seed<k>/ as compare.py writes them, finished or still running;
+a run whose config is not PFLlib's setting is refused with the flag that differs.
+"""
+
+import json
+import os
+import shlex
+import sys
+from typing import Any
+
+from absl import app
+from absl import flags
+import numpy as np
+
+# PFLlib's published test accuracy (%) on Fashion-MNIST, by partition and algorithm
+# ('apfl_deng' is PFLlib's APFL, the adaptive mixing of Deng et al. 2020).
+PUBLISHED = {
+    'dirichlet': {'fedavg': 85.85, 'fedprox': 85.63, 'fedgen': 84.90, 'ditto': 97.47,
+                  'fedrep': 97.56, 'apfl_deng': 97.25},
+    'pathological': {'fedavg': 80.41, 'ditto': 99.44, 'fedrep': 99.56},
+}
+# The flags of PFLlib's setting, common to both partitions, then per partition.
+SETTING = {'dataset': 'fashion_mnist', 'model': 'cnn', 'num_clients': 20,
+           'test_split': 'pooled', 'client_train_fraction': 0.75, 'batch_size': 10,
+           'learning_rate': 0.005, 'client_optimizer': 'sgd', 'local_epochs': 1, 'local_steps': 0, 'join_ratio': 1.0, 'server': 'sync'}
+PARTITION_SETTING = {'dirichlet': {'partition': 'dirichlet', 'dirichlet_alpha': 0.1},
+                     'pathological': {'partition': 'pathological', 'classes_per_client': 2}}
+METRIC = 'personalized_acc_weighted'
+HEADER = [
+    '# Fashion-MNIST: our runs beside PFLlib\'s published table',
+    '',
+    '- Setting (both sides): 20 clients, train and test pooled then split 75/25 per client, '
+    'FedAvgCNN, SGD lr 0.005, batch 10, 1 local epoch, every client every round.',
+    '- Metric: best test accuracy over the evaluated rounds, sample-weighted over clients '
+    f'(our `{METRIC}`, evaluated every round). PFLlib ran up to 2000 rounds; ours ran '
+    'the rounds in the "rounds run" column, so our "best" is a lower bound of what the '
+    'same run would reach with PFLlib\'s round budget.',
+]
+
+flags.DEFINE_list('runs', [], 'PARTITION:FOLDER pairs, PARTITION in '
+                  f'{", ".join(PUBLISHED)}, FOLDER a compare.py --out folder.')
+flags.DEFINE_string('report', '', 'The Markdown file to write (the table is printed as well).')
+
+
+class CheckError(ValueError):
+  """A run that cannot be compared with PFLlib's table."""
+
+
+def parse_runs(specs: list[str]) -> list[tuple[str, str]]:
+  """['dirichlet:folder', ...] -> [(partition, folder)]."""
+  pairs = []
+  for spec in specs:
+    partition, _, folder = spec.partition(':')
+    if partition not in PUBLISHED or not folder:
+      raise CheckError(f'--runs: expected PARTITION:FOLDER with PARTITION in '
+                       f'{", ".join(PUBLISHED)}; got {spec!r}')
+    pairs.append((partition, folder))
+  if not pairs:
+    raise CheckError('--runs is empty')
+  return pairs
+
+
+def check_setting(config: dict[str, Any], partition: str, path: str) -> None:
+  """Raises CheckError naming the first flag of `config` that is not PFLlib's."""
+  for name, value in {**SETTING, **PARTITION_SETTING[partition]}.items():
+    if config.get(name) != value:
+      raise CheckError(f'{path}: --{name}={config.get(name)} but PFLlib\'s {partition} '
+                       f'setting has --{name}={value}')
+
+
+def read_run(workdir: str, partition: str) -> dict[str, Any] | None:
+  """Best and final METRIC of one run folder, or None if it has no evaluated round yet."""
+  config_path = os.path.join(workdir, 'config.json')
+  with open(config_path) as f:
+    config = json.load(f)
+  check_setting(config, partition, config_path)
+  metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(metrics_path):
+    return None
+  with open(metrics_path) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  evaluated = [(r[METRIC], r['round']) for r in rows if r.get(METRIC) is not None]
+  if not evaluated:
+    return None
+  best, best_round = max(evaluated)
+  return {'algorithm': config['algorithm'], 'seed': config['seed'],
+          'best': best, 'best_round': best_round, 'final': evaluated[-1][0],
+          'rounds': rows[-1]['round'], 'planned_rounds': config['num_rounds']}
+
+
+def collect(partition: str, folder: str) -> list[dict[str, Any]]:
+  """Every run under <folder>/runs/<algorithm>/seed<k>/ that has evaluated a round."""
+  found = []
+  runs_dir = os.path.join(folder, 'runs')
+  if not os.path.isdir(runs_dir):
+    raise CheckError(f'--runs: {runs_dir} does not exist (run compare.py first)')
+  for algorithm in sorted(os.listdir(runs_dir)):
+    for seed_dir in sorted(os.listdir(os.path.join(runs_dir, algorithm))):
+      run = read_run(os.path.join(runs_dir, algorithm, seed_dir), partition)
+      if run is not None:
+        found.append(run)
+  return found
+
+
+def report(pairs: list[tuple[str, str]]) -> str:
+  """The Markdown table of every published number and our runs beside it."""
+  lines = ['| partition | method | PFLlib (published, %) | ours: best (%) | best at round '
+           '| ours: final (%) | rounds run | seeds |',
+           '|---|---|---|---|---|---|---|---|']
+  for partition, folder in pairs:
+    runs = collect(partition, folder)
+    algorithms = list(PUBLISHED[partition]) + sorted(
+        {r['algorithm'] for r in runs} - set(PUBLISHED[partition]))
+    for algorithm in algorithms:
+      mine = [r for r in runs if r['algorithm'] == algorithm]
+      published = PUBLISHED[partition].get(algorithm)
+      cells = [partition, algorithm, f'{published:.2f}' if published else 'not reported']
+      if mine:
+        best = np.array([r['best'] for r in mine]) * 100
+        final = np.array([r['final'] for r in mine]) * 100
+        spread = (lambda v: f' ± {v.std():.2f}') if len(mine) > 1 else (lambda v: '')
+        cells += [f'{best.mean():.2f}{spread(best)}',
+                  ', '.join(str(r['best_round']) for r in mine),
+                  f'{final.mean():.2f}{spread(final)}',
+                  ', '.join(f'{r["rounds"]}/{r["planned_rounds"]}' for r in mine),
+                  ','.join(str(r['seed']) for r in mine)]
+      else:
+        cells += ['not run', '', '', '', '']
+      lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def main(argv: list[str]) -> int:
+  try:
+    table = report(parse_runs(flags.FLAGS.runs))
+  except CheckError as e:
+    sys.exit(f'error: {e}')
+  print(table)
+  if flags.FLAGS.report:
+    with open(flags.FLAGS.report, 'w') as f:
+      f.write('\n'.join(HEADER + ['', f'- Command: `{shlex.join(["python", *argv])}`',
+                                   '', table, '']))
+  return 0
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,63 @@
+"""Tests of experiments/pfllib_check.py (hand-written run folders, no training)."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+from apfl_jax.config import Config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SPEC = importlib.util.spec_from_file_location(
+    'pfllib_check', os.path.join(REPO, 'experiments', 'pfllib_check.py'))
+pfllib_check = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(pfllib_check)
+
+
+def write_run(folder, algorithm, seed, accuracies, partition='dirichlet', **changes):
+  """A compare.py run folder with one metrics row per accuracy (None: not evaluated)."""
+  workdir = folder / 'runs' / algorithm / f'seed{seed}'
+  workdir.mkdir(parents=True)
+  settings = {**pfllib_check.SETTING, **pfllib_check.PARTITION_SETTING[partition]}
+  config = Config(algorithm=algorithm, seed=seed, num_rounds=50, **settings).replace(**changes)
+  (workdir / 'config.json').write_text(config.to_json())
+  rows = [{'round': r, 'personalized_acc_weighted': a} for r, a in enumerate(accuracies, 1)]
+  (workdir / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+
+
+def table_rows(table):
+  return {tuple(c.strip() for c in line.strip('|').split('|'))[1]:
+          [c.strip() for c in line.strip('|').split('|')]
+          for line in table.splitlines()[2:]}
+
+
+def test_best_final_and_rounds_are_read_from_metrics(tmp_path):
+  write_run(tmp_path, 'ditto', 0, [0.5, 0.9, None, 0.8])
+  write_run(tmp_path, 'fedavg', 0, [0.4, 0.6])
+  write_run(tmp_path, 'fedavg', 1, [0.7, 0.5])
+  rows = table_rows(pfllib_check.report([('dirichlet', str(tmp_path))]))
+  # partition, method, published, best, best round, final, rounds run, seeds
+  assert rows['ditto'] == ['dirichlet', 'ditto', '97.47', '90.00', '2', '80.00', '4/50', '0']
+  assert rows['fedavg'][3:] == ['65.00 ± 5.00', '2, 1', '55.00 ± 5.00', '2/50, 2/50', '0,1']
+  assert rows['fedrep'][3] == 'not run'
+  assert set(rows) == set(pfllib_check.PUBLISHED['dirichlet'])
+
+
+def test_algorithm_without_a_published_number_is_listed_after_them(tmp_path):
+  write_run(tmp_path, 'apfl', 0, [0.3], partition='pathological')
+  table = pfllib_check.report([('pathological', str(tmp_path))])
+  assert table.splitlines()[-1].split('|')[2:4] == [' apfl ', ' not reported ']
+
+
+@pytest.mark.parametrize('flag,value', [('batch_size', 32), ('test_split', 'proportional'),
+                                        ('dirichlet_alpha', 0.5), ('local_steps', 20)])
+def test_run_of_another_setting_is_refused_naming_the_flag(tmp_path, flag, value):
+  write_run(tmp_path, 'fedavg', 0, [0.5], **{flag: value})
+  with pytest.raises(pfllib_check.CheckError, match=f'--{flag}={value} but'):
+    pfllib_check.report([('dirichlet', str(tmp_path))])
+
+
+def test_bad_runs_flag_is_refused():
+  with pytest.raises(pfllib_check.CheckError, match='--runs'):
+    pfllib_check.parse_runs(['iid:somewhere'])
