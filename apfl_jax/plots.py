@@ -23,7 +23,9 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 # Accuracy metrics of metrics.jsonl / summary.json that the table reports, in order.
 METRICS = ('personalized_acc', 'global_acc', 'active_personalized_acc',
            'dropout_personalized_acc', 'unseen_class_acc')
-METRIC_NAMES = {'personalized_acc': 'personalized', 'global_acc': 'global',
+METRIC_NAMES = {'personalized_acc': 'personalized',
+                'personalized_acc_weighted': 'personalized (sample-weighted)',
+                'global_acc': 'global',
                 'active_personalized_acc': 'active clients',
                 'dropout_personalized_acc': 'dropout clients',
                 'unseen_class_acc': 'unseen classes'}
@@ -174,10 +176,18 @@ def write_markdown(table: Sequence[dict[str, Any]], header: Sequence[str],
 
 
 def plot_accuracy_vs_round(runs: Sequence[Run], path: str,
-                           metric: str = 'personalized_acc') -> bool:
+                           metric: str = 'personalized_acc',
+                           references: dict[str, float] | None = None) -> bool:
   """Mean `metric` over seeds vs round per method, with the min-max band over seeds.
 
   Only the rounds every finished seed of a method evaluated are drawn.
+
+  Args:
+    runs: the runs.
+    path: the PNG to write.
+    metric: the metrics.jsonl key to draw.
+    references: method label -> a reference accuracy (e.g. a published one), drawn as a
+      dashed line in the method's colour.
 
   Returns:
     False (and writes nothing) when no finished run reports the metric.
@@ -196,12 +206,15 @@ def plot_accuracy_vs_round(runs: Sequence[Run], path: str,
                     label=f'{label} (n={len(series)})')
     ax.fill_between(rounds, values.min(0), values.max(0), color=line.get_color(),
                     alpha=0.2, linewidth=0)
+    if references and label in references:
+      ax.axhline(references[label], color=line.get_color(), linestyle='--', linewidth=1)
     drawn = True
   if drawn:
     ax.set_xlabel('round')
     ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.set_ylabel(f'{METRIC_NAMES.get(metric, metric)} accuracy')
-    ax.set_title('mean over seeds, band: min-max over seeds')
+    ax.set_title('mean over seeds, band: min-max over seeds'
+                 + ('; dashed: reference' if references else ''))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -24,9 +24,14 @@ import shlex
 import sys
 from typing import Any
 
-from absl import app
-from absl import flags
-import numpy as np
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+import numpy as np  # noqa: E402
+
+from apfl_jax import plots  # noqa: E402
 
 # PFLlib's published test accuracy (%) on Fashion-MNIST, by partition and algorithm
 # ('apfl_deng' is PFLlib's APFL, the adaptive mixing of Deng et al. 2020).
@@ -55,7 +60,8 @@ HEADER = [
 
 flags.DEFINE_list('runs', [], 'PARTITION:FOLDER pairs, PARTITION in '
                   f'{", ".join(PUBLISHED)}, FOLDER a compare.py --out folder.')
-flags.DEFINE_string('report', '', 'The Markdown file to write (the table is printed as well).')
+flags.DEFINE_string('report', '', 'The Markdown file to write (the table is printed as well); '
+                    'accuracy_vs_round_<partition>.png go beside it.')
 
 
 class CheckError(ValueError):
@@ -99,7 +105,8 @@ def read_run(workdir: str, partition: str) -> dict[str, Any] | None:
   if not evaluated:
     return None
   best, best_round = max(evaluated)
-  return {'algorithm': config['algorithm'], 'seed': config['seed'],
+  return {'algorithm': config['algorithm'], 'seed': config['seed'], 'workdir': workdir,
+          'metrics': rows,
           'best': best, 'best_round': best_round, 'final': evaluated[-1][0],
           'rounds': rows[-1]['round'], 'planned_rounds': config['num_rounds']}
 
@@ -146,16 +153,36 @@ def report(pairs: list[tuple[str, str]]) -> str:
   return '\n'.join(lines)
 
 
+def plot_against_published(partition: str, folder: str, path: str) -> bool:
+  """Our METRIC vs round per method, PFLlib's published accuracy dashed."""
+  runs = [plots.Run(r['algorithm'], '', r['seed'], r['workdir'], {}, r['metrics'])
+          for r in collect(partition, folder)]
+  references = {name: value / 100 for name, value in PUBLISHED[partition].items()}
+  return plots.plot_accuracy_vs_round(runs, path, metric=METRIC, references=references)
+
+
+def write_report(pairs: list[tuple[str, str]], path: str, command: str) -> None:
+  """Writes the header, the table and accuracy_vs_round_<partition>.png beside `path`."""
+  folder = os.path.dirname(os.path.abspath(path))
+  figures = []
+  for partition, runs_folder in pairs:
+    name = f'accuracy_vs_round_{partition}.png'
+    if plot_against_published(partition, runs_folder, os.path.join(folder, name)):
+      figures.append(f'![{partition}: weighted accuracy vs round, PFLlib dashed]({name})')
+  with open(path, 'w') as f:
+    f.write('\n'.join(HEADER + ['', f'- Command: `{command}`', '', report(pairs), '',
+                                 *figures, '']))
+
+
 def main(argv: list[str]) -> int:
+  del argv  # absl strips the flags; the report quotes sys.argv
   try:
-    table = report(parse_runs(flags.FLAGS.runs))
+    pairs = parse_runs(flags.FLAGS.runs)
+    print(report(pairs))
+    if flags.FLAGS.report:
+      write_report(pairs, flags.FLAGS.report, shlex.join(['python', *sys.argv]))
   except CheckError as e:
     sys.exit(f'error: {e}')
-  print(table)
-  if flags.FLAGS.report:
-    with open(flags.FLAGS.report, 'w') as f:
-      f.write('\n'.join(HEADER + ['', f'- Command: `{shlex.join(["python", *argv])}`',
-                                   '', table, '']))
   return 0
 
 

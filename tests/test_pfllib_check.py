@@ -61,3 +61,14 @@ def test_run_of_another_setting_is_refused_naming_the_flag(tmp_path, flag, value
 def test_bad_runs_flag_is_refused():
   with pytest.raises(pfllib_check.CheckError, match='--runs'):
     pfllib_check.parse_runs(['iid:somewhere'])
+
+
+def test_report_file_has_the_table_and_a_figure_per_partition(tmp_path):
+  runs = tmp_path / 'dir_runs'
+  write_run(runs, 'fedavg', 0, [0.4, 0.6])
+  report = tmp_path / 'pfllib.md'
+  pfllib_check.write_report([('dirichlet', str(runs))], str(report), 'python check')
+  text = report.read_text()
+  assert '| dirichlet | fedavg | 85.85 | 60.00 |' in text and '`python check`' in text
+  assert (tmp_path / 'accuracy_vs_round_dirichlet.png').stat().st_size > 0
+  assert '(accuracy_vs_round_dirichlet.png)' in text
