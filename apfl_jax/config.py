@@ -269,7 +269,8 @@ _HELP = {
                    "to each client's label mix; pooled: train and test splits are pooled, "
                    "partitioned, and each client's share is split --client_train_fraction / "
                    'rest (PFLlib).'),
-    'client_train_fraction': "With --test_split=pooled: the training fraction of each client's share.",
+    'client_train_fraction': ("With --test_split=pooled: the training fraction of each "
+                              "client's share."),
     'model': 'Model architecture.',
     'conv_impl': 'Convolution kernel: lax, im2col (fast on CPU) or auto (im2col on CPU only).',
     'algorithm': 'Federated algorithm.',

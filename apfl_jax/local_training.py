@@ -6,9 +6,9 @@ rest, so uneven clients train exactly their own steps and examples and nothing b
 on data. In epoch mode the masked steps can be most of the work (a Dirichlet split gives
 some clients several times the mean), so `Schedule.buckets` cuts a cohort, sorted by
 size, into a few groups that each scan only as far as their own largest client can need
-(see `Algorithm.train_cohort`). Each epoch is a fresh permutation of the client's examples; the last batch of an
-epoch may be partial (its missing examples are masked, the loss is the mean over the
-valid ones). Shuffles depend only on the client's key and its count, never on how much
+(see `Algorithm.train_cohort`). Each epoch is a fresh permutation of the client's
+examples; the last batch of an epoch may be partial (its missing examples are masked, the
+loss is the mean over the valid ones). Shuffles depend only on the client's key and its count, never on how much
 padding its row has, so padding cannot change a result.
 
 Structure (as in FedJAX): `client_init` -> `client_step` per batch (in `lax.scan`) ->
