@@ -113,16 +113,23 @@ def read_run(workdir: str, partition: str) -> dict[str, Any] | None:
 
 
 def collect(partition: str, folder: str) -> list[dict[str, Any]]:
-  """Every run under <folder>/runs/<algorithm>/seed<k>/ that has evaluated a round."""
+  """Every run under <folder>/runs/ that has evaluated a round.
+
+  compare.py keeps a run in runs/<algorithm>/seed<k>/, or in
+  runs/<algorithm>/<flag>=<value>/seed<k>/ with --sweep; the method label is the algorithm
+  followed by the swept setting, if any.
+  """
   found = []
   runs_dir = os.path.join(folder, 'runs')
   if not os.path.isdir(runs_dir):
     raise CheckError(f'--runs: {runs_dir} does not exist (run compare.py first)')
-  for algorithm in sorted(os.listdir(runs_dir)):
-    for seed_dir in sorted(os.listdir(os.path.join(runs_dir, algorithm))):
-      run = read_run(os.path.join(runs_dir, algorithm, seed_dir), partition)
-      if run is not None:
-        found.append(run)
+  for workdir, _, files in sorted(os.walk(runs_dir)):
+    if 'config.json' not in files:
+      continue
+    run = read_run(workdir, partition)
+    if run is not None:
+      setting = os.path.relpath(os.path.dirname(workdir), runs_dir).split(os.sep)[1:]
+      found.append({**run, 'label': ' '.join([run['algorithm'], *setting])})
   return found
 
 
@@ -133,12 +140,14 @@ def report(pairs: list[tuple[str, str]]) -> str:
            '|---|---|---|---|---|---|---|---|']
   for partition, folder in pairs:
     runs = collect(partition, folder)
-    algorithms = list(PUBLISHED[partition]) + sorted(
-        {r['algorithm'] for r in runs} - set(PUBLISHED[partition]))
-    for algorithm in algorithms:
-      mine = [r for r in runs if r['algorithm'] == algorithm]
-      published = PUBLISHED[partition].get(algorithm)
-      cells = [partition, algorithm, f'{published:.2f}' if published else 'not reported']
+    labels = []
+    for algorithm in list(PUBLISHED[partition]) + sorted(
+        {r['algorithm'] for r in runs} - set(PUBLISHED[partition])):
+      labels += sorted({r['label'] for r in runs if r['algorithm'] == algorithm}) or [algorithm]
+    for label in labels:
+      mine = [r for r in runs if r['label'] == label]
+      published = PUBLISHED[partition].get(label.split()[0])
+      cells = [partition, label, f'{published:.2f}' if published else 'not reported']
       if mine:
         best = np.array([r['best'] for r in mine]) * 100
         final = np.array([r['final'] for r in mine]) * 100
@@ -156,7 +165,8 @@ def report(pairs: list[tuple[str, str]]) -> str:
 
 def plot_against_published(partition: str, folder: str, path: str) -> bool:
   """Our METRIC vs round per method, PFLlib's published accuracy dashed."""
-  runs = [plots.Run(r['algorithm'], '', r['seed'], r['workdir'], {}, r['metrics'])
+  runs = [plots.Run(r['algorithm'], r['label'][len(r['algorithm']):].strip(), r['seed'],
+                    r['workdir'], {}, r['metrics'])
           for r in collect(partition, folder)]
   references = {name: value / 100 for name, value in PUBLISHED[partition].items()}
   return plots.plot_accuracy_vs_round(runs, path, metric=METRIC, references=references)

@@ -15,9 +15,10 @@ pfllib_check = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(pfllib_check)
 
 
-def write_run(folder, algorithm, seed, accuracies, partition='dirichlet', **changes):
+def write_run(folder, algorithm, seed, accuracies, partition='dirichlet', setting='',
+              **changes):
   """A compare.py run folder with one metrics row per accuracy (None: not evaluated)."""
-  workdir = folder / 'runs' / algorithm / f'seed{seed}'
+  workdir = folder / 'runs' / algorithm / setting / f'seed{seed}'
   workdir.mkdir(parents=True)
   settings = {**pfllib_check.SETTING, **pfllib_check.PARTITION_SETTING[partition]}
   config = Config(algorithm=algorithm, seed=seed, num_rounds=50, **settings).replace(**changes)
@@ -42,6 +43,15 @@ def test_best_final_and_rounds_are_read_from_metrics(tmp_path):
   assert rows['fedavg'][3:] == ['65.00 ± 5.00', '2, 1', '55.00 ± 5.00', '2/50, 2/50', '0,1']
   assert rows['fedrep'][3] == 'not run'
   assert set(rows) == set(pfllib_check.PUBLISHED['dirichlet'])
+
+
+def test_swept_setting_is_its_own_row_beside_the_published_number(tmp_path):
+  write_run(tmp_path, 'apfl_deng', 0, [0.5])
+  write_run(tmp_path, 'apfl_deng', 0, [0.7], setting='apfl_deng_alpha=1.0',
+            apfl_deng_alpha=1.0)
+  rows = table_rows(pfllib_check.report([('dirichlet', str(tmp_path))]))
+  assert rows['apfl_deng'][2:4] == ['97.25', '50.00']
+  assert rows['apfl_deng apfl_deng_alpha=1.0'][2:4] == ['97.25', '70.00']
 
 
 def test_algorithm_without_a_published_number_is_listed_after_them(tmp_path):
