@@ -46,7 +46,7 @@ PUBLISHED = {
 SETTING = {'dataset': 'fashion_mnist', 'model': 'cnn', 'num_clients': 20,
            'test_split': 'pooled', 'client_train_fraction': 0.75, 'batch_size': 10,
            'learning_rate': 0.005, 'client_optimizer': 'sgd', 'local_epochs': 1,
-           'local_steps': 0, 'join_ratio': 1.0, 'server': 'sync'}
+           'local_steps': 0, 'join_ratio': 1.0, 'server': 'sync', 'eval_every': 1}
 PARTITION_SETTING = {'dirichlet': {'partition': 'dirichlet', 'dirichlet_alpha': 0.1},
                      'pathological': {'partition': 'pathological', 'classes_per_client': 2}}
 METRIC = 'personalized_acc_weighted'

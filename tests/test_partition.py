@@ -115,8 +115,12 @@ def test_pooled_split_cuts_each_client_share_into_train_and_test(scheme):
   # Every pooled example (test ones included) goes to some client under pathological.
   if scheme == 'pathological':
     assert sum(len(a) + len(b) for a, b in zip(p.train_indices, p.test_indices)) == len(POOL)
-  # Client shares are the same draw as the scheme's: classes held come from the share.
-  np.testing.assert_array_equal(p.test_counts.sum(1), [len(i) for i in p.test_indices])
+  # Each client's share (train + test) is exactly what the scheme alone gives it.
+  scheme_only = partition_lib.partition_dataset(POOL, POOL[:10], num_clients=10,
+                                                scheme=scheme, seed=0,
+                                                num_classes=NUM_CLASSES)
+  for train, test, share in zip(p.train_indices, p.test_indices, scheme_only.train_indices):
+    np.testing.assert_array_equal(np.sort(np.concatenate([train, test])), share)
 
 
 def test_pooled_split_is_reproducible_and_differs_from_proportional():
