@@ -34,6 +34,15 @@ CLIENT_OPTIMIZERS = ('sgd', 'momentum', 'adam')
 SERVER_OPTIMIZERS = ('sgd', 'momentum', 'adam')
 FRIEND_INITS = ('local', 'global')
 FRIEND_LABELS = ('client', 'all')
+APFL_LOCAL_MODELS = ('persistent', 'from_global')
+# Values an empty (or negative) flag takes for each generator-based algorithm: see
+# `Config.validate`. AP-FL: the paper's image-space generator supervised by the global
+# model; FedGen: its official feature-space generator taught by the round's clients.
+ALGORITHM_DEFAULTS = {
+    'apfl': {'generator': 'image', 'global_teacher_weight': 1.0, 'embedding': 'minilm'},
+    'fedgen': {'generator': 'feature', 'global_teacher_weight': 0.0, 'embedding': 'onehot'},
+}
+OTHER_ALGORITHM_DEFAULTS = {'generator': 'feature', 'global_teacher_weight': 0.0}
 
 # Fields that may change between a run and its resumption (they do not change the
 # computation of the rounds already done).
@@ -97,7 +106,7 @@ class Config:
   embedding: str = ''
   embedding_template: str = '{}'
   embedding_model: str = ''
-  generator: str = 'feature'
+  generator: str = ''
   noise_dim: int = 32
   noise_distribution: str = 'uniform'
   generator_hidden_dim: int = 256
@@ -105,15 +114,16 @@ class Config:
   generator_batch_size: int = 64
   generator_learning_rate: float = 3e-4
   generator_ce_weight: float = 0.5
-  global_teacher_weight: float = 0.0
+  global_teacher_weight: float = -1.0
   fedgen_alpha: float = 1.0
   # AP-FL friend models and interpolation.
   beta: float = 0.1
   synthetic_per_class: int = 600
   friend_batch_size: int = 64
-  friend_learning_rate: float = 0.5
+  friend_learning_rate: float = 0.0
   friend_init: str = 'local'
   friend_labels: str = 'client'
+  apfl_local_model: str = 'persistent'
   # Bookkeeping.
   seed: int = 0
   workdir: str = ''
@@ -122,7 +132,14 @@ class Config:
   verbose: bool = True
 
   def validate(self) -> 'Config':
-    """Checks every field; returns self so calls can be chained.
+    """Checks every field and fills in the algorithm's defaults.
+
+    Flags whose default depends on the algorithm (`ALGORITHM_DEFAULTS`: --generator '',
+    --global_teacher_weight -1, --embedding '') take that algorithm's value, and
+    --friend_learning_rate 0 takes --learning_rate.
+
+    Returns:
+      The config with those defaults filled in (calls can be chained).
 
     Raises:
       ConfigError: naming the first invalid flag.
@@ -159,21 +176,29 @@ class Config:
     if self.speed_distribution == 'trace' and not os.path.isfile(self.speed_trace):
       raise ConfigError(f'--speed_trace: file {self.speed_trace!r} not found '
                         '(needed by --speed_distribution=trace)')
-    _choice('generator', self.generator, GENERATORS)
+    if self.generator:
+      _choice('generator', self.generator, GENERATORS)
     _choice('noise_distribution', self.noise_distribution, NOISE_DISTRIBUTIONS)
     _choice('friend_init', self.friend_init, FRIEND_INITS)
     _choice('friend_labels', self.friend_labels, FRIEND_LABELS)
+    _choice('apfl_local_model', self.apfl_local_model, APFL_LOCAL_MODELS)
     if self.embedding:
       _choice('embedding', self.embedding, EMBEDDINGS)
     for name in ('noise_dim', 'generator_hidden_dim', 'generator_steps',
                  'generator_batch_size', 'synthetic_per_class', 'friend_batch_size'):
       _positive(name, getattr(self, name))
-    for name in ('generator_ce_weight', 'global_teacher_weight', 'beta'):
+    for name in ('generator_ce_weight', 'beta'):
       if not 0.0 <= getattr(self, name) <= 1.0:
         raise ConfigError(f'--{name} must be in [0, 1], got {getattr(self, name)}')
-    for name in ('generator_learning_rate', 'friend_learning_rate'):
-      if not getattr(self, name) > 0:
-        raise ConfigError(f'--{name} must be > 0, got {getattr(self, name)}')
+    if not (0.0 <= self.global_teacher_weight <= 1.0 or self.global_teacher_weight == -1.0):
+      raise ConfigError('--global_teacher_weight must be in [0, 1] (or -1: the '
+                        f"algorithm's default), got {self.global_teacher_weight}")
+    if not self.generator_learning_rate > 0:
+      raise ConfigError(
+          f'--generator_learning_rate must be > 0, got {self.generator_learning_rate}')
+    if not self.friend_learning_rate >= 0:
+      raise ConfigError('--friend_learning_rate must be >= 0 (0: --learning_rate), got '
+                        f'{self.friend_learning_rate}')
     if self.fedgen_alpha < 0:
       raise ConfigError(f'--fedgen_alpha must be >= 0, got {self.fedgen_alpha}')
     if self.dropout_round < 0:
@@ -210,7 +235,21 @@ class Config:
         raise ConfigError(
             f'--monopoly_clients must be in [1, --num_clients={self.num_clients}), '
             f'got {self.monopoly_clients}')
-    return self
+    return self.with_algorithm_defaults()
+
+  def with_algorithm_defaults(self) -> 'Config':
+    """The config with the algorithm-dependent defaults filled in."""
+    defaults = ALGORITHM_DEFAULTS.get(self.algorithm, OTHER_ALGORITHM_DEFAULTS)
+    changes = {}
+    if not self.generator:
+      changes['generator'] = defaults['generator']
+    if self.global_teacher_weight < 0:
+      changes['global_teacher_weight'] = defaults['global_teacher_weight']
+    if not self.embedding and 'embedding' in defaults:
+      changes['embedding'] = defaults['embedding']
+    if self.friend_learning_rate == 0:
+      changes['friend_learning_rate'] = self.learning_rate
+    return self.replace(**changes)
 
   def dropout_client_ids(self, monopoly_clients: tuple[int, ...]) -> tuple[int, ...]:
     """The clients named by --dropout_clients ('' none, 'monopoly', or ids '3,7')."""
@@ -313,7 +352,8 @@ _HELP = {
                  'fedgen: onehot).',
     'embedding_template': 'Text template of a class name, with one {} for the name.',
     'embedding_model': 'Hugging Face id or folder of the CLIP model (--embedding=clip).',
-    'generator': 'Generator output: feature (the head\'s input, FedGen) or image (DCGAN).',
+    'generator': 'Generator output: feature (the head\'s input, FedGen) or image (DCGAN); '
+                 'empty = the algorithm\'s default (apfl: image, fedgen: feature).',
     'noise_dim': 'Width of the generator noise z.',
     'noise_distribution': 'Distribution of z: uniform U[0,1) (FedGen) or normal.',
     'generator_hidden_dim': 'Hidden width of the feature generator.',
@@ -321,17 +361,23 @@ _HELP = {
     'generator_batch_size': 'Generated samples per generator step.',
     'generator_learning_rate': 'Adam learning rate of the generator.',
     'generator_ce_weight': 'lambda in L_G = lambda*L_CE + (1-lambda)*L_div.',
-    'global_teacher_weight': 'Share of the teacher loss given to the global model (the rest '
-                             'goes to the round\'s clients, weighted per label).',
+    'global_teacher_weight': 'g: share of each label\'s teacher weight given to the global '
+                             'model (the rest goes to the round\'s clients holding the label; '
+                             'memorized labels nobody holds this round: the global model '
+                             'alone); -1 = the algorithm\'s default (apfl: 1, fedgen: 0).',
     'fedgen_alpha': 'FedGen: weight of the cross-entropy on generated features in the '
                     'client loss.',
     'beta': 'AP-FL interpolation: personalized = beta*local + (1-beta)*friend.',
     'synthetic_per_class': 'AP-FL: generated samples per class for one friend-model epoch.',
     'friend_batch_size': 'AP-FL: friend-model batch size.',
-    'friend_learning_rate': 'AP-FL: friend-model SGD learning rate.',
+    'friend_learning_rate': 'AP-FL: friend-model SGD learning rate (0: --learning_rate).',
     'friend_init': 'AP-FL: friend model starts from the local or the global model.',
     'friend_labels': 'AP-FL: friend trains on generated samples of the client\'s own label '
                      'mix (client) or of every class uniformly (all).',
+    'apfl_local_model': 'AP-FL: persistent (each client keeps its local model and trains it '
+                        'on its real data every round it joins, beside the update it sends) '
+                        'or from_global (the local model is this round\'s update of the '
+                        'global model, as FedAvg\'s clients compute it).',
     'seed': 'Seed of the partition, the initialisation and every random draw.',
     'workdir': 'Output folder (default: runs/<dataset>_<algorithm>_<time>); reuse to resume.',
     'eval_every': 'Evaluate every N rounds (and always after the last round).',
@@ -347,6 +393,7 @@ def define_flags() -> None:
              'client_optimizer': CLIENT_OPTIMIZERS, 'server_optimizer': SERVER_OPTIMIZERS,
              'generator': GENERATORS, 'noise_distribution': NOISE_DISTRIBUTIONS,
              'friend_init': FRIEND_INITS, 'friend_labels': FRIEND_LABELS, 'server': SERVERS,
+             'apfl_local_model': APFL_LOCAL_MODELS,
              'staleness_function': STALENESS_FUNCTIONS,
              'speed_distribution': SPEED_DISTRIBUTIONS, 'availability': AVAILABILITIES}
   for field in dataclasses.fields(Config):

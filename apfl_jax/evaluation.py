@@ -44,17 +44,19 @@ def correct_by_group(model: Any, params: Any, data: FederatedData, index: jax.Ar
 
 
 def client_correct_counts(model: Any, params: Any, data: FederatedData,
-                          chunk: int) -> jax.Array:
+                          chunk: int, client_ids: jax.Array | None = None) -> jax.Array:
   """Correct predictions per client of each client's own model.
 
   Args:
     model: the Flax model.
-    params: parameters stacked per client (leading axis num_clients).
+    params: parameters stacked per client (leading axis num_clients, or the length
+      of `client_ids`).
     data: all clients' data; data.test_index width must be a multiple of `chunk`.
     chunk: examples evaluated at once per client.
+    client_ids: optional int [N]: score only these clients (params stacked like them).
 
   Returns:
-    int32 [num_clients] correct predictions (data.test_count holds the totals).
+    int32 [num_clients] (or [N]) correct predictions (data.test_count holds the totals).
   """
   num_chunks = data.test_index.shape[1] // chunk
 
@@ -68,7 +70,10 @@ def client_correct_counts(model: Any, params: Any, data: FederatedData,
     correct, _ = jax.lax.scan(body, jnp.zeros((), jnp.int32), jnp.arange(num_chunks))
     return correct
 
-  return jax.vmap(one_client)(params, data.test_index, data.test_count)
+  if client_ids is None:
+    return jax.vmap(one_client)(params, data.test_index, data.test_count)
+  return jax.vmap(one_client)(params, data.test_index[client_ids],
+                              data.test_count[client_ids])
 
 
 def accuracy_summary(correct: np.ndarray, count: np.ndarray,

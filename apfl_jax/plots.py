@@ -22,12 +22,14 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 # Accuracy metrics of metrics.jsonl / summary.json that the table reports, in order.
 METRICS = ('personalized_acc', 'global_acc', 'active_personalized_acc',
-           'dropout_personalized_acc', 'unseen_class_acc')
+           'dropout_personalized_acc', 'dropout_personalized_acc_no_label_prior',
+           'unseen_class_acc')
 METRIC_NAMES = {'personalized_acc': 'personalized',
                 'personalized_acc_weighted': 'personalized (sample-weighted)',
                 'global_acc': 'global',
                 'active_personalized_acc': 'active clients',
                 'dropout_personalized_acc': 'dropout clients',
+                'dropout_personalized_acc_no_label_prior': 'dropout clients, no label prior',
                 'unseen_class_acc': 'unseen classes'}
 STAGES = ('final', 'best')
 NA = 'n/a'

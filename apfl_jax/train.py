@@ -170,8 +170,9 @@ class Evaluator:
     group = np.ones((padded,), np.int32)
     group[:len(unseen)] = 0
     self._unseen_index, self._unseen_group = jnp.asarray(index), jnp.asarray(group)
+    self._dropout_ids = jnp.asarray(experiment.dropout_clients, jnp.int32)
 
-  def _correct_counts(self, state, data, unseen_index, unseen_group):
+  def _correct_counts(self, state, data, unseen_index, unseen_group, dropout_ids):
     algorithm, model, num_clients = self._exp.algorithm, self._exp.model, data.num_clients
     shared = lambda p: evaluation.correct_by_group(
         model, p, data, data.union_test_index, data.union_test_client, num_clients,
@@ -189,12 +190,17 @@ class Evaluator:
     if unseen_params is not None and self._num_unseen:
       out['unseen'] = evaluation.correct_by_group(model, unseen_params, data, unseen_index,
                                                   unseen_group, 1, EVAL_CHUNK)
+    if dropout_ids.shape[0]:
+      prior_free = algorithm.label_prior_free_params(state, data, dropout_ids)
+      if prior_free is not None:
+        out['dropout_no_label_prior'] = evaluation.client_correct_counts(
+            model, prior_free, data, EVAL_CHUNK, dropout_ids)
     return out
 
   def __call__(self, state) -> dict[str, float | None]:
     exp = self._exp
     correct = jax.device_get(self._evaluate(state, exp.data, self._unseen_index,
-                                            self._unseen_group))
+                                            self._unseen_group, self._dropout_ids))
     count = np.asarray(exp.data.test_count)
     metrics = evaluation.accuracy_summary(correct['personalized'], count, exp.groups,
                                           'personalized')
@@ -202,6 +208,14 @@ class Evaluator:
         round(float(c / n), 6) if n else None for c, n in zip(correct['personalized'], count)]
     metrics['global_acc'] = (float(correct['global'].sum() / max(count.sum(), 1))
                              if 'global' in correct else None)
+    if exp.dropout_clients:
+      # Without knowledge of the dropout clients' own label sets: equal to
+      # dropout_personalized_acc for algorithms whose personalization never uses it.
+      no_prior = correct.get('dropout_no_label_prior')
+      metrics['dropout_personalized_acc_no_label_prior'] = (
+          metrics['dropout_personalized_acc'] if no_prior is None else
+          evaluation.accuracy_summary(no_prior, count[np.asarray(exp.dropout_clients)], {},
+                                      'x')['x_acc'])
     if len(exp.unseen_classes):
       metrics['unseen_class_acc'] = (float(correct['unseen'][0] / self._num_unseen)
                                      if 'unseen' in correct else None)

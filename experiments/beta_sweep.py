@@ -34,7 +34,8 @@ flags.DEFINE_string('betas', '0.001,0.01,0.1,0.5,1.0', 'Comma-separated beta val
 flags.DEFINE_string('out', None, 'Markdown file to write the table to.')
 FLAGS = flags.FLAGS
 
-METRICS = ('personalized_acc', 'active_personalized_acc', 'dropout_personalized_acc')
+METRICS = ('personalized_acc', 'active_personalized_acc', 'dropout_personalized_acc',
+           'dropout_personalized_acc_no_label_prior')
 
 
 def evaluate_run(workdir: str, betas: list[float]) -> dict[float, dict[str, float]]:

@@ -140,9 +140,9 @@ def generated_pixels(config: config_lib.Config, workdir: str) -> tuple[np.ndarra
   setup, server = exp.algorithm.setup, state.server
   num_classes = exp.dataset.num_classes
   labels = np.repeat(np.arange(num_classes), SAMPLES_PER_CLASS)
-  # BatchNorm statistics come from a reference batch of the taught labels, as when the
+  # BatchNorm statistics come from a reference batch of the memorized labels, as when the
   # friend models train, so classes the generator never saw are sampled zero-shot.
-  reference = np.resize(np.flatnonzero(np.asarray(server.taught_labels)), setup.batch_size)
+  reference = np.resize(np.flatnonzero(np.asarray(server.seen_counts) > 0), setup.batch_size)
   images = generator_lib.generate(setup.generator, server.generator.params,
                                   jax.random.key(config.seed), labels, setup.noise_dim,
                                   setup.noise_distribution, reference_labels=reference)

@@ -12,8 +12,9 @@ from conftest import TinyModel
 
 
 def generator_setup(num_classes=4, global_teacher_weight=0.0):
-  config = Config(noise_dim=8, generator_hidden_dim=16, generator_steps=5,
-                  generator_batch_size=16, global_teacher_weight=global_teacher_weight)
+  config = Config(generator='feature', noise_dim=8, generator_hidden_dim=16,
+                  generator_steps=5, generator_batch_size=16,
+                  global_teacher_weight=global_teacher_weight)
   dataset = type('D', (), {'image_shape': (6, 6, 1), 'mean': np.array([0.5]),
                            'std': np.array([0.25])})()
   return knowledge_transfer.create_setup(config, TinyModel(num_classes), dataset,
@@ -25,14 +26,16 @@ def schedule_for(data):
   return local_training.Schedule.create(8, 1, 0, int(counts.min()), int(counts.max()))
 
 
-def make_apfl(data, partition, beta=0.1, friend_init='local', friend_labels='client'):
+def make_apfl(data, partition, beta=0.1, friend_init='local', friend_labels='client',
+              local_model='persistent', global_teacher_weight=0.0):
   friend = FriendSetup(steps=10, batch_size=16, learning_rate=0.5, init=friend_init,
                        labels=friend_labels, beta=beta)
   return APFL(TinyModel(), (6, 6, 1), schedule_for(data), optax.sgd(0.1), optax.sgd(1.0),
-              generator_setup(), friend, partition.train_counts, seed=0)
+              generator_setup(global_teacher_weight=global_teacher_weight), friend,
+              partition.train_counts, seed=0, local_model=local_model)
 
 
 def make_fedgen(data, partition, alpha=1.0):
-  held = (partition.train_counts.sum(0) > 0).astype(np.float32)
+  num_classes = partition.train_counts.shape[1]
   return FedGen(TinyModel(), (6, 6, 1), schedule_for(data), optax.sgd(0.1), optax.sgd(1.0),
-                generator_setup(), alpha, held)
+                generator_setup(), alpha, num_classes)

@@ -1,13 +1,20 @@
 """Tests of apfl_jax.algorithms.apfl."""
 
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
+from apfl_jax import local_training
 from apfl_jax import generator as generator_lib
+from apfl_jax import train
 from apfl_jax.algorithms import apfl as apfl_lib
 from apfl_jax.algorithms import knowledge_transfer
+from apfl_jax.algorithms.local import LocalOnly
 from apfl_jax.config import Config
 from apfl_jax.data import client_data
 from apfl_jax.data import partition as partition_lib
@@ -19,41 +26,92 @@ def assert_trees_equal(a, b):
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-def trained_state(alg, data, cohort=(0, 1, 2)):
-  state = alg.init(jax.random.key(0))
-  state, _ = jax.jit(alg.run_round)(state, jnp.asarray(cohort, jnp.int32),
-                                    jax.random.key(1), data)
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
+
+
+def run_rounds(alg, data, cohorts, state=None):
+  run_round = jax.jit(alg.run_round)
+  state = alg.init(jax.random.key(0)) if state is None else state
+  for r, cohort in enumerate(cohorts):
+    state, _ = run_round(state, jnp.asarray(cohort, jnp.int32), jax.random.key(r + 1), data)
   return state
 
 
-def test_beta_one_is_the_local_model_and_beta_zero_the_friend(synthetic_federation):
-  _, partition, data = synthetic_federation
-  local_only = make_apfl(data, partition, beta=1.0)
-  state = trained_state(local_only, data)
-  assert_trees_equal(local_only.personalized_params(state, data),
-                     local_only.local_models(state))
-  friend_only = make_apfl(data, partition, beta=0.0)
-  personalized = friend_only.personalized_params(state, data)
-  # Recompute the friends exactly as personalized_params does.
-  keys = jax.random.split(friend_only._friend_key(state.server), 4)
-  friends = jax.vmap(friend_only.train_friend, in_axes=(None, 0, 0, 0))(
-      state.server, friend_only.local_models(state), jnp.asarray(friend_only.label_counts),
-      keys)
-  assert_trees_equal(personalized, friends)
-  assert not np.allclose(personalized['head']['kernel'],
-                         friend_only.local_models(state)['head']['kernel'])
+def row(tree, i):
+  return jax.tree.map(lambda x: x[i], tree)
 
 
 def test_interpolate_is_convex_combination():
   mixed = apfl_lib.interpolate({'w': jnp.array([0.0, 10.0])}, {'w': jnp.array([10.0, 0.0])},
                                0.25)
-  np.testing.assert_allclose(mixed["w"], [7.5, 2.5])  # 0.25 * local + 0.75 * friend
+  np.testing.assert_allclose(mixed['w'], [7.5, 2.5])  # 0.25 * local + 0.75 * friend
+
+
+def test_beta_one_is_the_local_model_and_beta_zero_the_friend(synthetic_federation):
+  _, partition, data = synthetic_federation
+  local_only = make_apfl(data, partition, beta=1.0)
+  state = run_rounds(local_only, data, [(0, 1, 2)])
+  assert_trees_equal(local_only.personalized_params(state, data),
+                     local_only.local_models(state))
+  friend_only = make_apfl(data, partition, beta=0.0)
+  personalized = friend_only.personalized_params(state, data)
+  friends = friend_only.friend_models(state, jnp.arange(4),
+                                      jnp.asarray(partition.train_counts, jnp.float32))
+  assert_trees_equal(personalized, friends)
+  assert not np.allclose(personalized['head']['kernel'],
+                         friend_only.local_models(state)['head']['kernel'])
+
+
+def test_persistent_local_model_is_the_local_only_model(synthetic_federation):
+  # Every client joins every round: AP-FL's local models are exactly Local's models
+  # (trained on the same batches), while the global model moves on by FedAvg.
+  _, partition, data = synthetic_federation
+  alg = make_apfl(data, partition)
+  local = LocalOnly(TinyModel(), (6, 6, 1), schedule_for(data), optax.sgd(0.1), 4)
+  cohorts = [(0, 1, 2, 3)] * 3
+  state = run_rounds(alg, data, cohorts)
+  local_state = local.init(jax.random.split(jax.random.key(0))[0])
+  run_local = jax.jit(local.run_round)
+  for r, cohort in enumerate(cohorts):
+    local_state, _ = run_local(local_state, jnp.asarray(cohort, jnp.int32),
+                               jax.random.key(r + 1), data)
+  assert_trees_close(alg.local_models(state), local_state.clients.params)
+  for c in range(4):
+    assert not np.allclose(row(alg.local_models(state), c)['head']['kernel'],
+                           state.server.params['head']['kernel'])
+
+
+def test_persistent_local_model_survives_rounds_it_skips(synthetic_federation):
+  _, partition, data = synthetic_federation
+  alg = make_apfl(data, partition)
+  after_1 = run_rounds(alg, data, [(0, 1)])
+  after_2 = run_rounds(alg, data, [(2, 3)], state=after_1)
+  assert_trees_equal(row(after_2.clients.local_params, 0),
+                     row(after_1.clients.local_params, 0))
+  # Joining again, client 0 trains on from its own local model, not the global one.
+  run_round = jax.jit(alg.run_round)
+  key = jax.random.key(7)
+  after_3, _ = run_round(after_2, jnp.array([0, 1], jnp.int32), key, data)
+  client_key = jax.random.fold_in(jax.random.split(key)[0], 0)
+  expected, _ = local_training.train_client(
+      row(after_2.clients.local_params, 0), alg.loss_fn, alg.client_optimizer, data,
+      data.train_index[0], data.train_count[0], client_key, alg.schedule)
+  assert_trees_close(row(after_3.clients.local_params, 0), expected)
+
+
+def test_from_global_local_model_is_the_rounds_update(synthetic_federation):
+  _, partition, data = synthetic_federation
+  alg = make_apfl(data, partition, local_model='from_global')
+  state = run_rounds(alg, data, [(1,)])
+  # One client with server lr 1: the new global model is that client's trained model.
+  assert_trees_close(row(state.clients.local_params, 1), state.server.params)
 
 
 def test_client_that_never_trained_uses_the_global_model(synthetic_federation):
   _, partition, data = synthetic_federation
   alg = make_apfl(data, partition)
-  state = trained_state(alg, data, cohort=(0, 1, 2))
+  state = run_rounds(alg, data, [(0, 1, 2)])
   local = alg.local_models(state)
   assert list(np.asarray(state.clients.has_local)) == [True, True, True, False]
   jax.tree.map(lambda l, g: np.testing.assert_array_equal(l[3], g), local, state.server.params)
@@ -61,26 +119,40 @@ def test_client_that_never_trained_uses_the_global_model(synthetic_federation):
                local, state.clients.local_params)
 
 
-def test_round_trains_the_generator_and_does_not_recompile(synthetic_federation):
+def test_round_trains_the_generator_keeps_the_memory_and_does_not_recompile(
+    synthetic_federation):
   _, partition, data = synthetic_federation
   alg = make_apfl(data, partition)
   run_round = jax.jit(alg.run_round)
   state = alg.init(jax.random.key(0))
+  np.testing.assert_array_equal(state.server.seen_counts, np.zeros(4))
   new_state, metrics = run_round(state, jnp.array([0, 1], jnp.int32), jax.random.key(1), data)
   new_state, _ = run_round(new_state, jnp.array([2, 3], jnp.int32), jax.random.key(2), data)
   assert run_round._cache_size() == 1
   assert int(new_state.server.round) == 2
+  np.testing.assert_array_equal(new_state.server.seen_counts, partition.train_counts.sum(0))
   changed = jax.tree.map(lambda a, b: not np.allclose(a, b), state.server.generator.params,
                          new_state.server.generator.params)
   assert all(jax.tree.leaves(changed))
   assert bool(np.all(metrics.finite))
 
 
+def test_global_teacher_only_round_does_not_recompile(synthetic_federation):
+  _, partition, data = synthetic_federation
+  alg = make_apfl(data, partition, global_teacher_weight=1.0)
+  run_round = jax.jit(alg.run_round)
+  state = alg.init(jax.random.key(0))
+  state, _ = run_round(state, jnp.array([0, 1], jnp.int32), jax.random.key(1), data)
+  state, metrics = run_round(state, jnp.array([2, 3], jnp.int32), jax.random.key(2), data)
+  assert run_round._cache_size() == 1
+  assert bool(np.all(metrics.finite))
+
+
 def test_friend_learns_a_class_no_client_holds(synthetic_federation):
   _, partition, data = synthetic_federation
   alg = make_apfl(data, partition)
-  state = trained_state(alg, data)
-  server = state.server.replace(taught_labels=jnp.array([1.0, 1.0, 1.0, 0.0]))
+  state = run_rounds(alg, data, [(0, 1, 2)])
+  server = state.server.replace(seen_counts=jnp.array([5.0, 5.0, 5.0, 0.0]))
   only_class_3 = jnp.array([0.0, 0.0, 0.0, 1.0])
   friend = alg.train_friend(server, state.server.params, only_class_3, jax.random.key(4))
   samples = generator_lib.generate(alg.setup.generator, server.generator.params,
@@ -92,10 +164,24 @@ def test_friend_learns_a_class_no_client_holds(synthetic_federation):
   assert np.all(np.isfinite(logits))
 
 
+def test_label_prior_free_friends_train_on_every_class(synthetic_federation):
+  _, partition, data = synthetic_federation
+  alg = make_apfl(data, partition, beta=0.0)
+  state = run_rounds(alg, data, [(0, 1, 2)])
+  ids = jnp.array([3, 1], jnp.int32)
+  prior_free = alg.label_prior_free_params(state, data, ids)
+  assert_trees_equal(prior_free, alg.friend_models(state, ids, jnp.ones((2, 4))))
+  own_labels = row(alg.personalized_params(state, data), 3)
+  assert not np.allclose(row(prior_free, 0)['head']['kernel'], own_labels['head']['kernel'])
+  # A client's friend does not depend on which other clients are evaluated with it.
+  alone = alg.label_prior_free_params(state, data, jnp.array([3], jnp.int32))
+  assert_trees_close(row(alone, 0), row(prior_free, 0))
+
+
 def test_unseen_class_probe_is_finite(synthetic_federation):
   _, partition, data = synthetic_federation
   alg = make_apfl(data, partition, friend_labels='all')
-  state = trained_state(alg, data)
+  state = run_rounds(alg, data, [(0, 1, 2)])
   probe = alg.unseen_class_params(state, data)
   assert all(bool(np.all(np.isfinite(x))) for x in jax.tree.leaves(probe))
 
@@ -107,15 +193,51 @@ def test_image_generator_trains_whole_friend_models():
       num_classes=4)
   data = client_data.build_federated_data(dataset, partition, test_multiple=8)
   setup = knowledge_transfer.create_setup(
-      Config(generator='image', noise_dim=8, generator_steps=3, generator_batch_size=8),
+      Config(generator='image', noise_dim=8, generator_steps=3, generator_batch_size=8,
+             global_teacher_weight=1.0),
       TinyModel(), dataset, np.eye(4, dtype=np.float32))
   friend = apfl_lib.FriendSetup(steps=3, batch_size=8, learning_rate=0.1, init='local',
-                       labels='all', beta=0.5)
-  alg = apfl_lib.APFL(TinyModel(), (8, 8, 1), schedule_for(data), optax.sgd(0.1), optax.sgd(1.0),
-             setup, friend, partition.train_counts, seed=0)
-  state = trained_state(alg, data, cohort=(0, 1, 2))
+                                labels='all', beta=0.5)
+  alg = apfl_lib.APFL(TinyModel(), (8, 8, 1), schedule_for(data), optax.sgd(0.1),
+                      optax.sgd(1.0), setup, friend, partition.train_counts, seed=0)
+  state = run_rounds(alg, data, [(0, 1, 2)])
   personalized = alg.personalized_params(state, data)
   local = alg.local_models(state)
   # Both body and head moved: the friend trained end to end on generated images.
   for part in ('body', 'head'):
     assert not np.allclose(personalized[part]['kernel'], local[part]['kernel'])
+
+
+@pytest.fixture
+def synthetic_run_data(monkeypatch):
+  dataset = make_synthetic_dataset(num_classes=4, per_class=20, shape=(28, 28, 1))
+  monkeypatch.setattr(train.datasets, 'load_dataset', lambda name, data_dir=None: dataset)
+  return dataset
+
+
+def test_resumed_apfl_run_keeps_local_models_and_equals_uninterrupted(
+    tmp_path, synthetic_run_data, monkeypatch):
+  config = Config(dataset='mnist', algorithm='apfl', embedding='onehot', num_clients=4,
+                  partition='dirichlet', dirichlet_alpha=0.5, min_samples_per_client=5,
+                  num_rounds=3, batch_size=8, local_epochs=0, local_steps=2,
+                  learning_rate=0.05, join_ratio=0.5, checkpoint_every=2, noise_dim=8,
+                  generator_steps=2, generator_batch_size=8, synthetic_per_class=4,
+                  friend_batch_size=8, verbose=False).validate()
+  train.train_and_evaluate(config, str(tmp_path / 'straight'))
+  original = train.cohort_for_round
+
+  def interrupt_at_round_3(seed, round_index, *args, **kwargs):
+    if round_index == 3:
+      raise KeyboardInterrupt
+    return original(seed, round_index, *args, **kwargs)
+
+  monkeypatch.setattr(train, 'cohort_for_round', interrupt_at_round_3)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  monkeypatch.setattr(train, 'cohort_for_round', original)
+  train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+
+  def rows(name):
+    with open(os.path.join(tmp_path, name, 'metrics.jsonl')) as f:
+      return [{k: v for k, v in json.loads(line).items() if k != 'elapsed_s'} for line in f]
+  assert rows('resumed') == rows('straight')

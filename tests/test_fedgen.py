@@ -24,14 +24,17 @@ def test_alpha_zero_trains_clients_exactly_like_fedavg(synthetic_federation):
                a.server.params, b.server.params)
 
 
-def test_generator_and_label_set_follow_the_round(synthetic_federation):
+def test_generator_trains_and_the_label_memory_accumulates(synthetic_federation):
   _, partition, data = synthetic_federation
   fedgen = make_fedgen(data, partition)
+  run_round = jax.jit(fedgen.run_round)
   state = fedgen.init(jax.random.key(0))
-  cohort = jnp.array([2], jnp.int32)
-  new_state, metrics = jax.jit(fedgen.run_round)(state, cohort, jax.random.key(1), data)
-  held_by_client_2 = (partition.train_counts[2] > 0).astype(np.float32)
-  np.testing.assert_array_equal(new_state.server.label_probs, held_by_client_2)
+  after_2, metrics = run_round(state, jnp.array([2], jnp.int32), jax.random.key(1), data)
+  np.testing.assert_array_equal(after_2.server.seen_counts, partition.train_counts[2])
   assert not np.allclose(state.server.generator.params['Dense_0']['kernel'],
-                         new_state.server.generator.params['Dense_0']['kernel'])
+                         after_2.server.generator.params['Dense_0']['kernel'])
   assert bool(np.all(metrics.finite))
+  # The next arrival adds to the memory instead of replacing it.
+  after_0, _ = run_round(after_2, jnp.array([0], jnp.int32), jax.random.key(2), data)
+  np.testing.assert_array_equal(after_0.server.seen_counts,
+                                partition.train_counts[2] + partition.train_counts[0])

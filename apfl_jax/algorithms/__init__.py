@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from apfl_jax import embeddings
 from apfl_jax import local_training
 from apfl_jax.algorithms import knowledge_transfer
@@ -22,8 +20,6 @@ from apfl_jax.algorithms.local import LocalOnly
 from apfl_jax.config import Config
 from apfl_jax.errors import ConfigError
 
-# The class-name embedding each generator-based algorithm uses when --embedding is empty.
-DEFAULT_EMBEDDING = {'apfl': 'minilm', 'fedgen': 'onehot'}
 # Baselines built by their own `from_config`.
 BASELINES = {'fedprox': FedProx, 'ditto': Ditto, 'fedrep': FedRep, 'apfl_deng': APFLDeng,
              'fedavg_ft': FedAvgFT}
@@ -43,6 +39,7 @@ def create_algorithm(config: Config, model: Any, dataset: Any, partition: Any,
   Returns:
     The algorithm object.
   """
+  config = config.with_algorithm_defaults()
   client_optimizer = local_training.make_optimizer(config.client_optimizer,
                                                    config.learning_rate)
   server_optimizer = local_training.make_optimizer(config.server_optimizer,
@@ -56,18 +53,17 @@ def create_algorithm(config: Config, model: Any, dataset: Any, partition: Any,
     return BASELINES[config.algorithm].from_config(config, model, dataset, partition, schedule,
                                                    client_optimizer, server_optimizer)
   table = embeddings.class_embeddings(
-      dataset.class_names, config.embedding or DEFAULT_EMBEDDING[config.algorithm],
+      dataset.class_names, config.embedding,
       config.embedding_template, model_name=config.embedding_model or None)
   setup = knowledge_transfer.create_setup(config, model, dataset, table)
   if config.algorithm == 'fedgen':
     if config.generator != 'feature':
       raise ConfigError('--generator=image is not FedGen: --algorithm=fedgen needs '
                         '--generator=feature')
-    held = (np.asarray(partition.train_counts).sum(0) > 0).astype(np.float32)
     return FedGen(model, image_shape, schedule, client_optimizer, server_optimizer, setup,
-                  config.fedgen_alpha, held)
+                  config.fedgen_alpha, dataset.num_classes)
   if config.algorithm == 'apfl':
     return APFL(model, image_shape, schedule, client_optimizer, server_optimizer, setup,
                 FriendSetup.from_config(config, dataset.num_classes),
-                partition.train_counts, config.seed)
+                partition.train_counts, config.seed, config.apfl_local_model)
   raise ValueError(f'unknown algorithm {config.algorithm!r}')

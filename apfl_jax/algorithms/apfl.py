@@ -1,27 +1,41 @@
 """AP-FL: personalized FL through global memorization (arXiv 2503.00407).
 
 Per round:
-  1. the cohort trains local models on real data from the global model (one vmapped call)
-     and sends the updates and its label counts;
-  2. the server averages the updates (FedAvg) and trains the semantic generator
-     G(z, A(c)) on the round's client models as teachers (`knowledge_transfer`); A(c) is
-     a text embedding of the class name, so G can be sampled for classes no active client
-     holds (zero-shot, e.g. the monopoly classes of dropout clients);
-  3. each client k trains a friend model on generated samples and personalizes by
-     decoupled interpolation  theta_p = beta * theta_local + (1 - beta) * theta_friend.
+  1. each client of the cohort trains on its real data, in one vmapped call:
+     * the global model, whose update it sends (with its label counts) to the server;
+     * its own persistent local model theta_local (`--apfl_local_model=persistent`):
+       started from the global model at the client's first participation and then kept
+       on the client, trained further every round it joins, never replaced by the
+       global model. Both trainings see the same batches (one batch plan).
+     With `--apfl_local_model=from_global` the local model is instead the round's update
+     of the global model (FedAvg's local model), and only one training runs;
+  2. the server averages the updates (FedAvg), adds the label counts to its memory
+     (`seen_counts`, every class learned so far) and trains the semantic generator
+     G(z, A(c)) by data-free knowledge transfer (`knowledge_transfer`): by default the
+     global model is the teacher ("under global model supervision",
+     `--global_teacher_weight=1`), on labels drawn from the memory. A(c) is a text
+     embedding of the class name, so G can also be sampled for classes no client ever
+     held (zero-shot, e.g. the monopoly classes of dropout clients);
+  3. each client k trains a friend model theta_friend on generated samples only and
+     personalizes by decoupled interpolation
+        theta_p = beta * theta_local + (1 - beta) * theta_friend.
 
 Friend models are a pure function of (local model, generator, key), so they are computed
-when personalized models are needed (`personalized_params`, inside the jitted evaluation),
-for every client in one vmapped call: the result is what each client holds after
-downloading the current generator. A client that never trained (a dropout client with
---dropout_round=0) takes the global model as its local model.
+when personalized models are needed (`personalized_params`, inside the jitted
+evaluation), for every client in one vmapped call: the result is what each client holds
+after downloading the current generator. A client that never trained (a dropout client
+with --dropout_round=0) takes the global model as its local model.
 
-With --generator=feature the generator makes head inputs: the friend keeps the local
-body and trains only its head on generated features. With --generator=image it makes
-images and the whole friend model trains on them.
+With the default `--generator=image` the generator makes images and the whole friend
+model trains on them, so theta_local and theta_friend differ in every layer. With
+`--generator=feature` (FedGen's head-input generator) the friend keeps the local body and
+trains only its head on generated features.
 
 `unseen_class_params` is the zero-shot probe: the global model whose friend training
 covered every class uniformly, scored on the classes no active client holds.
+`label_prior_free_params` gives dropout clients' personalized models with friends trained
+on every class uniformly, i.e. without the knowledge of the client's own label set that
+`--friend_labels=client` uses.
 """
 
 from __future__ import annotations
@@ -45,11 +59,16 @@ from apfl_jax.algorithms.fedavg import FedAvg
 
 @flax.struct.dataclass
 class APFLServer:
-  """Global model, its optimizer state, the generator, the labels it was taught, round."""
+  """Global model, its optimizer state, the generator, the label memory and the round.
+
+  Attributes:
+    seen_counts: float [num_classes] labels the server has learned from, summed over
+      every round: the classes the generator memorizes.
+  """
   params: Any
   opt_state: Any
   generator: generator_lib.GeneratorState
-  taught_labels: jax.Array
+  seen_counts: jax.Array
   round: jax.Array
 
 
@@ -84,13 +103,17 @@ class FriendSetup:
     return cls(steps=math.ceil(config.synthetic_per_class * num_classes
                                / config.friend_batch_size),
                batch_size=config.friend_batch_size,
-               learning_rate=config.friend_learning_rate, init=config.friend_init,
-               labels=config.friend_labels, beta=config.beta)
+               learning_rate=config.friend_learning_rate or config.learning_rate,
+               init=config.friend_init, labels=config.friend_labels, beta=config.beta)
 
 
 def interpolate(local: Any, friend: Any, beta: float) -> Any:
   """beta * local + (1 - beta) * friend, leaf by leaf."""
   return jax.tree.map(lambda l, f: beta * l + (1.0 - beta) * f, local, friend)
+
+
+def _stack(*trees: Any) -> Any:
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
 class APFL(FedAvg):
@@ -102,13 +125,16 @@ class APFL(FedAvg):
                client_optimizer: optax.GradientTransformation,
                server_optimizer: optax.GradientTransformation,
                setup: knowledge_transfer.GeneratorSetup, friend: FriendSetup,
-               label_counts: np.ndarray, seed: int):
+               label_counts: np.ndarray, seed: int, local_model: str = 'persistent'):
     super().__init__(model, image_shape, schedule, client_optimizer, server_optimizer)
     self.setup = setup
     self.friend = friend
     self.label_counts = np.asarray(label_counts, np.float32)
     self.num_clients, self.num_classes = self.label_counts.shape
     self.seed = seed
+    if local_model not in ('persistent', 'from_global'):
+      raise ValueError(f'unknown local_model {local_model!r}')
+    self.local_model = local_model
 
   def init(self, rng: jax.Array) -> base.AlgorithmState:
     model_rng, generator_rng = jax.random.split(rng)
@@ -116,9 +142,9 @@ class APFL(FedAvg):
     params = fedavg.server.params
     generator = generator_lib.init_generator(self.setup.generator, self.setup.optimizer,
                                              generator_rng)
-    held = (self.label_counts.sum(0) > 0).astype(np.float32)
     server = APFLServer(params=params, opt_state=fedavg.server.opt_state,
-                        generator=generator, taught_labels=jnp.asarray(held),
+                        generator=generator,
+                        seen_counts=jnp.zeros((self.num_classes,), jnp.float32),
                         round=jnp.zeros((), jnp.int32))
     clients = APFLClient(
         local_params=jax.tree.map(lambda x: jnp.broadcast_to(x, (self.num_clients, *x.shape)),
@@ -127,25 +153,36 @@ class APFL(FedAvg):
     return base.AlgorithmState(server=server, clients=clients)
 
   def client_update(self, server, client, index_row, count, rng, data):
-    params, loss = local_training.train_client(
-        server.params, self.loss_fn, self.client_optimizer, data, index_row, count, rng,
+    train = lambda start: local_training.train_client(
+        start, self.loss_fn, self.client_optimizer, data, index_row, count, rng,
         self.schedule)
-    output = knowledge_transfer.labelled_output(params, server.params, loss, data, index_row,
+    if self.local_model == 'persistent':
+      own = jax.tree.map(lambda l, g: jnp.where(client.has_local, l, g),
+                         client.local_params, server.params)
+      trained, losses = jax.vmap(train)(_stack(server.params, own))
+      update = jax.tree.map(lambda x: x[0], trained)
+      local = jax.tree.map(lambda x: x[1], trained)
+      loss = losses[0]
+    else:
+      update, loss = train(server.params)
+      local = update
+    output = knowledge_transfer.labelled_output(update, server.params, loss, data, index_row,
                                                 count, self.num_classes)
-    return APFLClient(local_params=params, has_local=jnp.asarray(True)), output
+    output = output.replace(finite=output.finite & base.all_finite(local))
+    return APFLClient(local_params=local, has_local=jnp.asarray(True)), output
 
   def server_update(self, server, outputs, rng):
-    params, opt_state, generator, taught = knowledge_transfer.aggregate_and_distill(
+    params, opt_state, generator, seen_counts = knowledge_transfer.aggregate_and_distill(
         self, server, outputs, rng)
     return APFLServer(params=params, opt_state=opt_state, generator=generator,
-                      taught_labels=taught, round=server.round + 1)
+                      seen_counts=seen_counts, round=server.round + 1)
 
   def train_friend(self, server: APFLServer, init_params: Any, label_probs: jax.Array,
                    rng: jax.Array) -> Any:
-    """Trains one friend model on generated samples.
+    """Trains one friend model on generated samples only.
 
     Args:
-      server: the server state (generator and the labels it was taught).
+      server: the server state (generator and its label memory).
       init_params: the friend's starting parameters.
       label_probs: [num_classes] sampling weights of the generated labels.
       rng: key.
@@ -157,6 +194,7 @@ class APFL(FedAvg):
     optimizer = optax.sgd(friend.learning_rate)
     feature_space = setup.kind == 'feature'
     trainable = init_params['head'] if feature_space else init_params
+    memory = jnp.log(knowledge_transfer.memory_label_probs(server.seen_counts))
 
     def loss_fn(weights, samples, labels):
       params = {'body': init_params['body'], 'head': weights} if feature_space else weights
@@ -168,8 +206,8 @@ class APFL(FedAvg):
       label_key, reference_key, sample_key = jax.random.split(key, 3)
       labels = jax.random.categorical(label_key, jnp.log(label_probs),
                                       shape=(friend.batch_size,))
-      reference = jax.random.categorical(reference_key, jnp.log(server.taught_labels),
-                                         shape=(setup.batch_size,))
+      # BatchNorm statistics come from a batch drawn like the generator's training labels.
+      reference = jax.random.categorical(reference_key, memory, shape=(setup.batch_size,))
       samples = jax.lax.stop_gradient(generator_lib.generate(
           setup.generator, server.generator.params, sample_key, labels, setup.noise_dim,
           setup.noise_distribution, reference_labels=reference))
@@ -181,8 +219,10 @@ class APFL(FedAvg):
                                    jax.random.split(rng, friend.steps))
     return {'body': init_params['body'], 'head': trained} if feature_space else trained
 
-  def _friend_key(self, server: APFLServer) -> jax.Array:
-    return jax.random.fold_in(jax.random.key(self.seed + 1), server.round)
+  def _friend_keys(self, server: APFLServer) -> jax.Array:
+    """Keys of this server version's friend training: one per client, then the probe's."""
+    key = jax.random.fold_in(jax.random.key(self.seed + 1), server.round)
+    return jax.random.split(key, self.num_clients + 1)
 
   def local_models(self, state: base.AlgorithmState) -> Any:
     """Each client's local model; the global model for clients that never trained."""
@@ -192,25 +232,48 @@ class APFL(FedAvg):
             clients.has_local.reshape((-1,) + (1,) * g.ndim), local, g[None]),
         clients.local_params, server.params)
 
-  def personalized_params(self, state, data):
+  def friend_models(self, state: base.AlgorithmState, client_ids: jax.Array,
+                    label_probs: jax.Array) -> Any:
+    """Friend models of some clients, trained in one vmapped call.
+
+    Args:
+      state: the federation's state.
+      client_ids: int [N] the clients.
+      label_probs: [N, num_classes] each friend's generated-label weights.
+
+    Returns:
+      The friends' parameters, stacked [N, ...].
+    """
     server = state.server
-    local = self.local_models(state)
     if self.friend.init == 'local':
-      start = local
+      start = base.gather_clients(self.local_models(state), client_ids)
     else:
-      start = jax.tree.map(lambda g: jnp.broadcast_to(g, (self.num_clients, *g.shape)),
+      start = jax.tree.map(lambda g: jnp.broadcast_to(g, (client_ids.shape[0], *g.shape)),
                            server.params)
+    keys = self._friend_keys(server)[client_ids]
+    return jax.vmap(self.train_friend, in_axes=(None, 0, 0, 0))(
+        server, start, label_probs, keys)
+
+  def _personalize(self, state: base.AlgorithmState, client_ids: jax.Array,
+                   label_probs: jax.Array) -> Any:
+    friends = self.friend_models(state, client_ids, label_probs)
+    local = base.gather_clients(self.local_models(state), client_ids)
+    return interpolate(local, friends, self.friend.beta)
+
+  def personalized_params(self, state, data):
     if self.friend.labels == 'client':
       label_probs = jnp.asarray(self.label_counts)
     else:
       label_probs = jnp.ones((self.num_clients, self.num_classes), jnp.float32)
-    keys = jax.random.split(self._friend_key(server), self.num_clients)
-    friends = jax.vmap(self.train_friend, in_axes=(None, 0, 0, 0))(
-        server, start, label_probs, keys)
-    return interpolate(local, friends, self.friend.beta)
+    return self._personalize(state, jnp.arange(self.num_clients), label_probs)
+
+  def label_prior_free_params(self, state, data, client_ids):
+    """Personalized models of `client_ids` whose friends train on every class uniformly."""
+    label_probs = jnp.ones((client_ids.shape[0], self.num_classes), jnp.float32)
+    return self._personalize(state, client_ids, label_probs)
 
   def unseen_class_params(self, state, data):
     server = state.server
     return self.train_friend(server, server.params,
                              jnp.ones((self.num_classes,), jnp.float32),
-                             jax.random.fold_in(self._friend_key(server), self.num_clients))
+                             self._friend_keys(server)[self.num_clients])

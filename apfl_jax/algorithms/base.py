@@ -10,6 +10,9 @@ hyper-parameters); its methods are pure functions of explicit state:
   global_params(state) -> params | None
   unseen_class_params(state, data) -> params | None   # the model scored on classes no
                                        # active client holds (default: the global model)
+  label_prior_free_params(state, data, client_ids) -> params | None   # personalized
+        # models of those clients built without knowing their label set (None: the
+        # algorithm's personalized models never use it)
 
 `run_round` composes them: the cohort's `client_update`s run vmapped over stacked client
 states (one call, or one per size group in epoch mode: see `train_cohort`), then one
@@ -116,6 +119,11 @@ class Algorithm:
 
   def unseen_class_params(self, state: AlgorithmState, data: FederatedData) -> Params | None:
     return self.global_params(state)
+
+  def label_prior_free_params(self, state: AlgorithmState, data: FederatedData,
+                              client_ids: jax.Array) -> Params | None:
+    del state, data, client_ids
+    return None
 
   def train_cohort(self, server: Any, clients: Any, cohort: jax.Array, rng: jax.Array,
                    data: FederatedData) -> tuple[Any, ClientOutput]:

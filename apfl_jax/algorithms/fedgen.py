@@ -2,7 +2,7 @@
 server-side feature generator.
 
 Clients train as in FedAvg, regularised by generated features: their loss is
-  CE(model(x), y) + alpha * CE(head(G(z, A(y_s))), y_s),  y_s ~ U(labels held last round)
+  CE(model(x), y) + alpha * CE(head(G(z, A(y_s))), y_s),  y_s ~ U(labels the server memorized)
 (the form PFLlib uses; the generator is frozen on the clients). The clients send their
 update and their label counts; the server averages the updates (FedAvg) and trains the
 generator on the round's client models as teachers (`knowledge_transfer`). As in the
@@ -29,11 +29,16 @@ from apfl_jax.algorithms.fedavg import FedAvg
 
 @flax.struct.dataclass
 class FedGenServer:
-  """Global model, its optimizer state, the generator and the labels it can teach."""
+  """Global model, its optimizer state, the generator and the label memory.
+
+  Attributes:
+    seen_counts: float [num_classes] labels the server has learned from, summed over
+      every round (`knowledge_transfer.aggregate_and_distill`).
+  """
   params: Any
   opt_state: Any
   generator: generator_lib.GeneratorState
-  label_probs: jax.Array
+  seen_counts: jax.Array
 
 
 class FedGen(FedAvg):
@@ -43,13 +48,11 @@ class FedGen(FedAvg):
                schedule: local_training.Schedule,
                client_optimizer: optax.GradientTransformation,
                server_optimizer: optax.GradientTransformation,
-               setup: knowledge_transfer.GeneratorSetup, alpha: float,
-               initial_label_probs: jax.Array):
+               setup: knowledge_transfer.GeneratorSetup, alpha: float, num_classes: int):
     super().__init__(model, image_shape, schedule, client_optimizer, server_optimizer)
     self.setup = setup
     self.alpha = alpha
-    self.initial_label_probs = initial_label_probs
-    self.num_classes = int(initial_label_probs.shape[0])
+    self.num_classes = num_classes
 
   def init(self, rng: jax.Array) -> base.AlgorithmState:
     model_rng, generator_rng = jax.random.split(rng)
@@ -59,7 +62,7 @@ class FedGen(FedAvg):
     return base.AlgorithmState(
         server=FedGenServer(params=fedavg.server.params, opt_state=fedavg.server.opt_state,
                             generator=generator,
-                            label_probs=jnp.asarray(self.initial_label_probs, jnp.float32)),
+                            seen_counts=jnp.zeros((self.num_classes,), jnp.float32)),
         clients=())
 
   def client_update(self, server, client, index_row, count, rng, data):
@@ -69,8 +72,9 @@ class FedGen(FedAvg):
       real = local_training.masked_cross_entropy(
           model.apply({'params': params}, images), labels, example_mask)
       label_key, noise_key = jax.random.split(key)
-      sampled = jax.random.categorical(label_key, jnp.log(server.label_probs),
-                                       shape=labels.shape)
+      sampled = jax.random.categorical(
+          label_key, jnp.log(knowledge_transfer.memory_label_probs(server.seen_counts)),
+          shape=labels.shape)
       features = jax.lax.stop_gradient(generator_lib.generate(
           setup.generator, server.generator.params, noise_key, sampled, setup.noise_dim,
           setup.noise_distribution))
@@ -85,7 +89,7 @@ class FedGen(FedAvg):
                                                       index_row, count, self.num_classes)
 
   def server_update(self, server, outputs, rng):
-    params, opt_state, generator, taught = knowledge_transfer.aggregate_and_distill(
+    params, opt_state, generator, seen_counts = knowledge_transfer.aggregate_and_distill(
         self, server, outputs, rng)
     return FedGenServer(params=params, opt_state=opt_state, generator=generator,
-                        label_probs=taught)
+                        seen_counts=seen_counts)

@@ -1,16 +1,25 @@
 """Server-side data-free knowledge transfer, shared by FedGen and AP-FL.
 
-The round's client models are the teachers. The server rebuilds them from what the
-clients sent (start params + their update), evaluates all of them on a generated batch
-in one vmap, and trains the generator G(z, A(y)) on
+The teachers are the round's client models and the (new) global model. The server
+rebuilds the client models from what they sent (start params + their update), evaluates
+every teacher on a generated batch in one vmap, and trains the generator G(z, A(y)) on
 
-  L_G = lambda * sum_k w_{k,y} CE(teacher_k(G(z, A(y))), y) + (1 - lambda) * L_div,
+  L_G = lambda * sum_k w_{k,y} CE(teacher_k(G(z, A(y))), y) + (1 - lambda) * L_div.
 
-with w_{k,y} = n_{k,y} / sum_j n_{j,y} from the label counts the clients sent this round
-(optionally a share `global_teacher_weight` of every label goes to the global model).
-Labels are drawn uniformly from the labels some teacher holds: no teacher can teach a
-class nobody holds, so those classes are reached only through their embedding
-(zero-shot).
+The server's memory is a running count of every label it has learned from (`seen_counts`,
+summed over all rounds and arrivals), so the generator keeps being trained on every class
+seen so far, not only on the labels of the last cohort or buffer:
+
+  * labels y are drawn uniformly from the memorized classes (seen_counts > 0);
+  * a label some client of this round holds is taught by those clients with
+    w_{k,y} = (1 - g) n_{k,y} / sum_j n_{j,y} and by the global model with g
+    (g = `global_teacher_weight`);
+  * a memorized label no client of this round holds is taught by the global model alone.
+
+With g = 1 (AP-FL's default: "data-free knowledge transfer under global model
+supervision") only the global model teaches and the client models are not rebuilt.
+A class nobody ever held is never drawn: it is reached only through its embedding
+A(c) (zero-shot).
 """
 
 from __future__ import annotations
@@ -41,7 +50,8 @@ class GeneratorSetup:
     steps: optimizer steps per round.
     batch_size: samples per step.
     ce_weight: lambda.
-    global_teacher_weight: share of each label's teacher weight given to the global model.
+    global_teacher_weight: g, the share of each label's teacher weight given to the
+      global model (1: the global model is the only teacher).
   """
   generator: nn.Module
   optimizer: optax.GradientTransformation
@@ -55,18 +65,34 @@ class GeneratorSetup:
 
 
 def create_setup(config: Any, model: nn.Module, dataset: Any,
-                 embedding_table: np.ndarray) -> GeneratorSetup:
-  """Builds the generator named by the config for `model` and `dataset`."""
+                 embedding_table: np.ndarray, kind: str | None = None,
+                 global_teacher_weight: float | None = None) -> GeneratorSetup:
+  """Builds the generator for `model` and `dataset`.
+
+  Args:
+    config: the experiment config (generator sizes, steps, learning rate, ...).
+    model: the classifier the teachers share.
+    dataset: image shape and pixel statistics.
+    embedding_table: float32 [num_classes, E], the condition A(c).
+    kind: 'feature' or 'image'; default `config.generator`.
+    global_teacher_weight: g; default `config.global_teacher_weight`.
+
+  Returns:
+    The GeneratorSetup.
+  """
+  kind = config.generator if kind is None else kind
+  if global_teacher_weight is None:
+    global_teacher_weight = config.global_teacher_weight
   generator = generator_lib.create_generator(
-      config.generator, embedding_table, config.noise_dim, config.generator_hidden_dim,
+      kind, embedding_table, config.noise_dim, config.generator_hidden_dim,
       model.feature_dim, dataset.image_shape, tuple(np.asarray(dataset.mean).tolist()),
       tuple(np.asarray(dataset.std).tolist()))
   return GeneratorSetup(
       generator=generator, optimizer=optax.adam(config.generator_learning_rate),
-      kind=config.generator, noise_dim=config.noise_dim,
+      kind=kind, noise_dim=config.noise_dim,
       noise_distribution=config.noise_distribution, steps=config.generator_steps,
       batch_size=config.generator_batch_size, ce_weight=config.generator_ce_weight,
-      global_teacher_weight=config.global_teacher_weight)
+      global_teacher_weight=global_teacher_weight)
 
 
 def sample_logits(model: nn.Module, kind: str, params: Any, samples: jax.Array) -> jax.Array:
@@ -76,36 +102,69 @@ def sample_logits(model: nn.Module, kind: str, params: Any, samples: jax.Array) 
   return model.apply({'params': params}, samples)
 
 
+def memory_label_probs(seen_counts: jax.Array) -> jax.Array:
+  """Uniform sampling weights over the memorized classes (every class before any)."""
+  memorized = (seen_counts > 0).astype(jnp.float32)
+  return jnp.where(jnp.any(memorized > 0), memorized, jnp.ones_like(memorized))
+
+
+def memory_teacher_weights(label_counts: jax.Array, seen_counts: jax.Array,
+                           global_teacher_weight: float) -> jax.Array:
+  """Teacher weights of the round's clients and the global model, per label.
+
+  Args:
+    label_counts: float [K, num_classes] training label counts of the round's clients.
+    seen_counts: float [num_classes] the server's memory (labels learned so far,
+      this round included).
+    global_teacher_weight: g in [0, 1].
+
+  Returns:
+    float32 [K + 1, num_classes]: rows 0..K-1 the clients, row K the global model.
+    A label held this round: (1 - g) n_{k,y} / sum_j n_{j,y} for the clients and g for
+    the global model; a memorized label nobody holds this round: 1 for the global
+    model; a label never seen: all 0.
+  """
+  held_now = jnp.sum(label_counts, axis=0) > 0
+  memorized = seen_counts > 0
+  clients = (1.0 - global_teacher_weight) * generator_lib.teacher_weights(label_counts)
+  global_row = jnp.where(held_now, global_teacher_weight, memorized.astype(jnp.float32))
+  return jnp.concatenate([clients, global_row[None]]).astype(jnp.float32)
+
+
 def train_on_teachers(setup: GeneratorSetup, model: nn.Module,
-                      state: generator_lib.GeneratorState, teacher_params: Any,
-                      label_counts: jax.Array, global_params: Any, rng: jax.Array):
-  """One round of generator training on the given teachers.
+                      state: generator_lib.GeneratorState, teacher_params: Any | None,
+                      label_counts: jax.Array, global_params: Any, seen_counts: jax.Array,
+                      rng: jax.Array):
+  """One round of generator training on the round's clients and the global model.
 
   Args:
     setup: the generator setup.
     model: the classifier architecture shared by all teachers.
     state: the generator's params and optimizer state.
-    teacher_params: the round's client models, stacked [K, ...].
+    teacher_params: the round's client models, stacked [K, ...] (None when
+      setup.global_teacher_weight is 1: the global model teaches alone).
     label_counts: float [K, num_classes] training label counts of those clients.
-    global_params: the global model (used when setup.global_teacher_weight > 0).
+    global_params: the global model.
+    seen_counts: float [num_classes] the server's label memory (this round included).
     rng: key.
 
   Returns:
     (new generator state, {'loss', 'ce', 'diversity'}).
   """
-  weights = generator_lib.teacher_weights(label_counts)
-  held = (jnp.sum(label_counts, axis=0) > 0).astype(jnp.float32)
-  if setup.global_teacher_weight > 0:
+  memorized = (seen_counts > 0).astype(jnp.float32)
+  if teacher_params is None:
+    teacher_params = jax.tree.map(lambda g: g[None], global_params)
+    weights = memorized[None]
+  else:
     teacher_params = jax.tree.map(lambda t, g: jnp.concatenate([t, g[None]]),
                                   teacher_params, global_params)
-    weights = jnp.concatenate([(1 - setup.global_teacher_weight) * weights,
-                               setup.global_teacher_weight * held[None]])
+    weights = memory_teacher_weights(label_counts, seen_counts, setup.global_teacher_weight)
 
   def teacher_logits_fn(samples):
     return jax.vmap(lambda p: sample_logits(model, setup.kind, p, samples))(teacher_params)
 
   return generator_lib.train_generator(
-      setup.generator, state, setup.optimizer, teacher_logits_fn, held, weights, rng,
+      setup.generator, state, setup.optimizer, teacher_logits_fn, memorized, weights, rng,
       num_steps=setup.steps, batch_size=setup.batch_size, ce_weight=setup.ce_weight,
       noise_dim=setup.noise_dim, noise_distribution=setup.noise_distribution)
 
@@ -128,21 +187,26 @@ def labelled_output(params: Any, start: Any, loss: jax.Array, data: Any,
 
 
 def aggregate_and_distill(algorithm: Any, server: Any, outputs: Any, rng: jax.Array):
-  """FedAvg aggregation, then a round of generator training on the clients as teachers.
+  """FedAvg aggregation, then a round of generator training on the teachers.
 
   Args:
     algorithm: a FedAvg subclass with `setup` (GeneratorSetup) and `model`.
-    server: server state with params, opt_state and generator.
+    server: server state with params, opt_state, generator and seen_counts.
     outputs: the cohort's `labelled_output`s, stacked.
     rng: key.
 
   Returns:
-    (params, opt_state, generator state, taught_labels [num_classes] float 0/1).
+    (params, opt_state, generator state, seen_counts): the memory with this round's
+    label counts added.
   """
   deltas, counts = outputs.update['delta'], outputs.update['label_counts']
   params, opt_state = algorithm.apply_mean_update(server.params, server.opt_state, deltas,
                                                   outputs.num_examples)
-  teachers = jax.tree.map(lambda p, d: p[None] + d, server.params, deltas)
+  seen_counts = server.seen_counts + jnp.sum(counts, 0)
+  if algorithm.setup.global_teacher_weight >= 1.0:
+    teachers = None
+  else:
+    teachers = jax.tree.map(lambda p, d: p[None] + d, server.params, deltas)
   generator, _ = train_on_teachers(algorithm.setup, algorithm.model, server.generator,
-                                   teachers, counts, params, rng)
-  return params, opt_state, generator, (jnp.sum(counts, 0) > 0).astype(jnp.float32)
+                                   teachers, counts, params, seen_counts, rng)
+  return params, opt_state, generator, seen_counts
