@@ -32,7 +32,7 @@ def make_apfl(data, partition, beta=0.1, friend_init='local', friend_labels='cli
               generator_setup(), friend, partition.train_counts, seed=0)
 
 
-def make_fedgen(data, partition, alpha=1.0):
+def make_fedgen(data, partition, alpha=1.0, regularizer='pfllib', beta=0.0):
   held = (partition.train_counts.sum(0) > 0).astype(np.float32)
   return FedGen(TinyModel(), (6, 6, 1), schedule_for(data), optax.sgd(0.1), optax.sgd(1.0),
-                generator_setup(), alpha, held)
+                generator_setup(), alpha, held, regularizer, beta)
