@@ -24,16 +24,24 @@ started from); an update with tau > --max_staleness is dropped (and counted).
 
 Server modes (one `server_step` = one server version = one "round" of the runner):
   fedbuff: K = --buffer_size accepted arrivals, then the algorithm's own
-    `server_update` on them with each ClientOutput.num_examples scaled by s(tau): for
-    FedAvg the server optimizer applies the mean of the K deltas weighted by
-    examples x s(tau) (normalised, so s only re-weights the buffer); FedGen / AP-FL
-    also train their generator on it, with teachers = current model + stale delta.
+    `server_update` on them with each delta scaled by s(tau) and the weights of its
+    (normalised) weighted mean set to 1 (--fedbuff_weighting=uniform) or left at the
+    examples (examples): the server optimizer applies
+      uniform:  (1/K) sum_k s(tau_k) delta_k             (FedBuff, Algorithm 1)
+      examples: sum_k n_k s(tau_k) delta_k / sum_k n_k   (FLSim's linear example weight
+                                                          relative to the buffer's mean)
+    so a stale buffer takes a shorter step (with server sgd at --server_learning_rate
+    eta: x <- x + eta * mean). FedGen / AP-FL also train their generator on the buffer,
+    with teachers = current model + s(tau) x stale delta.
   fedasync: K = 1, x <- (1 - a) x + a x_client with a = --server_mixing * s(tau) and
     x_client = (start version's params) + delta. The algorithm's `server_update` still
     runs on the update x_client - x (so a generator learns from the client model itself);
     its params are then replaced by the mixture and its optimizer state is kept (the
     server optimizer is not used). Each arrival can depend on the previous server step,
-    so fedasync trains one client per jitted call.
+    so fedasync trains one client per jitted call. With --fedasync_rho > 0 the client
+    optimizer is chained after `fedprox.proximal_gradient(rho)`: the model sent to the
+    server minimises f(x) + rho/2 ||x - x_tau||^2 around its start version x_tau
+    (FedAsync's local objective); personal models (Ditto, APFL) train without it.
 
 Vectorisation. Training is a pure function of (start server state, client state, key),
 so an update is computed when it ARRIVES, from the version it STARTED on: the device
@@ -66,9 +74,11 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from apfl_jax import local_training
 from apfl_jax.algorithms import base
+from apfl_jax.algorithms.fedprox import proximal_gradient
 from apfl_jax.config import Config
 from apfl_jax.errors import ConfigError
 
@@ -146,6 +156,36 @@ def client_step_counts(schedule: local_training.Schedule, counts: Any) -> np.nda
   if schedule.local_steps > 0:
     return np.full(counts.shape, schedule.local_steps)
   return schedule.local_epochs * np.maximum(-(-counts // schedule.batch_size), 1)
+
+
+def _delta(update: Any) -> Any:
+  """The parameter change of a client update (FedGen / AP-FL send {'delta': ..., ...})."""
+  return update['delta'] if isinstance(update, dict) and 'delta' in update else update
+
+
+def _replace_delta(update: Any, delta: Any) -> Any:
+  """`update` with its parameter change replaced by `delta`."""
+  if isinstance(update, dict) and 'delta' in update:
+    return {**update, 'delta': delta}
+  return delta
+
+
+def with_proximal_client_optimizer(algorithm: base.Algorithm, rho: float) -> base.Algorithm:
+  """A copy of `algorithm` whose client optimizer adds FedAsync's proximal gradient.
+
+  The client optimizer's state starts fresh from the model a client starts from (the
+  server version x_tau), so chaining `proximal_gradient(rho)` before it trains that model
+  on f(x) + rho/2 ||x - x_tau||^2 (FedAsync, Xie et al. 2019, Algorithm 1).
+
+  Raises:
+    ConfigError: the algorithm has no client optimizer.
+  """
+  if not hasattr(algorithm, 'client_optimizer'):
+    raise ConfigError(f'--fedasync_rho needs an algorithm with a client optimizer; '
+                      f'{type(algorithm).__name__} has none')
+  clone = copy.copy(algorithm)
+  clone.client_optimizer = optax.chain(proximal_gradient(rho), algorithm.client_optimizer)
+  return clone
 
 
 @dataclasses.dataclass
@@ -265,6 +305,8 @@ class AsyncSimulator:
       raise ConfigError(f'--rejoin_time={config.rejoin_time} is before '
                         f'--dropout_time={config.dropout_time}')
     self.algorithm = algorithm
+    if config.server == 'fedasync' and config.fedasync_rho > 0:
+      self.algorithm = with_proximal_client_optimizer(algorithm, config.fedasync_rho)
     self.config = config
     self.num_clients = num_clients
     self.buffer_size = config.buffer_size if config.server == 'fedbuff' else 1
@@ -373,8 +415,8 @@ class AsyncSimulator:
         starts, base.gather_clients(device.clients, clients), data.train_index[clients],
         data.train_count[clients], keys, data)
     if self.config.server == 'fedbuff':
-      server = self.algorithm.server_update(
-          current, outputs.replace(num_examples=outputs.num_examples * scale), server_rng)
+      server = self.algorithm.server_update(current, self._fedbuff_outputs(outputs, scale),
+                                            server_rng)
     else:
       server = self._mix(current, starts, outputs, scale[0], server_rng)
     version = device.version + 1
@@ -385,17 +427,33 @@ class AsyncSimulator:
     return AsyncDeviceState(servers=servers, clients=client_states, version=version), \
         base.RoundMetrics(loss=outputs.loss, finite=outputs.finite)
 
+  def _fedbuff_outputs(self, outputs: base.ClientOutput,
+                       staleness: jax.Array) -> base.ClientOutput:
+    """The buffer as the algorithm's weighted mean must see it to take FedBuff's step.
+
+    Args:
+      outputs: the K buffered outputs, stacked.
+      staleness: float32 [K] s(tau) of each.
+
+    Returns:
+      The outputs with each delta scaled by its s(tau) and num_examples set to 1
+      (uniform) or kept (examples), so that the normalised mean is the mean of the
+      module docstring and s(tau) does not cancel out.
+    """
+    scaled = _replace_delta(outputs.update, jax.tree.map(
+        lambda d: d * staleness.reshape((-1,) + (1,) * (d.ndim - 1)),
+        _delta(outputs.update)))
+    weights = (outputs.num_examples if self.config.fedbuff_weighting == 'examples'
+               else jnp.ones_like(outputs.num_examples))
+    return outputs.replace(update=scaled, num_examples=weights)
+
   def _mix(self, current: Any, starts: Any, outputs: base.ClientOutput, mixing: jax.Array,
            rng: jax.Array) -> Any:
     """FedAsync: (1 - mixing) x + mixing x_client for the one arrival (leading axis 1)."""
-    update = outputs.update
-    labelled = isinstance(update, dict) and 'delta' in update
-    delta = update['delta'] if labelled else update
-    towards = jax.tree.map(lambda s, d, x: s + d - x[None], starts.params, delta,
-                           current.params)
+    towards = jax.tree.map(lambda s, d, x: s + d - x[None], starts.params,
+                           _delta(outputs.update), current.params)
     server = self.algorithm.server_update(
-        current, outputs.replace(update={**update, 'delta': towards} if labelled else towards),
-        rng)
+        current, outputs.replace(update=_replace_delta(outputs.update, towards)), rng)
     params = jax.tree.map(lambda x, d: x + mixing * d[0], current.params, towards)
     return server.replace(params=params, opt_state=current.opt_state)
 

@@ -26,6 +26,8 @@ ALGORITHMS = ('fedavg', 'local', 'fedgen', 'apfl', 'fedprox', 'ditto', 'fedrep',
               'fedavg_ft')
 SERVERS = ('sync', 'fedasync', 'fedbuff')
 STALENESS_FUNCTIONS = ('constant', 'polynomial', 'hinge')
+FEDBUFF_WEIGHTINGS = ('uniform', 'examples')
+FEDGEN_REGULARIZERS = ('fedgen', 'pfllib')
 SPEED_DISTRIBUTIONS = ('constant', 'lognormal', 'trace')
 AVAILABILITIES = ('always', 'bernoulli', 'markov')
 PARTITIONS = ('iid', 'dirichlet', 'pathological', 'monopoly')
@@ -89,6 +91,8 @@ class Config:
   staleness_exponent: float = 0.5
   staleness_hinge_b: float = 4.0
   max_staleness: int = 16
+  fedbuff_weighting: str = 'uniform'
+  fedasync_rho: float = 0.0
   speed_distribution: str = 'lognormal'
   speed_spread: float = 1.0
   speed_trace: str = ''
@@ -100,6 +104,7 @@ class Config:
   # Baselines.
   fedprox_mu: float = 0.01
   ditto_lambda: float = 0.1
+  fedrep_head_epochs: int = 10
   apfl_deng_alpha: float = 0.5
   finetune_epochs: int = 1
   # Generator (FedGen, AP-FL).
@@ -115,7 +120,11 @@ class Config:
   generator_learning_rate: float = 3e-4
   generator_ce_weight: float = 0.5
   global_teacher_weight: float = -1.0
-  fedgen_alpha: float = 1.0
+  fedgen_alpha: float = 10.0
+  fedgen_regularizer: str = 'fedgen'
+  fedgen_beta: float = 10.0
+  fedgen_generator_weight_decay: float = 1e-2
+  fedgen_generator_lr_decay: float = 0.98
   # AP-FL friend models and interpolation.
   beta: float = 0.1
   synthetic_per_class: int = 600
@@ -158,6 +167,12 @@ class Config:
     _choice('server_optimizer', self.server_optimizer, SERVER_OPTIMIZERS)
     _choice('server', self.server, SERVERS)
     _choice('staleness_function', self.staleness_function, STALENESS_FUNCTIONS)
+    _choice('fedbuff_weighting', self.fedbuff_weighting, FEDBUFF_WEIGHTINGS)
+    _choice('fedgen_regularizer', self.fedgen_regularizer, FEDGEN_REGULARIZERS)
+    _positive('fedrep_head_epochs', self.fedrep_head_epochs)
+    if not 0.0 < self.fedgen_generator_lr_decay <= 1.0:
+      raise ConfigError('--fedgen_generator_lr_decay must be in (0, 1], got '
+                        f'{self.fedgen_generator_lr_decay}')
     _choice('speed_distribution', self.speed_distribution, SPEED_DISTRIBUTIONS)
     _choice('availability', self.availability, AVAILABILITIES)
     for name in ('buffer_size', 'max_staleness'):
@@ -170,7 +185,8 @@ class Config:
       if not 0.0 <= getattr(self, name) <= 1.0:
         raise ConfigError(f'--{name} must be in [0, 1], got {getattr(self, name)}')
     for name in ('staleness_exponent', 'staleness_hinge_b', 'speed_spread', 'fedprox_mu',
-                 'ditto_lambda'):
+                 'ditto_lambda', 'fedasync_rho', 'fedgen_beta',
+                 'fedgen_generator_weight_decay'):
       if getattr(self, name) < 0:
         raise ConfigError(f'--{name} must be >= 0, got {getattr(self, name)}')
     if self.speed_distribution == 'trace' and not os.path.isfile(self.speed_trace):
@@ -199,6 +215,9 @@ class Config:
     if not self.friend_learning_rate >= 0:
       raise ConfigError('--friend_learning_rate must be >= 0 (0: --learning_rate), got '
                         f'{self.friend_learning_rate}')
+    if self.fedasync_rho > 0 and self.server != 'fedasync':
+      raise ConfigError(f'--fedasync_rho={self.fedasync_rho} needs --server=fedasync, got '
+                        f'--server={self.server}')
     if self.fedgen_alpha < 0:
       raise ConfigError(f'--fedgen_alpha must be >= 0, got {self.fedgen_alpha}')
     if self.dropout_round < 0:
@@ -334,6 +353,11 @@ _HELP = {
     'staleness_exponent': 'a of the polynomial and hinge staleness weights.',
     'staleness_hinge_b': 'b of the hinge staleness weight (1 while tau <= b).',
     'max_staleness': 'Async: server versions kept; an update staler than this is dropped.',
+    'fedbuff_weighting': ('fedbuff: the buffer\'s mean update is (1/K) sum_k s(tau_k) delta_k '
+                          '(uniform, FedBuff\'s Algorithm 1) or sum_k n_k s(tau_k) delta_k / '
+                          'sum_k n_k (examples, FLSim\'s linear example weight).'),
+    'fedasync_rho': ('fedasync: rho of the proximal term rho/2 ||x - x_tau||^2 added to the '
+                     'local objective of the model sent to the server (0: none).'),
     'speed_distribution': 'Client compute time per local step: constant, lognormal or trace.',
     'speed_spread': 'sigma of the log-normal step durations (0 = equal speeds).',
     'speed_trace': 'CSV file with columns client,duration (--speed_distribution=trace).',
@@ -345,6 +369,8 @@ _HELP = {
     'rejoin_time': 'Async: virtual time at which dropout clients come back (-1: never).',
     'fedprox_mu': 'FedProx: weight mu of the proximal term mu/2 ||w - w_global||^2.',
     'ditto_lambda': 'Ditto: weight lambda of the personal model\'s pull to the global model.',
+    'fedrep_head_epochs': ('FedRep: local epochs of the head phase before the --local_epochs '
+                           'of the body (the paper: 10; PFLlib: 1).'),
     'apfl_deng_alpha': 'APFL (Deng et al.): initial mixing weight alpha of each client.',
     'finetune_epochs': 'FedAvg+FT: local epochs of fine-tuning before evaluation.',
     'embedding': 'Class-name embedding A(c) of the generator: minilm (offline), clip (needs '
@@ -365,8 +391,17 @@ _HELP = {
                              'model (the rest goes to the round\'s clients holding the label; '
                              'memorized labels nobody holds this round: the global model '
                              'alone); -1 = the algorithm\'s default (apfl: 1, fedgen: 0).',
-    'fedgen_alpha': 'FedGen: weight of the cross-entropy on generated features in the '
-                    'client loss.',
+    'fedgen_alpha': ('FedGen: weight of the cross-entropy on generated features in the '
+                     'client loss (fedgen: alpha_0 of alpha_t = alpha_0 * 0.98^t).'),
+    'fedgen_regularizer': ('FedGen client regulariser: fedgen (official code: alpha_t and '
+                           'beta_t decay by 0.98 a round, latent KL term, none in round 0) or '
+                           'pfllib (constant alpha, no KL term, from round 0).'),
+    'fedgen_beta': ('FedGen (--fedgen_regularizer=fedgen): beta_0 of the latent KL term '
+                    'beta_t KL(p(.|G(z, y)) || p(.|x)) on the real batch.'),
+    'fedgen_generator_weight_decay': ('FedGen: L2 weight decay of the generator\'s Adam '
+                                      '(official code: 1e-2; PFLlib: 0).'),
+    'fedgen_generator_lr_decay': ('FedGen: the generator\'s learning rate is multiplied by '
+                                  'this after every round (official code: 0.98; 1: none).'),
     'beta': 'AP-FL interpolation: personalized = beta*local + (1-beta)*friend.',
     'synthetic_per_class': 'AP-FL: generated samples per class for one friend-model epoch.',
     'friend_batch_size': 'AP-FL: friend-model batch size.',
@@ -395,6 +430,7 @@ def define_flags() -> None:
              'friend_init': FRIEND_INITS, 'friend_labels': FRIEND_LABELS, 'server': SERVERS,
              'apfl_local_model': APFL_LOCAL_MODELS,
              'staleness_function': STALENESS_FUNCTIONS,
+             'fedbuff_weighting': FEDBUFF_WEIGHTINGS, 'fedgen_regularizer': FEDGEN_REGULARIZERS,
              'speed_distribution': SPEED_DISTRIBUTIONS, 'availability': AVAILABILITIES}
   for field in dataclasses.fields(Config):
     name, default = field.name, field.default

@@ -92,6 +92,21 @@ class Schedule:
       return self.local_steps
     return self.local_epochs * math.ceil(count / self.batch_size)
 
+  def with_epochs(self, epochs: int) -> 'Schedule':
+    """This schedule run `epochs` times as long (e.g. FedRep's head phase).
+
+    In epoch mode it trains `epochs` epochs of each client's data (the scan and the
+    padding of this schedule's clients, so a size group's schedule stays a size group's);
+    with `local_steps` it trains `epochs` x `local_steps` steps.
+    """
+    if self.local_steps > 0:
+      return dataclasses.replace(self, local_steps=epochs * self.local_steps,
+                                 num_steps=epochs * self.num_steps,
+                                 num_epochs=epochs * self.num_epochs)
+    return dataclasses.replace(self, local_epochs=epochs,
+                               num_steps=epochs * (self.num_steps // self.local_epochs),
+                               num_epochs=epochs)
+
   def buckets(self, cohort_size: int) -> tuple[tuple[int, int, 'Schedule'], ...]:
     """Groups of a size-sorted cohort and the schedule each group can scan with.
 

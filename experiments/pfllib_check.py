@@ -17,7 +17,10 @@ over its rounds, sample-weighted over clients. Our counterpart is the best
 personalized model is the global one, as in PFLlib's evaluation). Runs are read from
 <folder>/runs/<algorithm>[/<flag>=<value>]/seed<k>/ as compare.py writes them, finished or
 still running; a run whose config is not PFLlib's setting is refused with the flag that
-differs.
+differs. That includes PFLlib's defaults where ours follow the papers (ALGORITHM_SETTING:
+FedRep's 1 head epoch, FedGen's PFLlib-style regulariser and generator optimizer), which
+`pfllib_fmnist*.flags` pin; a config.json from before such a flag existed had PFLlib's
+behaviour (BEFORE_FLAG).
 """
 
 import json
@@ -49,6 +52,15 @@ SETTING = {'dataset': 'fashion_mnist', 'model': 'cnn', 'num_clients': 20,
            'local_steps': 0, 'join_ratio': 1.0, 'server': 'sync', 'eval_every': 1}
 PARTITION_SETTING = {'dirichlet': {'partition': 'dirichlet', 'dirichlet_alpha': 0.1},
                      'pathological': {'partition': 'pathological', 'classes_per_client': 2}}
+# PFLlib's defaults for the algorithms whose own defaults here follow their papers.
+ALGORITHM_SETTING = {
+    'fedrep': {'fedrep_head_epochs': 1},
+    'fedgen': {'fedgen_regularizer': 'pfllib', 'fedgen_alpha': 1.0,
+               'fedgen_generator_weight_decay': 0.0, 'fedgen_generator_lr_decay': 1.0},
+}
+# What a config.json written before a flag existed means: the behaviour of the code then.
+BEFORE_FLAG = {'fedrep_head_epochs': 1, 'fedgen_regularizer': 'pfllib',
+               'fedgen_generator_weight_decay': 0.0, 'fedgen_generator_lr_decay': 1.0}
 METRIC = 'personalized_acc_weighted'
 HEADER = [
     '# Fashion-MNIST: our runs beside PFLlib\'s published table',
@@ -87,9 +99,12 @@ def parse_runs(specs: list[str]) -> list[tuple[str, str]]:
 
 def check_setting(config: dict[str, Any], partition: str, path: str) -> None:
   """Raises CheckError naming the first flag of `config` that is not PFLlib's."""
-  for name, value in {**SETTING, **PARTITION_SETTING[partition]}.items():
-    if config.get(name) != value:
-      raise CheckError(f'{path}: --{name}={config.get(name)} but PFLlib\'s {partition} '
+  setting = {**SETTING, **PARTITION_SETTING[partition],
+             **ALGORITHM_SETTING.get(config.get('algorithm'), {})}
+  for name, value in setting.items():
+    found = config.get(name, BEFORE_FLAG.get(name))
+    if found != value:
+      raise CheckError(f'{path}: --{name}={found} but PFLlib\'s {partition} '
                        f'setting has --{name}={value}')
 
 

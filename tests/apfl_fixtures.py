@@ -35,7 +35,7 @@ def make_apfl(data, partition, beta=0.1, friend_init='local', friend_labels='cli
               partition.train_counts, seed=0, local_model=local_model)
 
 
-def make_fedgen(data, partition, alpha=1.0):
+def make_fedgen(data, partition, alpha=1.0, regularizer='pfllib', beta=0.0):
   num_classes = partition.train_counts.shape[1]
   return FedGen(TinyModel(), (6, 6, 1), schedule_for(data), optax.sgd(0.1), optax.sgd(1.0),
-                generator_setup(), alpha, num_classes)
+                generator_setup(), alpha, num_classes, regularizer, beta)

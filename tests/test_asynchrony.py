@@ -44,7 +44,8 @@ def test_fedbuff_without_staleness_equals_sync_fedavg(synthetic_federation):
   _, _, data = synthetic_federation
   alg = make_fedavg(data)
   state = alg.init(jax.random.key(0))
-  sim = asynchrony.AsyncSimulator(alg, async_config(), 4, np.full(4, 2))
+  sim = asynchrony.AsyncSimulator(alg, async_config(fedbuff_weighting='examples'), 4,
+                                  np.full(4, 2))
   async_state = sim.init(state)
   run_round = jax.jit(alg.run_round)
   for r in (1, 2):
@@ -63,7 +64,8 @@ def test_apfl_fedbuff_without_staleness_equals_sync_round(synthetic_federation):
   _, partition, data = synthetic_federation
   alg = make_apfl(data, partition)
   state = alg.init(jax.random.key(0))
-  sim = asynchrony.AsyncSimulator(alg, async_config(), 4, np.full(4, 2))
+  sim = asynchrony.AsyncSimulator(alg, async_config(fedbuff_weighting='examples'), 4,
+                                  np.full(4, 2))
   rng = jax.random.key(7)
   async_state, metrics = sim.server_step(sim.init(state), rng, data)
   state, _ = jax.jit(alg.run_round)(state, jnp.arange(4, dtype=jnp.int32), rng, data)

@@ -5,9 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from apfl_jax.algorithms import create_algorithm
 from apfl_jax.algorithms.fedavg import FedAvg
+from apfl_jax.config import Config
 from apfl_fixtures import make_fedgen, schedule_for
-from conftest import TinyModel
+from conftest import TinyModel, run_two_rounds_compiling_once
 
 
 def test_alpha_zero_trains_clients_exactly_like_fedavg(synthetic_federation):
@@ -38,3 +40,19 @@ def test_generator_trains_and_the_label_memory_accumulates(synthetic_federation)
   after_0, _ = run_round(after_2, jnp.array([0], jnp.int32), jax.random.key(2), data)
   np.testing.assert_array_equal(after_0.server.seen_counts,
                                 partition.train_counts[2] + partition.train_counts[0])
+
+
+def test_official_setting_from_the_config_counts_rounds_and_compiles_once(
+    synthetic_federation):
+  dataset, partition, data = synthetic_federation
+  config = Config(algorithm='fedgen', num_clients=4, noise_dim=8, generator_hidden_dim=16,
+                  generator_steps=3, generator_batch_size=8)
+  fedgen = create_algorithm(config, TinyModel(), dataset, partition, schedule_for(data))
+  assert (fedgen.regularizer, fedgen.alpha, fedgen.beta) == ('fedgen', 10.0, 10.0)
+  state, metrics = run_two_rounds_compiling_once(fedgen, data)
+  assert int(state.server.round) == 2
+  # The generator's learning-rate schedule has counted both rounds' steps.
+  counts = [x for x in jax.tree.leaves(state.server.generator.opt_state)
+            if jnp.issubdtype(x.dtype, jnp.integer)]
+  assert [int(c) for c in counts] == [2 * 3] * len(counts)
+  assert bool(np.all(metrics.finite))

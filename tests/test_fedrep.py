@@ -14,7 +14,7 @@ def make_fedrep(data, server_optimizer=None):
   counts = np.asarray(data.train_count)
   schedule = local_training.Schedule.create(8, 1, 0, int(counts.min()), int(counts.max()))
   return FedRep(TinyModel(), (6, 6, 1), schedule, optax.sgd(0.1),
-                server_optimizer or optax.sgd(1.0), num_clients=4)
+                server_optimizer or optax.sgd(1.0), num_clients=4, head_epochs=2)
 
 
 def assert_trees_close(a, b, **tolerance):

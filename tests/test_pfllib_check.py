@@ -20,7 +20,8 @@ def write_run(folder, algorithm, seed, accuracies, partition='dirichlet', settin
   """A compare.py run folder with one metrics row per accuracy (None: not evaluated)."""
   workdir = folder / 'runs' / algorithm / setting / f'seed{seed}'
   workdir.mkdir(parents=True)
-  settings = {**pfllib_check.SETTING, **pfllib_check.PARTITION_SETTING[partition]}
+  settings = {**pfllib_check.SETTING, **pfllib_check.PARTITION_SETTING[partition],
+              **pfllib_check.ALGORITHM_SETTING.get(algorithm, {})}
   config = Config(algorithm=algorithm, seed=seed, num_rounds=50, **settings).replace(**changes)
   (workdir / 'config.json').write_text(config.to_json())
   rows = [{'round': r, 'personalized_acc_weighted': a} for r, a in enumerate(accuracies, 1)]
@@ -66,6 +67,25 @@ def test_run_of_another_setting_is_refused_naming_the_flag(tmp_path, flag, value
   write_run(tmp_path, 'fedavg', 0, [0.5], **{flag: value})
   with pytest.raises(pfllib_check.CheckError, match=f'--{flag}={value} but'):
     pfllib_check.report([('dirichlet', str(tmp_path))])
+
+
+@pytest.mark.parametrize('algorithm,flag,value', [
+    ('fedrep', 'fedrep_head_epochs', 10), ('fedgen', 'fedgen_regularizer', 'fedgen'),
+    ('fedgen', 'fedgen_generator_lr_decay', 0.98)])
+def test_paper_defaults_are_refused_as_not_pfllibs_setting(tmp_path, algorithm, flag, value):
+  write_run(tmp_path, algorithm, 0, [0.5], **{flag: value})
+  with pytest.raises(pfllib_check.CheckError, match=f'--{flag}={value} but'):
+    pfllib_check.report([('dirichlet', str(tmp_path))])
+
+
+def test_config_from_before_the_new_flags_is_pfllibs_setting(tmp_path):
+  write_run(tmp_path, 'fedrep', 0, [0.5])
+  config_path = tmp_path / 'runs' / 'fedrep' / 'seed0' / 'config.json'
+  config = json.loads(config_path.read_text())
+  for name in pfllib_check.BEFORE_FLAG:
+    del config[name]
+  config_path.write_text(json.dumps(config))
+  assert table_rows(pfllib_check.report([('dirichlet', str(tmp_path))]))['fedrep'][3] == '50.00'
 
 
 def test_bad_runs_flag_is_refused():

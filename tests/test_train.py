@@ -128,7 +128,9 @@ def run_main(*args, cwd=REPO):
     ('partition', 'zipf'), ('num_clients', 0), ('join_ratio', 1.5), ('beta', 2.0),
     ('server', 'gossip'), ('dropout_clients', '3,x'), ('dropout_clients', '0,99'),
     ('learning_rate', 0.0), ('embedding', 'word2vec'), ('test_split', 'random'),
-    ('client_train_fraction', 1.0),
+    ('client_train_fraction', 1.0), ('fedbuff_weighting', 'sum'),
+    ('fedgen_regularizer', 'fedprox'), ('fedrep_head_epochs', 0), ('fedgen_beta', -1.0),
+    ('fedgen_generator_lr_decay', 0.0), ('fedasync_rho', 0.1),  # needs --server=fedasync
 ])
 def test_invalid_value_names_its_flag(flag, value):
   with pytest.raises(ConfigError, match=f'--{flag}') as error:

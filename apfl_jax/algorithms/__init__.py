@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from apfl_jax import embeddings
@@ -13,7 +14,7 @@ from apfl_jax.algorithms.base import Algorithm
 from apfl_jax.algorithms.ditto import Ditto
 from apfl_jax.algorithms.fedavg import FedAvg
 from apfl_jax.algorithms.fedavg_ft import FedAvgFT
-from apfl_jax.algorithms.fedgen import FedGen
+from apfl_jax.algorithms.fedgen import FedGen, generator_optimizer
 from apfl_jax.algorithms.fedprox import FedProx
 from apfl_jax.algorithms.fedrep import FedRep
 from apfl_jax.algorithms.local import LocalOnly
@@ -60,8 +61,11 @@ def create_algorithm(config: Config, model: Any, dataset: Any, partition: Any,
     if config.generator != 'feature':
       raise ConfigError('--generator=image is not FedGen: --algorithm=fedgen needs '
                         '--generator=feature')
+    setup = dataclasses.replace(setup, optimizer=generator_optimizer(
+        config.generator_learning_rate, config.fedgen_generator_weight_decay,
+        config.fedgen_generator_lr_decay, config.generator_steps))
     return FedGen(model, image_shape, schedule, client_optimizer, server_optimizer, setup,
-                  config.fedgen_alpha, dataset.num_classes)
+                  config.fedgen_alpha, dataset.num_classes, config.fedgen_regularizer, config.fedgen_beta)
   if config.algorithm == 'apfl':
     return APFL(model, image_shape, schedule, client_optimizer, server_optimizer, setup,
                 FriendSetup.from_config(config, dataset.num_classes),

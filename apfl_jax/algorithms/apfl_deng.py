@@ -71,6 +71,9 @@ class APFLDeng(FedAvg):
                server_optimizer: optax.GradientTransformation, alpha: float,
                alpha_learning_rate: float, num_clients: int):
     super().__init__(model, image_shape, schedule, client_optimizer, server_optimizer)
+    # v's own handle on the optimizer, so that a wrapper of w's `client_optimizer`
+    # (FedAsync's proximal term) leaves it alone.
+    self.personal_optimizer = client_optimizer
     self.alpha = alpha
     self.alpha_learning_rate = alpha_learning_rate
     self.num_clients = num_clients
@@ -104,7 +107,7 @@ class APFLDeng(FedAvg):
     (_, loss), (w_grad, v_grad, alpha_grad) = jax.value_and_grad(
         objective, argnums=(0, 1, 2), has_aux=True)(state.w, state.v, state.alpha)
     w_updates, w_opt = self.client_optimizer.update(w_grad, state.w_opt, state.w)
-    v_updates, v_opt = self.client_optimizer.update(v_grad, state.v_opt, state.v)
+    v_updates, v_opt = self.personal_optimizer.update(v_grad, state.v_opt, state.v)
     new = _StepState(
         w=optax.apply_updates(state.w, w_updates), v=optax.apply_updates(state.v, v_updates),
         alpha=jnp.clip(state.alpha - self.alpha_learning_rate * alpha_grad, 0.0, 1.0),
@@ -127,7 +130,7 @@ class APFLDeng(FedAvg):
 
     start = _StepState(w=server.params, v=client.params, alpha=client.alpha,
                        w_opt=self.client_optimizer.init(server.params),
-                       v_opt=self.client_optimizer.init(client.params),
+                       v_opt=self.personal_optimizer.init(client.params),
                        loss_sum=jnp.zeros((), jnp.float32), steps=jnp.zeros((), jnp.int32))
     state, _ = jax.lax.scan(scan_step, start,
                             (positions, example_mask, step_mask, step_keys))

@@ -52,6 +52,9 @@ class Ditto(FedAvg):
                server_optimizer: optax.GradientTransformation, lam: float,
                num_clients: int):
     super().__init__(model, image_shape, schedule, client_optimizer, server_optimizer)
+    # The personal model's own handle on the optimizer, so that a wrapper of the
+    # global copy's `client_optimizer` (FedAsync's proximal term) leaves it alone.
+    self.personal_optimizer = client_optimizer
     self.lam = lam
     self.num_clients = num_clients
 
@@ -74,7 +77,7 @@ class Ditto(FedAvg):
     _, output = super().client_update(server, (), index_row, count, rng, data)
     personal, personal_loss = local_training.train_client(
         client.params, proximal_loss(self.loss_fn, server.params, self.lam),
-        self.client_optimizer, data, index_row, count, personal_key(rng), self.schedule)
+        self.personal_optimizer, data, index_row, count, personal_key(rng), self.schedule)
     return DittoClient(params=personal), output.replace(
         finite=output.finite & base.all_finite(personal, personal_loss))
 

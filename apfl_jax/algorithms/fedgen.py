@@ -1,14 +1,29 @@
 """FedGen (Zhu, Hong and Zhou, ICML 2021): data-free knowledge distillation with a
 server-side feature generator.
 
-Clients train as in FedAvg, regularised by generated features: their loss is
-  CE(model(x), y) + alpha * CE(head(G(z, A(y_s))), y_s),  y_s ~ U(labels the server memorized)
-(the form PFLlib uses; the generator is frozen on the clients). The clients send their
-update and their label counts; the server averages the updates (FedAvg) and trains the
-generator on the round's client models as teachers (`knowledge_transfer`). As in the
-original, A(y) defaults to a one-hot code (--embedding=onehot) and the generator makes
-head inputs (--generator=feature). Personalized accuracy is the global model's, as for
-FedAvg.
+Clients train as in FedAvg, regularised by generated features (the generator is frozen
+on the clients), in one of two forms (--fedgen_regularizer):
+
+  fedgen (the official code, github.com/zhuangdizhu/FedGen, `UserpFedGen.train`): in
+  round t = 0, 1, ... (t = the server rounds done when the client started)
+    CE(model(x), y) + alpha_t * CE(head(G(z', y_s)), y_s)
+                    + beta_t * KL(softmax(head(G(z, y))) || softmax(model(x))),
+    alpha_t = max(1e-4, alpha_0 * 0.98^t), beta_t = max(1e-4, beta_0 * 0.98^t),
+  with y the real batch's labels (the KL target gets no gradient; KL is the batch mean,
+  torch's KLDivLoss(reduction='batchmean')), y_s ~ U(labels the server has memorized:
+  every label it has received, `knowledge_transfer.memory_label_probs`) as many as
+  the batch, and no regulariser at all in round 0 (the generator is untrained then);
+  alpha_0 = beta_0 = 10 is the code's MNIST setting;
+  pfllib (PFLlib's clientgen.py): from round 0
+    CE(model(x), y) + alpha * CE(head(G(z, y_s)), y_s).
+
+The clients send their update and their label counts; the server averages the updates
+(FedAvg) and trains the generator on the round's client models as teachers
+(`knowledge_transfer`). `generator_optimizer` builds the official code's generator
+optimizer: Adam with L2 weight decay (1e-2) and its learning rate multiplied by 0.98 after
+every round. As in the original, A(y) defaults to a one-hot code (--embedding=onehot) and
+the generator makes head inputs (--generator=feature). Personalized accuracy is the global
+model's, as for FedAvg.
 """
 
 from __future__ import annotations
@@ -25,11 +40,17 @@ from apfl_jax import local_training
 from apfl_jax.algorithms import base
 from apfl_jax.algorithms import knowledge_transfer
 from apfl_jax.algorithms.fedavg import FedAvg
+from apfl_jax.config import FEDGEN_REGULARIZERS
+
+
+# The official code's per-round decay of alpha_t and beta_t (`exp_lr_scheduler`) and floor.
+WEIGHT_DECAY_RATE = 0.98
+WEIGHT_FLOOR = 1e-4
 
 
 @flax.struct.dataclass
 class FedGenServer:
-  """Global model, its optimizer state, the generator and the label memory.
+  """Global model, its optimizer state, the generator, the label memory, rounds done.
 
   Attributes:
     seen_counts: float [num_classes] labels the server has learned from, summed over
@@ -39,6 +60,38 @@ class FedGenServer:
   opt_state: Any
   generator: generator_lib.GeneratorState
   seen_counts: jax.Array
+  round: jax.Array
+
+
+def generator_optimizer(learning_rate: float, weight_decay: float, lr_decay: float,
+                        steps_per_round: int) -> optax.GradientTransformation:
+  """The official FedGen generator optimizer.
+
+  torch.optim.Adam(lr, betas=(0.9, 0.999), eps=1e-8, weight_decay) (L2: the decay is
+  added to the gradient before Adam's moments, not decoupled as in AdamW) with an
+  ExponentialLR(gamma=lr_decay) stepped once per round: in round t (0-based) the
+  learning rate is learning_rate * lr_decay^t.
+
+  Args:
+    learning_rate: the first round's learning rate.
+    weight_decay: the L2 coefficient.
+    lr_decay: the per-round factor (1: constant).
+    steps_per_round: generator steps per round (--generator_steps).
+
+  Returns:
+    The optax optimizer.
+  """
+  schedule = optax.exponential_decay(learning_rate, transition_steps=steps_per_round,
+                                     decay_rate=lr_decay, staircase=True)
+  return optax.chain(optax.add_decayed_weights(weight_decay),
+                     optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
+                     optax.scale_by_learning_rate(schedule))
+
+
+def round_weight(initial: float, round_index: jax.Array) -> jax.Array:
+  """max(1e-4, initial * 0.98^t): alpha_t and beta_t of the official client loss."""
+  return jnp.maximum(WEIGHT_FLOOR,
+                     initial * WEIGHT_DECAY_RATE ** round_index.astype(jnp.float32))
 
 
 class FedGen(FedAvg):
@@ -48,11 +101,33 @@ class FedGen(FedAvg):
                schedule: local_training.Schedule,
                client_optimizer: optax.GradientTransformation,
                server_optimizer: optax.GradientTransformation,
-               setup: knowledge_transfer.GeneratorSetup, alpha: float, num_classes: int):
+               setup: knowledge_transfer.GeneratorSetup, alpha: float, num_classes: int,
+               regularizer: str, beta: float):
+    """Builds FedGen.
+
+    Args:
+      model: the classifier (with `head_logits`).
+      image_shape: (H, W, C).
+      schedule: the local-training schedule.
+      client_optimizer: the clients' optimizer.
+      server_optimizer: the server's optimizer of the averaged update.
+      setup: the generator and its training (its optimizer e.g. `generator_optimizer`).
+      alpha: alpha (pfllib) or alpha_0 (fedgen).
+      num_classes: number of classes.
+      regularizer: 'fedgen' or 'pfllib' (module docstring).
+      beta: beta_0 of the latent KL term (fedgen only).
+
+    Raises:
+      ValueError: an unknown regularizer.
+    """
+    if regularizer not in FEDGEN_REGULARIZERS:
+      raise ValueError(f'unknown FedGen regularizer {regularizer!r}')
     super().__init__(model, image_shape, schedule, client_optimizer, server_optimizer)
     self.setup = setup
     self.alpha = alpha
     self.num_classes = num_classes
+    self.regularizer = regularizer
+    self.beta = beta
 
   def init(self, rng: jax.Array) -> base.AlgorithmState:
     model_rng, generator_rng = jax.random.split(rng)
@@ -62,29 +137,46 @@ class FedGen(FedAvg):
     return base.AlgorithmState(
         server=FedGenServer(params=fedavg.server.params, opt_state=fedavg.server.opt_state,
                             generator=generator,
-                            seen_counts=jnp.zeros((self.num_classes,), jnp.float32)),
+                            seen_counts=jnp.zeros((self.num_classes,), jnp.float32),
+                            round=jnp.zeros((), jnp.int32)),
         clients=())
 
-  def client_update(self, server, client, index_row, count, rng, data):
+  def client_loss(self, server: FedGenServer) -> local_training.LossFn:
+    """The client's local loss at the server state it started from (module docstring)."""
     setup, model = self.setup, self.model
 
+    def generate(key, labels):
+      return jax.lax.stop_gradient(generator_lib.generate(
+          setup.generator, server.generator.params, key, labels, setup.noise_dim,
+          setup.noise_distribution))
+
     def loss_fn(params, images, labels, example_mask, key):
-      real = local_training.masked_cross_entropy(
-          model.apply({'params': params}, images), labels, example_mask)
+      real_logits = model.apply({'params': params}, images)
+      real = local_training.masked_cross_entropy(real_logits, labels, example_mask)
       label_key, noise_key = jax.random.split(key)
       sampled = jax.random.categorical(
           label_key, jnp.log(knowledge_transfer.memory_label_probs(server.seen_counts)),
           shape=labels.shape)
-      features = jax.lax.stop_gradient(generator_lib.generate(
-          setup.generator, server.generator.params, noise_key, sampled, setup.noise_dim,
-          setup.noise_distribution))
-      logits = model.apply({'params': params}, features, method='head_logits')
-      generated = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, sampled))
-      return real + self.alpha * generated
+      logits = model.apply({'params': params}, generate(noise_key, sampled),
+                           method='head_logits')
+      teacher = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, sampled))
+      if self.regularizer == 'pfllib':
+        return real + self.alpha * teacher
+      target = jax.lax.stop_gradient(jax.nn.log_softmax(model.apply(
+          {'params': params}, generate(jax.random.fold_in(key, 2), labels),
+          method='head_logits')))
+      kl = jnp.sum(jnp.exp(target) * (target - jax.nn.log_softmax(real_logits)), axis=-1)
+      latent = jnp.sum(kl * example_mask) / jnp.maximum(jnp.sum(example_mask), 1.0)
+      regularizer = (round_weight(self.alpha, server.round) * teacher
+                     + round_weight(self.beta, server.round) * latent)
+      return real + jnp.where(server.round > 0, regularizer, 0.0)
 
+    return loss_fn
+
+  def client_update(self, server, client, index_row, count, rng, data):
     params, loss = local_training.train_client(
-        server.params, loss_fn, self.client_optimizer, data, index_row, count, rng,
-        self.schedule)
+        server.params, self.client_loss(server), self.client_optimizer, data, index_row,
+        count, rng, self.schedule)
     return client, knowledge_transfer.labelled_output(params, server.params, loss, data,
                                                       index_row, count, self.num_classes)
 
@@ -92,4 +184,4 @@ class FedGen(FedAvg):
     params, opt_state, generator, seen_counts = knowledge_transfer.aggregate_and_distill(
         self, server, outputs, rng)
     return FedGenServer(params=params, opt_state=opt_state, generator=generator,
-                        seen_counts=seen_counts)
+                        seen_counts=seen_counts, round=server.round + 1)

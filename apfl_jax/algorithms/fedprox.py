@@ -13,7 +13,7 @@ is exactly FedAvg. Aggregation is FedAvg's, and the personalized model is the gl
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +40,34 @@ def proximal_loss(loss_fn: local_training.LossFn, anchor: base.Params,
     return (loss_fn(params, images, labels, example_mask, rng)
             + proximal_term(params, anchor, strength))
   return loss
+
+
+class ProximalState(NamedTuple):
+  """State of `proximal_gradient`: the parameters the optimizer was initialised at."""
+  anchor: base.Params
+
+
+def proximal_gradient(strength: float) -> optax.GradientTransformation:
+  """Adds strength * (params - anchor) to the gradient, the anchor being the init params.
+
+  Chained before an optimizer whose state starts fresh with each local training (as
+  `local_training.client_init` does), it trains on loss + strength / 2 * ||w - w_0||^2
+  with w_0 the starting point, exactly, for any optimizer (the term's gradient is added
+  before the optimizer sees the gradient); the reported loss does not include the term.
+
+  Args:
+    strength: the proximal weight (FedAsync's rho).
+
+  Returns:
+    The transformation.
+  """
+  def init(params):
+    return ProximalState(anchor=params)
+
+  def update(updates, state, params):
+    return jax.tree.map(lambda g, p, a: g + strength * (p - a), updates, params,
+                        state.anchor), state
+  return optax.GradientTransformation(init, update)
 
 
 class FedProx(FedAvg):

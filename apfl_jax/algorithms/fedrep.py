@@ -3,10 +3,13 @@ for Personalized Federated Learning", ICML 2021).
 
 The model's parameters split into a shared representation ('body') and a per-client
 'head'. In a round, client k starts from (global body phi, its own head h_k) and
-  1. trains the head alone for one pass of the schedule (body frozen):
+  1. trains the head alone for --fedrep_head_epochs epochs (body frozen):
        h_k <- argmin_h L_k(phi, h);
-  2. trains the body alone for one pass of the schedule (new head frozen):
+  2. trains the body alone for --local_epochs epochs (new head frozen):
        phi_k <- argmin_phi L_k(phi, h_k);
+(with --local_steps, the head phase takes fedrep_head_epochs x local_steps steps). The
+paper trains the head for 10 epochs per body epoch (the default); PFLlib's default, and
+its published table, is 1 (`experiments/pfllib_fmnist*.flags` pin it).
 and sends phi_k - phi; the server applies the sample-weighted mean of the body updates
 (FedAvg on the body only). Heads never leave the clients. Each phase has its own key
 (the client's key split in two) and a fresh client optimizer.
@@ -57,19 +60,20 @@ class FedRep(FedAvg):
   def __init__(self, model: Any, image_shape: tuple[int, ...],
                schedule: local_training.Schedule,
                client_optimizer: optax.GradientTransformation,
-               server_optimizer: optax.GradientTransformation, num_clients: int):
+               server_optimizer: optax.GradientTransformation, num_clients: int,
+               head_epochs: int):
     super().__init__(model, image_shape, schedule, client_optimizer, server_optimizer)
     self.num_clients = num_clients
+    self.head_epochs = head_epochs
 
   @classmethod
   def from_config(cls, config: Any, model: Any, dataset: Any, partition: Any,
                   schedule: local_training.Schedule,
                   client_optimizer: optax.GradientTransformation,
                   server_optimizer: optax.GradientTransformation) -> 'FedRep':
-    """FedRep with one head per partition client."""
-    del config
+    """FedRep with one head per partition client and config.fedrep_head_epochs."""
     return cls(model, dataset.image_shape, schedule, client_optimizer, server_optimizer,
-               np.asarray(partition.train_counts).shape[0])
+               np.asarray(partition.train_counts).shape[0], config.fedrep_head_epochs)
 
   def init(self, rng: jax.Array) -> base.AlgorithmState:
     params = base.init_model_params(self.model, rng, self.image_shape)
@@ -81,14 +85,15 @@ class FedRep(FedAvg):
         clients=FedRepClient(head=heads, weight=jnp.zeros((self.num_clients,), jnp.float32)))
 
   def train_head(self, body, head, index_row, count, rng, data):
-    """Phase 1: trains the head on the client's data with the body frozen.
+    """Phase 1: trains the head for `head_epochs` epochs with the body frozen.
 
     Returns:
       (trained head, mean loss).
     """
     loss_fn = lambda h, *batch: self.loss_fn({'body': body, 'head': h}, *batch)
     return local_training.train_client(head, loss_fn, self.client_optimizer, data,
-                                       index_row, count, rng, self.schedule)
+                                       index_row, count, rng,
+                                       self.schedule.with_epochs(self.head_epochs))
 
   def train_body(self, body, head, index_row, count, rng, data):
     """Phase 2: trains the body on the client's data with the head frozen.
