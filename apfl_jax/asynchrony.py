@@ -46,9 +46,11 @@ Server modes (one `server_step` = one server version = one "round" of the runner
 Vectorisation. Training is a pure function of (start server state, client state, key),
 so an update is computed when it ARRIVES, from the version it STARTED on: the device
 keeps the server states of the last --max_staleness + 1 versions in a ring (version v
-in slot v % R), gathers each buffered client's start state and vmaps `client_update`
-over the buffer with the server state on axis 0. Every call has the same shapes, so the
-step compiles once. Keys: the i-th arrival (i = 0, 1, ...) of client c within a server
+in slot v % R), gathers each buffered client's start state and maps `client_update`
+over the buffer with the server state on axis 0, through the algorithm's client map and
+in the same size groups as a sync round (`Algorithm.map_client_updates`). Every call has
+the same shapes, so the step compiles once, or twice when some buffer repeats a client
+beyond the size groups' step bounds (that buffer trains in one lockstep group). Keys: the i-th arrival (i = 0, 1, ...) of client c within a server
 step trains with fold_in(client_rng, c + i * num_clients), where client_rng is the first
 half of split(step rng) as in `Algorithm.run_round`; so fedbuff with the whole federation
 in the buffer and no staleness computes exactly the synchronous round. Client states are
@@ -316,7 +318,7 @@ class AsyncSimulator:
     self.durations = steps * step_durations(config, num_clients)
     self.dropout = np.zeros((num_clients,), bool)
     self.dropout[list(dropout_clients)] = True
-    self._step = jax.jit(self._device_step)
+    self._step = jax.jit(self._device_step, static_argnames='size_groups')
 
   def init(self, state: base.AlgorithmState) -> AsyncState:
     """The asynchronous run starting from `state` at virtual time 0, version 0."""
@@ -372,7 +374,8 @@ class AsyncSimulator:
     device, round_metrics = self._step(
         state.device, clients, (clients + self.num_clients * occurrence).astype(np.int32),
         np.where(is_last, clients, self.num_clients).astype(np.int32), slots,
-        scale.astype(np.float32), rng, data)
+        scale.astype(np.float32), rng, data,
+        size_groups=self.algorithm.schedule.fits_buckets(np.asarray(data.train_count)[clients]))
     clock.version += 1
     loss, finite = jax.device_get((round_metrics.loss, round_metrics.finite))
     metrics = {'virtual_time': clock.time, 'server_version': clock.version,
@@ -390,7 +393,8 @@ class AsyncSimulator:
 
   def _device_step(self, device: AsyncDeviceState, clients: jax.Array, key_ids: jax.Array,
                    scatter_ids: jax.Array, slots: jax.Array, scale: jax.Array,
-                   rng: jax.Array, data: Any) -> tuple[AsyncDeviceState, base.RoundMetrics]:
+                   rng: jax.Array, data: Any,
+                   size_groups: bool) -> tuple[AsyncDeviceState, base.RoundMetrics]:
     """One server step on the buffered arrivals (all arguments have fixed shapes).
 
     Args:
@@ -402,6 +406,8 @@ class AsyncSimulator:
       scale: float32 [K] s(tau) (fedbuff) or server_mixing * s(tau) (fedasync).
       rng: the step's key.
       data: all clients' data.
+      size_groups: train in the schedule's size groups (static; False when the buffer
+        repeats a client beyond the groups' step bounds).
 
     Returns:
       (new device state, per-arrival loss and finiteness).
@@ -410,10 +416,9 @@ class AsyncSimulator:
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(client_rng, key_ids)
     starts = jax.tree.map(lambda r: r[slots], device.servers)
     current = jax.tree.map(lambda r: r[device.version % self.ring_size], device.servers)
-    new_clients, outputs = jax.vmap(self.algorithm.client_update,
-                                    in_axes=(0, 0, 0, 0, 0, None))(
-        starts, base.gather_clients(device.clients, clients), data.train_index[clients],
-        data.train_count[clients], keys, data)
+    new_clients, outputs = self.algorithm.map_client_updates(
+        starts, 0, base.gather_clients(device.clients, clients), clients, keys, data,
+        size_groups)
     if self.config.server == 'fedbuff':
       server = self.algorithm.server_update(current, self._fedbuff_outputs(outputs, scale),
                                             server_rng)

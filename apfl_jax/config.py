@@ -20,7 +20,7 @@ from apfl_jax.embeddings import EMBEDDINGS
 from apfl_jax.errors import ConfigError
 from apfl_jax.generator import GENERATORS, NOISE_DISTRIBUTIONS
 from apfl_jax.models import MODELS
-from apfl_jax.models.conv import CONV_IMPLS
+from apfl_jax.models.conv import COMPUTE_DTYPES, CONV_IMPLS
 
 ALGORITHMS = ('fedavg', 'local', 'fedgen', 'apfl', 'fedprox', 'ditto', 'fedrep', 'apfl_deng',
               'fedavg_ft')
@@ -48,7 +48,8 @@ OTHER_ALGORITHM_DEFAULTS = {'generator': 'feature', 'global_teacher_weight': 0.0
 
 # Fields that may change between a run and its resumption (they do not change the
 # computation of the rounds already done).
-RESUMABLE_FIELDS = ('num_rounds', 'workdir', 'checkpoint_every', 'data_dir', 'verbose')
+RESUMABLE_FIELDS = ('num_rounds', 'workdir', 'checkpoint_every', 'data_dir', 'verbose',
+                    'client_chunk_size', 'num_devices', 'distributed', 'scan_unroll')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,12 +70,14 @@ class Config:
   # Model and training.
   model: str = 'cnn'
   conv_impl: str = 'auto'
+  compute_dtype: str = 'float32'
   algorithm: str = 'fedavg'
   num_rounds: int = 50
   join_ratio: float = 1.0
   local_epochs: int = 1
   local_steps: int = 0
   max_client_buckets: int = 4
+  scan_unroll: int = 1
   batch_size: int = 10
   learning_rate: float = 0.005
   client_optimizer: str = 'sgd'
@@ -101,6 +104,10 @@ class Config:
   availability_switch_p: float = 0.1
   dropout_time: float = -1.0
   rejoin_time: float = -1.0
+  # Devices.
+  client_chunk_size: int = 0
+  num_devices: int = 1
+  distributed: bool = False
   # Baselines.
   fedprox_mu: float = 0.01
   ditto_lambda: float = 0.1
@@ -163,6 +170,11 @@ class Config:
       raise ConfigError('--client_train_fraction must be in (0, 1), got '
                         f'{self.client_train_fraction}')
     _choice('conv_impl', self.conv_impl, CONV_IMPLS)
+    _choice('compute_dtype', self.compute_dtype, COMPUTE_DTYPES)
+    _positive('scan_unroll', self.scan_unroll)
+    for name in ('client_chunk_size', 'num_devices'):
+      if getattr(self, name) < 0:
+        raise ConfigError(f'--{name} must be >= 0, got {getattr(self, name)}')
     _choice('client_optimizer', self.client_optimizer, CLIENT_OPTIMIZERS)
     _choice('server_optimizer', self.server_optimizer, SERVER_OPTIMIZERS)
     _choice('server', self.server, SERVERS)
@@ -330,7 +342,21 @@ _HELP = {
     'client_train_fraction': ("With --test_split=pooled: the training fraction of each "
                               "client's share."),
     'model': 'Model architecture.',
-    'conv_impl': 'Convolution kernel: lax, im2col (fast on CPU) or auto (im2col on CPU only).',
+    'conv_impl': ('Convolution kernel: lax, im2col, patches or auto (im2col, the fastest '
+                  'measured on CPU and on an H100 GPU; see models/conv.py).'),
+    'compute_dtype': ('float32, or bfloat16: activations and conv patches in bf16 while '
+                      'parameters and optimizer state stay float32.'),
+    'scan_unroll': ('Local steps per iteration of the local-training loop (lax.scan unroll; '
+                    'same results, fewer loop iterations for latency-bound steps).'),
+    'client_chunk_size': ('Clients trained at once per device (a lax.map over chunks of N '
+                          'clients, so large cohorts fit in memory); 0: the whole cohort in '
+                          'one call. Same results up to float rounding.'),
+    'num_devices': ('Devices the cohort is split over (a jax Mesh with a "clients" axis; the '
+                    'server state and data are replicated); 0: every device, 1: no mesh.'),
+    'distributed': ('Multi-host: call jax.distributed.initialize first (coordinator from '
+                    'JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or '
+                    'auto-detected on Cloud TPU pods and SLURM); --num_devices then counts '
+                    'the devices of every host.'),
     'algorithm': 'Federated algorithm.',
     'num_rounds': 'Number of communication rounds.',
     'join_ratio': 'Fraction of clients that train in each round.',
@@ -425,6 +451,7 @@ def define_flags() -> None:
   """Defines one absl flag per `Config` field, with the field's default."""
   choices = {'dataset': DATASETS, 'model': MODELS, 'algorithm': ALGORITHMS,
              'partition': PARTITIONS, 'test_split': TEST_SPLITS, 'conv_impl': CONV_IMPLS,
+             'compute_dtype': COMPUTE_DTYPES,
              'client_optimizer': CLIENT_OPTIMIZERS, 'server_optimizer': SERVER_OPTIMIZERS,
              'generator': GENERATORS, 'noise_distribution': NOISE_DISTRIBUTIONS,
              'friend_init': FRIEND_INITS, 'friend_labels': FRIEND_LABELS, 'server': SERVERS,

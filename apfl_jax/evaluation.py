@@ -1,4 +1,4 @@
-"""Vmapped evaluation: every client's model on its own test split in one call.
+"""Evaluation: every client's model on its own test split, through the client map.
 
 Accuracy is counted per client (correct, total) in fixed-size chunks of its padded test
 index row, so memory stays bounded and padded entries are masked. The global model is
@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from apfl_jax.cohort import ClientMap
 from apfl_jax.data.client_data import FederatedData
 
 
@@ -43,8 +44,9 @@ def correct_by_group(model: Any, params: Any, data: FederatedData, index: jax.Ar
   return correct
 
 
-def client_correct_counts(model: Any, params: Any, data: FederatedData,
-                          chunk: int, client_ids: jax.Array | None = None) -> jax.Array:
+def client_correct_counts(model: Any, params: Any, data: FederatedData, chunk: int,
+                          client_ids: jax.Array | None = None,
+                          client_map: ClientMap = ClientMap()) -> jax.Array:
   """Correct predictions per client of each client's own model.
 
   Args:
@@ -54,6 +56,7 @@ def client_correct_counts(model: Any, params: Any, data: FederatedData,
     data: all clients' data; data.test_index width must be a multiple of `chunk`.
     chunk: examples evaluated at once per client.
     client_ids: optional int [N]: score only these clients (params stacked like them).
+    client_map: how the clients are mapped (vmap, chunks of clients, a mesh).
 
   Returns:
     int32 [num_clients] (or [N]) correct predictions (data.test_count holds the totals).
@@ -70,10 +73,10 @@ def client_correct_counts(model: Any, params: Any, data: FederatedData,
     correct, _ = jax.lax.scan(body, jnp.zeros((), jnp.int32), jnp.arange(num_chunks))
     return correct
 
-  if client_ids is None:
-    return jax.vmap(one_client)(params, data.test_index, data.test_count)
-  return jax.vmap(one_client)(params, data.test_index[client_ids],
-                              data.test_count[client_ids])
+  rows, counts = data.test_index, data.test_count
+  if client_ids is not None:
+    rows, counts = rows[client_ids], counts[client_ids]
+  return client_map(one_client, (0, 0, 0), params, rows, counts)
 
 
 def accuracy_summary(correct: np.ndarray, count: np.ndarray,

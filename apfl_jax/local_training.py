@@ -11,8 +11,9 @@ examples; the last batch of an epoch may be partial (its missing examples are ma
 loss is the mean over the valid ones). Shuffles depend only on the client's key and its count, never on how much
 padding its row has, so padding cannot change a result.
 
-Structure (as in FedJAX): `client_init` -> `client_step` per batch (in `lax.scan`) ->
-`client_final`.
+Structure (as in FedJAX): `client_init` -> `client_step` per batch -> `client_final`.
+The scan itself is `run_local_steps`, shared by every algorithm's local loop (APFL-Deng's
+joint step and FedRep's phases included).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ class Schedule:
     padded_len: length of a padded permutation, a multiple of `batch_size`.
     client_counts: every client's example count, largest first (for `buckets`).
     max_buckets: the most groups `buckets` may cut a cohort into (1: one lockstep scan).
+    unroll: local steps per iteration of the scan's loop (XLA's `scan(unroll=)`;
+      fewer loop iterations for latency-bound steps, the same results).
   """
   batch_size: int
   local_epochs: int
@@ -55,11 +58,12 @@ class Schedule:
   padded_len: int
   client_counts: tuple[int, ...] = ()
   max_buckets: int = 1
+  unroll: int = 1
 
   @classmethod
   def create(cls, batch_size: int, local_epochs: int, local_steps: int,
              min_count: int, max_count: int, client_counts: tuple[int, ...] = (),
-             max_buckets: int = 1) -> 'Schedule':
+             max_buckets: int = 1, unroll: int = 1) -> 'Schedule':
     """Builds the schedule for clients holding between min_count and max_count examples.
 
     Args:
@@ -70,6 +74,7 @@ class Schedule:
       max_count: the largest client's example count.
       client_counts: every client's example count (any order), for `buckets`.
       max_buckets: the most groups `buckets` may cut a cohort into.
+      unroll: local steps per iteration of the scan's loop.
 
     Returns:
       The schedule.
@@ -84,7 +89,7 @@ class Schedule:
                num_steps=num_steps, num_epochs=num_epochs,
                padded_len=max_batches * batch_size,
                client_counts=tuple(sorted((int(c) for c in client_counts), reverse=True)),
-               max_buckets=max_buckets)
+               max_buckets=max_buckets, unroll=unroll)
 
   def steps_for(self, count: int) -> int:
     """Scan length a client of `count` examples needs."""
@@ -138,6 +143,19 @@ class Schedule:
           self, num_steps=self.local_epochs * batches, padded_len=batches * self.batch_size,
           max_buckets=1)))
     return tuple(groups)
+
+  def fits_buckets(self, counts: Any) -> bool:
+    """Whether `buckets(len(counts))` bounds a cohort with these example counts.
+
+    Always true for distinct clients; a cohort repeating a large client (an async
+    buffer can hold two arrivals of one client) may exceed a group's step bound.
+
+    Args:
+      counts: the cohort's example counts (host values, any order).
+    """
+    ranked = sorted((int(c) for c in counts), reverse=True)
+    return len(self.client_counts) >= len(ranked) and all(
+        c <= bound for c, bound in zip(ranked, self.client_counts))
 
 
 def _fewest_scanned_steps(steps: list[int], max_groups: int) -> list[int]:
@@ -221,18 +239,14 @@ def client_init(params: Params, optimizer: optax.GradientTransformation) -> Clie
 
 
 def client_step(state: ClientTrainState, images: jax.Array, labels: jax.Array,
-                example_mask: jax.Array, step_valid: jax.Array, rng: jax.Array,
-                loss_fn: LossFn, optimizer: optax.GradientTransformation) -> ClientTrainState:
-  """One optimizer step; a padded step (step_valid False) leaves the state unchanged."""
+                example_mask: jax.Array, rng: jax.Array, loss_fn: LossFn,
+                optimizer: optax.GradientTransformation) -> ClientTrainState:
+  """One optimizer step on one batch."""
   loss, grads = jax.value_and_grad(loss_fn)(state.params, images, labels, example_mask, rng)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  keep = lambda new, old: jnp.where(step_valid, new, old)
-  return ClientTrainState(
-      params=jax.tree.map(keep, params, state.params),
-      opt_state=jax.tree.map(keep, opt_state, state.opt_state),
-      loss_sum=state.loss_sum + jnp.where(step_valid, loss, 0.0),
-      steps=state.steps + step_valid.astype(jnp.int32))
+  return ClientTrainState(params=optax.apply_updates(state.params, updates),
+                          opt_state=opt_state, loss_sum=state.loss_sum + loss,
+                          steps=state.steps + 1)
 
 
 def client_final(state: ClientTrainState) -> tuple[Params, jax.Array]:
@@ -240,10 +254,52 @@ def client_final(state: ClientTrainState) -> tuple[Params, jax.Array]:
   return state.params, state.loss_sum / jnp.maximum(state.steps, 1)
 
 
+# step_fn(carry, images, labels, example_mask, rng) -> carry: one local step on a batch.
+StepFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], Any]
+
+
+def run_local_steps(carry: Any, step_fn: StepFn, data: FederatedData, index_row: jax.Array,
+                    count: jax.Array, rng: jax.Array, schedule: Schedule) -> Any:
+  """The local-step scan every algorithm's local training runs.
+
+  Draws the client's batch plan, gathers and normalises each step's batch from the
+  device-resident images, and applies `step_fn`; a padded step (past the client's own
+  step count) leaves the carry unchanged. The scan is unrolled `schedule.unroll` times.
+
+  Args:
+    carry: the starting carry (any pytree: params, optimizer states, loss sums).
+    step_fn: step_fn(carry, normalised images, labels, example_mask, rng) -> carry.
+    data: all clients' data.
+    index_row: int32 [max_train], the client's row of `data.train_index`.
+    count: the client's number of training examples.
+    rng: the client's key for this round.
+    schedule: static local-training schedule.
+
+  Returns:
+    The carry after the client's steps.
+  """
+  plan_key, step_key = jax.random.split(rng)
+  positions, example_mask, step_mask = batch_plan(plan_key, count, schedule)
+  step_keys = jax.vmap(lambda s: jax.random.fold_in(step_key, s))(
+      jnp.arange(schedule.num_steps))
+
+  def scan_step(state, xs):
+    pos, mask, valid, key = xs
+    example_ids = index_row[pos]
+    images = data.normalize(data.train_images[example_ids])
+    labels = data.train_labels[example_ids]
+    new = step_fn(state, images, labels, mask, key)
+    return jax.tree.map(lambda n, o: jnp.where(valid, n, o), new, state), None
+
+  carry, _ = jax.lax.scan(scan_step, carry, (positions, example_mask, step_mask, step_keys),
+                          unroll=schedule.unroll)
+  return carry
+
+
 def train_client(params: Params, loss_fn: LossFn, optimizer: optax.GradientTransformation,
                  data: FederatedData, index_row: jax.Array, count: jax.Array,
                  rng: jax.Array, schedule: Schedule) -> tuple[Params, jax.Array]:
-  """Trains one client on its own examples.
+  """Trains one client on its own examples (`run_local_steps` of `client_step`).
 
   Args:
     params: starting parameters.
@@ -258,21 +314,10 @@ def train_client(params: Params, loss_fn: LossFn, optimizer: optax.GradientTrans
   Returns:
     (trained params, mean training loss).
   """
-  plan_key, step_key = jax.random.split(rng)
-  positions, example_mask, step_mask = batch_plan(plan_key, count, schedule)
-  step_keys = jax.vmap(lambda s: jax.random.fold_in(step_key, s))(
-      jnp.arange(schedule.num_steps))
-
-  def scan_step(state, xs):
-    pos, mask, valid, key = xs
-    example_ids = index_row[pos]
-    images = data.normalize(data.train_images[example_ids])
-    labels = data.train_labels[example_ids]
-    return client_step(state, images, labels, mask, valid, key, loss_fn, optimizer), None
-
-  state, _ = jax.lax.scan(scan_step, client_init(params, optimizer),
-                          (positions, example_mask, step_mask, step_keys))
-  return client_final(state)
+  step = lambda state, images, labels, mask, key: client_step(
+      state, images, labels, mask, key, loss_fn, optimizer)
+  return client_final(run_local_steps(client_init(params, optimizer), step, data,
+                                      index_row, count, rng, schedule))
 
 
 def make_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:

@@ -4,7 +4,8 @@ Data flow of a run:
   load the data set (tfds array_record) -> partition it among clients (seeded) ->
   stack every client's index row on the device -> init the algorithm state ->
   per round: pick the cohort (seeded by (seed, round)) -> ONE jitted call trains the
-  cohort (vmapped) and updates the server -> NaN check -> every --eval_every rounds a
+  cohort (through the client map: vmapped, chunked, split over a device mesh) and
+  updates the server -> NaN check -> every --eval_every rounds a
   vmapped evaluation of every client -> metrics.jsonl -> every --checkpoint_every
   rounds an orbax checkpoint.
 
@@ -29,9 +30,11 @@ import tensorboardX
 
 from apfl_jax import algorithms
 from apfl_jax import asynchrony
+from apfl_jax import cohort as cohort_lib
 from apfl_jax import evaluation
 from apfl_jax import local_training
 from apfl_jax import models
+from apfl_jax import sharding
 from apfl_jax.config import Config, RESUMABLE_FIELDS
 from apfl_jax.data import client_data
 from apfl_jax.data import datasets
@@ -131,14 +134,20 @@ def build_experiment(config: Config) -> Experiment:
       monopoly_clients=config.monopoly_clients,
       monopoly_classes_per_client=config.monopoly_classes_per_client,
       test_split=config.test_split, client_train_fraction=config.client_train_fraction)
-  data = client_data.build_federated_data(dataset, partition, test_multiple=EVAL_CHUNK)
+  client_map = cohort_lib.ClientMap(chunk_size=config.client_chunk_size,
+                                    mesh=_client_mesh(config.num_devices))
+  data = sharding.replicate(
+      client_data.build_federated_data(dataset, partition, test_multiple=EVAL_CHUNK),
+      client_map.mesh)
   counts = np.asarray([len(i) for i in partition.train_indices])
   schedule = local_training.Schedule.create(
       config.batch_size, config.local_epochs, config.local_steps,
       int(counts.min()), int(counts.max()), client_counts=tuple(counts.tolist()),
-      max_buckets=config.max_client_buckets)
-  model = models.create_model(config.model, dataset.num_classes, config.conv_impl)
-  algorithm = algorithms.create_algorithm(config, model, dataset, partition, schedule)
+      max_buckets=config.max_client_buckets, unroll=config.scan_unroll)
+  model = models.create_model(config.model, dataset.num_classes, config.conv_impl,
+                              config.compute_dtype)
+  algorithm = algorithms.create_algorithm(config, model, dataset, partition,
+                                          schedule).with_client_map(client_map)
   dropout = config.dropout_client_ids(partition.monopoly_clients)
   everyone = np.arange(config.num_clients)
   groups, unseen = {}, np.zeros((0,), np.int64)
@@ -152,6 +161,21 @@ def build_experiment(config: Config) -> Experiment:
     groups = {'monopoly': monopoly, 'non_monopoly': np.setdiff1d(everyone, monopoly)}
   return Experiment(config, dataset, partition, data, model, algorithm, schedule, groups,
                     dropout, unseen)
+
+
+def _client_mesh(num_devices: int) -> jax.sharding.Mesh | None:
+  """The 'clients' mesh over the first `num_devices` devices (0: all; 1: no mesh).
+
+  Raises:
+    ConfigError: naming --num_devices when there are fewer devices.
+  """
+  devices = jax.devices()
+  if num_devices > len(devices):
+    raise ConfigError(f'--num_devices={num_devices} but JAX sees {len(devices)} '
+                      f'{jax.default_backend()} device(s)')
+  if num_devices == 1 or len(devices) == 1:
+    return None
+  return sharding.client_mesh(devices[:num_devices or len(devices)])
 
 
 class Evaluator:
@@ -181,7 +205,8 @@ class Evaluator:
     if algorithm.personalized_axis is None:
       personal = shared(params)
     else:
-      personal = evaluation.client_correct_counts(model, params, data, EVAL_CHUNK)
+      personal = evaluation.client_correct_counts(model, params, data, EVAL_CHUNK,
+                                                  algorithm.client_map)
     out = {'personalized': personal}
     global_params = algorithm.global_params(state)
     if global_params is not None:
@@ -394,7 +419,8 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
       f'{config.partition}\n{exp.partition.table()}')
 
   base_key = jax.random.key(config.seed)
-  state = exp.algorithm.init(jax.random.fold_in(base_key, 0))
+  state = sharding.replicate(exp.algorithm.init(jax.random.fold_in(base_key, 0)),
+                            exp.algorithm.client_map.mesh)
   if config.server == 'sync':
     rounds = SyncRounds(exp)
   else:

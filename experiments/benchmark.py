@@ -32,20 +32,24 @@ with the device synchronised before every clock read. `load_avg_1m` is the machi
 Presets:
   small: 20 clients x 5 steps x batch 32, 28x28x1, 10 classes.
   pfl_cifar10: 50 clients x 5 steps x batch 10, 32x32x3, 10 classes.
-  sweep: the small configuration with 10, 100 and 1000 clients (`--max_clients`
-    drops the larger ones, e.g. on CPU).
+  sweep: the small configuration with 10, 100, 1000 and 10,000 clients, the last in
+    chunks of 1000 clients (`--client_chunk_size`; `--max_clients` drops the larger
+    ones, e.g. on CPU).
   tiny: 3 clients x 2 steps x batch 4 on 16x16x1 (for tests).
 
 Usage:
   python experiments/benchmark.py --preset=small [--backends=jax_vmap,torch_loop]
     [--rounds=5] [--json=PATH] [--conv_impl=auto] [--device=auto|cpu|gpu]
-    [--max_clients=N]
+    [--max_clients=N] [--client_chunk_size=N] [--compute_dtype=float32|bfloat16]
 
 The markdown table goes to stdout. The JSON file holds `device`, `versions`, `runs`
 (every configuration with its `backends`) and, at the top level, `backends` of the
 preset's last (largest) configuration; each backend has `samples_per_s`, `round_s`,
 `compile_s`, `peak_mem_mb`, `base_mem_mb` and `time_vs_jax_vmap` (its round_s over
-jax_vmap's).
+jax_vmap's). jax_vmap also records `model_flops_per_s` (XLA's FLOP count of one
+client's training step, forward and backward, times clients x steps, over round_s) and
+`peak_flops_per_s`: the device's published dense peak per precision (float32, tf32,
+bfloat16; null for a device not in `PEAK_FLOPS`, e.g. any CPU).
 """
 
 import argparse
@@ -67,6 +71,17 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 BACKENDS = ('jax_vmap', 'torch_loop', 'torch_func')
+# Published dense peak FLOP/s by `device_kind` (vendor data sheets; SXM parts).
+PEAK_FLOPS = {
+    'NVIDIA H100 80GB HBM3': {'float32': 66.9e12, 'tf32': 494.7e12, 'bfloat16': 989.4e12},
+    'NVIDIA H200': {'float32': 66.9e12, 'tf32': 494.7e12, 'bfloat16': 989.4e12},
+    'NVIDIA A100-SXM4-80GB': {'float32': 19.5e12, 'tf32': 156e12, 'bfloat16': 312e12},
+    'NVIDIA A100-SXM4-40GB': {'float32': 19.5e12, 'tf32': 156e12, 'bfloat16': 312e12},
+    'TPU v4': {'bfloat16': 275e12},
+    'TPU v5 lite': {'bfloat16': 197e12},
+    'TPU v5': {'bfloat16': 459e12},
+    'TPU v6 lite': {'bfloat16': 918e12},
+}
 LEARNING_RATE = 0.01
 NUM_CLASSES = 10
 
@@ -80,11 +95,13 @@ class Config:
     steps: local SGD steps per client.
     batch: examples per step.
     image_shape: (height, width, channels).
+    chunk: clients per call of the client map (0: all at once).
   """
   clients: int
   steps: int
   batch: int
   image_shape: tuple[int, int, int]
+  chunk: int = 0
 
   @property
   def samples_per_round(self) -> int:
@@ -92,13 +109,16 @@ class Config:
 
   def describe(self) -> str:
     shape = 'x'.join(map(str, self.image_shape))
-    return f'{self.clients} clients x {self.steps} steps x batch {self.batch}, {shape}'
+    chunks = f', chunks of {self.chunk}' if self.chunk else ''
+    return (f'{self.clients} clients x {self.steps} steps x batch {self.batch}, '
+            f'{shape}{chunks}')
 
 
 PRESETS = {
     'small': (Config(20, 5, 32, (28, 28, 1)),),
     'pfl_cifar10': (Config(50, 5, 10, (32, 32, 3)),),
-    'sweep': tuple(Config(k, 5, 32, (28, 28, 1)) for k in (10, 100, 1000)),
+    'sweep': tuple(Config(k, 5, 32, (28, 28, 1)) for k in (10, 100, 1000)) + (
+        Config(10000, 5, 32, (28, 28, 1), chunk=1000),),
     'tiny': (Config(3, 2, 4, (16, 16, 1)),),
 }
 
@@ -128,7 +148,8 @@ def _time_rounds(run_round, rounds: int, sync) -> tuple[float, list[float]]:
   return times[0], times[1:]
 
 
-def run_jax_vmap(config: Config, rounds: int, conv_impl: str, device: str) -> dict:
+def run_jax_vmap(config: Config, rounds: int, conv_impl: str, device: str,
+                 compute_dtype: str = 'float32') -> dict:
   """Times apfl_jax's jitted FedAvg round."""
   if device == 'cpu':
     os.environ['JAX_PLATFORMS'] = 'cpu'
@@ -137,7 +158,9 @@ def run_jax_vmap(config: Config, rounds: int, conv_impl: str, device: str) -> di
   import optax  # pylint: disable=import-outside-toplevel
 
   from apfl_jax import local_training  # pylint: disable=import-outside-toplevel
+  from apfl_jax.algorithms.base import classification_loss, init_model_params  # pylint: disable=import-outside-toplevel
   from apfl_jax.algorithms.fedavg import FedAvg  # pylint: disable=import-outside-toplevel
+  from apfl_jax.cohort import ClientMap  # pylint: disable=import-outside-toplevel
   from apfl_jax.data import client_data  # pylint: disable=import-outside-toplevel
   from apfl_jax.data.partition import Partition  # pylint: disable=import-outside-toplevel
   from apfl_jax.models import create_model  # pylint: disable=import-outside-toplevel
@@ -162,8 +185,9 @@ def run_jax_vmap(config: Config, rounds: int, conv_impl: str, device: str) -> di
   schedule = local_training.Schedule.create(
       batch_size=config.batch, local_epochs=0, local_steps=config.steps, min_count=n,
       max_count=n)
-  algorithm = FedAvg(create_model('cnn', NUM_CLASSES, conv_impl), config.image_shape,
-                     schedule, optax.sgd(LEARNING_RATE), optax.sgd(1.0))
+  model = create_model('cnn', NUM_CLASSES, conv_impl, compute_dtype)
+  algorithm = FedAvg(model, config.image_shape, schedule, optax.sgd(LEARNING_RATE),
+                     optax.sgd(1.0)).with_client_map(ClientMap(chunk_size=config.chunk))
   key = jax.random.key(0)
   state = {'value': algorithm.init(key)}
   cohort = jnp.arange(config.clients, dtype=jnp.int32)
@@ -179,9 +203,17 @@ def run_jax_vmap(config: Config, rounds: int, conv_impl: str, device: str) -> di
     peak = _cpu_rss_mb()
   else:
     peak = dev.memory_stats()['peak_bytes_in_use'] / 2**20
+  loss_fn = classification_loss(model)
+  batch = (init_model_params(model, key, config.image_shape),
+           jnp.zeros((config.batch, *config.image_shape)),
+           jnp.zeros((config.batch,), jnp.int32), jnp.ones((config.batch,)), key)
+  step_flops = jax.jit(jax.grad(loss_fn)).lower(*batch).compile().cost_analysis()['flops']
   return {'device': f'{dev.platform} ({dev.device_kind})',
-          'conv_impl': resolve_conv_impl(conv_impl), 'compile_s': compile_s,
-          'times': times, 'peak_mem_mb': peak, 'base_mem_mb': base_mem}
+          'conv_impl': resolve_conv_impl(conv_impl), 'compute_dtype': compute_dtype,
+          'compile_s': compile_s, 'times': times, 'peak_mem_mb': peak,
+          'base_mem_mb': base_mem,
+          'model_flops_per_round': step_flops * config.clients * config.steps,
+          'peak_flops_per_s': PEAK_FLOPS.get(dev.device_kind)}
 
 
 def _torch_setup(config: Config, device: str):
@@ -293,16 +325,18 @@ def run_torch_func(config: Config, rounds: int, device: str) -> dict:
 
 
 def run_backend(backend: str, config: Config, rounds: int, conv_impl: str,
-                device: str) -> dict:
+                device: str, compute_dtype: str = 'float32') -> dict:
   """Runs one backend in this process; returns its timing record."""
   if backend == 'jax_vmap':
-    raw = run_jax_vmap(config, rounds, conv_impl, device)
+    raw = run_jax_vmap(config, rounds, conv_impl, device, compute_dtype)
   elif backend == 'torch_loop':
     raw = run_torch_loop(config, rounds, device)
   else:
     raw = run_torch_func(config, rounds, device)
   times = raw.pop('times')
   round_s = statistics.median(times)
+  if 'model_flops_per_round' in raw:
+    raw['model_flops_per_s'] = raw['model_flops_per_round'] / round_s
   return {**raw, 'round_s': round_s, 'round_s_all': times,
           'samples_per_s': config.samples_per_round / round_s,
           'load_avg_1m': os.getloadavg()[0]}
@@ -312,7 +346,7 @@ def run_backend_subprocess(backend: str, config: Config, args: argparse.Namespac
   """Runs one backend in a fresh Python process (so its peak memory is its own)."""
   spec = json.dumps({'backend': backend, 'config': dataclasses.asdict(config),
                      'rounds': args.rounds, 'conv_impl': args.conv_impl,
-                     'device': args.device})
+                     'device': args.device, 'compute_dtype': args.compute_dtype})
   out = subprocess.run([sys.executable, __file__, f'--_worker={spec}'], check=True,
                        stdout=subprocess.PIPE, text=True).stdout
   return json.loads(out.strip().splitlines()[-1])
@@ -322,25 +356,27 @@ def _worker(spec: str) -> None:
   spec = json.loads(spec)
   config = spec['config']
   config = Config(config['clients'], config['steps'], config['batch'],
-                  tuple(config['image_shape']))
+                  tuple(config['image_shape']), config['chunk'])
   record = run_backend(spec['backend'], config, spec['rounds'], spec['conv_impl'],
-                       spec['device'])
+                       spec['device'], spec['compute_dtype'])
   print(json.dumps(record))
 
 
 def markdown_table(runs: list[dict]) -> str:
   """The runs' results as one markdown table."""
   lines = ['| configuration | backend | round s (median) | samples/s | first round s '
-           '| peak mem MiB (after import) | time vs jax_vmap |',
-           '|---|---|---:|---:|---:|---:|---:|']
+           '| peak mem MiB (after import) | time vs jax_vmap | model TFLOP/s |',
+           '|---|---|---:|---:|---:|---:|---:|---:|']
   for run in runs:
     for name, r in run['backends'].items():
       ratio = r.get('time_vs_jax_vmap')
+      flops = r.get('model_flops_per_s')
       lines.append(
           f'| {run["config_text"]} | {name} | {r["round_s"]:.3f} | '
           f'{r["samples_per_s"]:,.0f} | {r["compile_s"]:.2f} | '
           f'{r["peak_mem_mb"]:,.0f} ({r["base_mem_mb"]:,.0f}) | '
-          f'{"-" if ratio is None else f"{ratio:.2f}x"} |')
+          f'{"-" if ratio is None else f"{ratio:.2f}x"} | '
+          f'{"-" if flops is None else f"{flops / 1e12:.3f}"} |')
   return '\n'.join(lines)
 
 
@@ -367,6 +403,11 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument('--device', default='auto', choices=('auto', 'cpu', 'gpu'))
   parser.add_argument('--max_clients', type=int, default=0,
                       help='skip configurations with more clients (0: no cap)')
+  parser.add_argument('--client_chunk_size', type=int, default=-1,
+                      help='jax_vmap: clients per client-map call in every configuration '
+                           '(0: all at once; default: the preset\'s own)')
+  parser.add_argument('--compute_dtype', default='float32', choices=('float32', 'bfloat16'),
+                      help='jax_vmap: activations and patches in this dtype')
   parser.add_argument('--_worker', default='', help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args._worker:  # pylint: disable=protected-access
@@ -382,6 +423,8 @@ def main(argv: list[str] | None = None) -> dict:
           'running jax_vmap only')
     backends = [b for b in backends if b == 'jax_vmap']
   configs = PRESETS[args.preset]
+  if args.client_chunk_size >= 0:
+    configs = tuple(dataclasses.replace(c, chunk=args.client_chunk_size) for c in configs)
   if args.max_clients:
     skipped = [c for c in configs if c.clients > args.max_clients]
     configs = tuple(c for c in configs if c.clients <= args.max_clients)

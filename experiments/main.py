@@ -15,6 +15,7 @@ from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 
 from apfl_jax import config as config_lib  # noqa: E402
+from apfl_jax import sharding  # noqa: E402
 from apfl_jax import train  # noqa: E402
 from apfl_jax.errors import UserError  # noqa: E402
 
@@ -26,6 +27,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # keeps orbax's per-save INFO lines out
   try:
     config = config_lib.from_flags(flags.FLAGS)
+    if config.distributed:
+      sharding.maybe_initialize_distributed(auto_detect=True)
     train.train_and_evaluate(config, config.workdir)
   except UserError as e:
     sys.exit(f'error: {e}')

@@ -77,6 +77,18 @@ def make_synthetic_dataset(num_classes=4, per_class=30, shape=(6, 6, 1), seed=0)
 
 
 @pytest.fixture
+def float32_matmuls():
+  """True float32 matmuls and convolutions while a test runs.
+
+  GPUs run float32 matmuls as TF32 by default (a 10-bit mantissa), which puts
+  differences of 1e-2 between backends that agree to 1e-6 in float32; tests that
+  compare backends use this so they hold on every platform.
+  """
+  with jax.default_matmul_precision('highest'):
+    yield
+
+
+@pytest.fixture
 def synthetic_federation():
   """(dataset, partition, FederatedData) with 4 uneven clients."""
   dataset = make_synthetic_dataset()

@@ -59,3 +59,14 @@ def test_torch_model_matches_jax_parameter_count():
                                config.image_shape)
     assert sum(p.numel() for p in model.parameters()) == sum(
         x.size for x in jax.tree.leaves(params))
+
+
+def test_jax_backend_chunked_records_flops(tmp_path):
+  out = tmp_path / 'bench.json'
+  _load_benchmark().main(['--preset=tiny', '--backends=jax_vmap', '--rounds=1',
+                          '--device=cpu', '--client_chunk_size=2', f'--json={out}'])
+  record = json.loads(out.read_text())['backends']['jax_vmap']
+  assert record['model_flops_per_s'] > 0
+  assert record['peak_flops_per_s'] is None  # no published peak for a CPU
+  sweep = _load_benchmark().PRESETS['sweep']
+  assert sweep[-1].clients == 10000 and sweep[-1].chunk

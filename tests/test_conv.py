@@ -7,6 +7,8 @@ import pytest
 
 from apfl_jax.models import conv
 
+pytestmark = pytest.mark.usefixtures('float32_matmuls')
+
 # (input shape, kernel shape, strides, padding), as used by the models.
 _CASES = [
     ((2, 12, 12, 1), (5, 5, 1, 4), (1, 1), 'VALID'),
@@ -76,11 +78,23 @@ def test_torch_default_init_bounds():
 
 
 def test_resolve_conv_impl():
-  expected = 'im2col' if jax.default_backend() == 'cpu' else 'lax'
-  assert conv.resolve_conv_impl('auto') == expected
+  assert conv.resolve_conv_impl('auto') == 'im2col'  # the fastest measured everywhere
   assert conv.resolve_conv_impl('lax') == 'lax'
   with pytest.raises(ValueError, match='conv_impl'):
     conv.resolve_conv_impl('cudnn')
   with pytest.raises(ValueError, match='conv_impl'):
     conv.Conv(4, (3, 3), impl='cudnn').init(jax.random.key(0),
                                             jnp.zeros((1, 4, 4, 1)))
+
+
+def test_bfloat16_computes_in_bfloat16_with_float32_params():
+  x = jax.random.normal(jax.random.key(1), (2, 9, 9, 3))
+  f32 = conv.Conv(4, (3, 3), impl='im2col')
+  bf16 = conv.Conv(4, (3, 3), impl='im2col', dtype=jnp.bfloat16)
+  variables = f32.init(jax.random.key(2), x)
+  assert jax.tree.map(lambda a: a.dtype, bf16.init(jax.random.key(2), x)) == jax.tree.map(
+      lambda a: a.dtype, variables)
+  out = bf16.apply(variables, x)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(out.astype(jnp.float32), f32.apply(variables, x), rtol=0.05,
+                             atol=0.05)

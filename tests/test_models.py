@@ -8,6 +8,8 @@ import pytest
 from apfl_jax.errors import ConfigError
 from apfl_jax.models import MODELS, create_model
 
+pytestmark = pytest.mark.usefixtures('float32_matmuls')
+
 _NUM_CLASSES = 7
 _FEATURE_DIMS = {'cnn': 512, 'resnet8': 256, 'resnet18': 512}
 _INPUT_SHAPES = [(2, 28, 28, 1), (2, 32, 32, 3)]
@@ -120,8 +122,21 @@ def test_init_is_torch_like(cnn_params):
   assert 'bias' not in params['body']['Conv_0']
 
 
+def test_bfloat16_keeps_float32_params_and_logits(cnn_params):
+  model = create_model('cnn', _NUM_CLASSES, compute_dtype='bfloat16')
+  x = _images((4, 28, 28, 1))
+  logits = model.apply({'params': cnn_params}, x)
+  assert logits.dtype == jnp.float32
+  reference = create_model('cnn', _NUM_CLASSES).apply({'params': cnn_params}, x)
+  np.testing.assert_allclose(logits, reference, rtol=0.05, atol=0.05)
+  grads = jax.grad(lambda p: jnp.sum(model.apply({'params': p}, x)))(cnn_params)
+  assert {g.dtype for g in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
+
+
 def test_unknown_names_raise_config_error():
   with pytest.raises(ConfigError, match='--model'):
     create_model('vgg', _NUM_CLASSES)
   with pytest.raises(ConfigError, match='--conv_impl'):
     create_model('cnn', _NUM_CLASSES, conv_impl='cudnn')
+  with pytest.raises(ConfigError, match='--compute_dtype'):
+    create_model('cnn', _NUM_CLASSES, compute_dtype='float16')

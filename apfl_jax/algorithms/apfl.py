@@ -22,7 +22,7 @@ Per round:
 
 Friend models are a pure function of (local model, generator, key), so they are computed
 when personalized models are needed (`personalized_params`, inside the jitted
-evaluation), for every client in one vmapped call: the result is what each client holds
+evaluation), for every client through the client map (`Algorithm.client_map`): the result is what each client holds
 after downloading the current generator. A client that never trained (a dropout client
 with --dropout_round=0) takes the global model as its local model.
 
@@ -234,7 +234,8 @@ class APFL(FedAvg):
 
   def friend_models(self, state: base.AlgorithmState, client_ids: jax.Array,
                     label_probs: jax.Array) -> Any:
-    """Friend models of some clients, trained in one vmapped call.
+    """Friend models of some clients, trained through the client map (one vmapped call,
+    chunks of clients or a mesh).
 
     Args:
       state: the federation's state.
@@ -251,8 +252,8 @@ class APFL(FedAvg):
       start = jax.tree.map(lambda g: jnp.broadcast_to(g, (client_ids.shape[0], *g.shape)),
                            server.params)
     keys = self._friend_keys(server)[client_ids]
-    return jax.vmap(self.train_friend, in_axes=(None, 0, 0, 0))(
-        server, start, label_probs, keys)
+    return self.client_map(self.train_friend, (None, 0, 0, 0), server, start, label_probs,
+                           keys)
 
   def _personalize(self, state: base.AlgorithmState, client_ids: jax.Array,
                    label_probs: jax.Array) -> Any:

@@ -97,8 +97,8 @@ class APFLDeng(FedAvg):
         clients=APFLDengClient(params=personal,
                                alpha=jnp.full((self.num_clients,), self.alpha, jnp.float32)))
 
-  def _step(self, state: _StepState, images, labels, example_mask, valid, rng) -> _StepState:
-    """One joint step of (w, v, alpha); a padded step (valid False) changes nothing."""
+  def _step(self, state: _StepState, images, labels, example_mask, rng) -> _StepState:
+    """One joint step of (w, v, alpha)."""
     def objective(w, v, alpha):
       global_loss = self.loss_fn(w, images, labels, example_mask, rng)
       mixed = mix(v, jax.lax.stop_gradient(w), alpha)
@@ -107,33 +107,24 @@ class APFLDeng(FedAvg):
     (_, loss), (w_grad, v_grad, alpha_grad) = jax.value_and_grad(
         objective, argnums=(0, 1, 2), has_aux=True)(state.w, state.v, state.alpha)
     w_updates, w_opt = self.client_optimizer.update(w_grad, state.w_opt, state.w)
+<<<<<<< HEAD
     v_updates, v_opt = self.personal_optimizer.update(v_grad, state.v_opt, state.v)
     new = _StepState(
+=======
+    v_updates, v_opt = self.client_optimizer.update(v_grad, state.v_opt, state.v)
+    return _StepState(
+>>>>>>> issue12
         w=optax.apply_updates(state.w, w_updates), v=optax.apply_updates(state.v, v_updates),
         alpha=jnp.clip(state.alpha - self.alpha_learning_rate * alpha_grad, 0.0, 1.0),
         w_opt=w_opt, v_opt=v_opt, loss_sum=state.loss_sum + loss, steps=state.steps + 1)
-    return jax.tree.map(lambda n, o: jnp.where(valid, n, o), new, state)
 
   def client_update(self, server, client, index_row, count, rng, data):
-    plan_key, step_key = jax.random.split(rng)
-    positions, example_mask, step_mask = local_training.batch_plan(plan_key, count,
-                                                                   self.schedule)
-    step_keys = jax.vmap(lambda s: jax.random.fold_in(step_key, s))(
-        jnp.arange(self.schedule.num_steps))
-
-    def scan_step(state, xs):
-      pos, mask, valid, key = xs
-      example_ids = index_row[pos]
-      images = data.normalize(data.train_images[example_ids])
-      labels = data.train_labels[example_ids]
-      return self._step(state, images, labels, mask, valid, key), None
-
     start = _StepState(w=server.params, v=client.params, alpha=client.alpha,
                        w_opt=self.client_optimizer.init(server.params),
                        v_opt=self.personal_optimizer.init(client.params),
                        loss_sum=jnp.zeros((), jnp.float32), steps=jnp.zeros((), jnp.int32))
-    state, _ = jax.lax.scan(scan_step, start,
-                            (positions, example_mask, step_mask, step_keys))
+    state = local_training.run_local_steps(start, self._step, data, index_row, count, rng,
+                                           self.schedule)
     loss = state.loss_sum / jnp.maximum(state.steps, 1)
     return APFLDengClient(params=state.v, alpha=state.alpha), base.ClientOutput(
         update=jax.tree.map(jnp.subtract, state.w, server.params),
@@ -141,5 +132,5 @@ class APFLDeng(FedAvg):
         finite=base.all_finite(state.w, state.v, state.alpha, loss))
 
   def personalized_params(self, state, data):
-    return jax.vmap(mix, in_axes=(0, None, 0))(state.clients.params, state.server.params,
-                                               state.clients.alpha)
+    return self.client_map(mix, (0, None, 0), state.clients.params, state.server.params,
+                           state.clients.alpha)

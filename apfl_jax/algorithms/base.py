@@ -14,8 +14,9 @@ hyper-parameters); its methods are pure functions of explicit state:
         # models of those clients built without knowing their label set (None: the
         # algorithm's personalized models never use it)
 
-`run_round` composes them: the cohort's `client_update`s run vmapped over stacked client
-states (one call, or one per size group in epoch mode: see `train_cohort`), then one
+`run_round` composes them: the cohort's `client_update`s run over stacked client states
+through the algorithm's client map (`apfl_jax.cohort`: one vmapped call, chunks, or a
+device mesh; one call per size group in epoch mode: see `map_client_updates`), then one
 `server_update`. The runner jits `run_round` once; an
 algorithm with extra server work (a generator, friend models) overrides `run_round` and
 keeps the same signature.
@@ -30,6 +31,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from apfl_jax.cohort import ClientMap
 from apfl_jax.data.client_data import FederatedData
 from apfl_jax.local_training import masked_cross_entropy
 
@@ -98,8 +100,11 @@ class Algorithm:
   Attributes:
     personalized_axis: 0 when `personalized_params` returns one model per client
       (stacked), None when every client uses the same model.
+    client_map: how per-client functions run over a cohort (vmap, chunks, a mesh);
+      see `apfl_jax.cohort`. Set with `with_client_map`.
   """
   personalized_axis: int | None = None
+  client_map: ClientMap = ClientMap()
 
   def init(self, rng: jax.Array) -> AlgorithmState:
     raise NotImplementedError
@@ -127,31 +132,66 @@ class Algorithm:
 
   def train_cohort(self, server: Any, clients: Any, cohort: jax.Array, rng: jax.Array,
                    data: FederatedData) -> tuple[Any, ClientOutput]:
-    """Runs `client_update` for the cohort, vmapped over its clients.
+    """Runs `client_update` for the cohort from one server state.
 
     Each client's key is `fold_in(rng, client_id)`, so a client's training does not
-    depend on which other clients are in the cohort. With `schedule.buckets` giving
-    several groups (epoch mode, uneven clients), the cohort is sorted by example count
-    and each group is one vmapped call that scans only its own group's steps; the
-    results are put back in cohort order. A client's steps and batches are the same
-    either way; only masked padding steps are skipped.
+    depend on which other clients are in the cohort (see `map_client_updates`).
 
     Returns:
       (the cohort's new client states, their outputs), stacked over the cohort.
     """
     keys = jax.vmap(lambda c: jax.random.fold_in(rng, c))(cohort)
-    train = lambda algorithm, ids, ids_keys: jax.vmap(
-        algorithm.client_update, in_axes=(None, 0, 0, 0, 0, None))(
-            server, gather_clients(clients, ids), data.train_index[ids],
-            data.train_count[ids], ids_keys, data)
-    buckets = self.schedule.buckets(cohort.shape[0])
-    if len(buckets) == 1:
-      return train(self, cohort, keys)
-    order = jnp.argsort(-data.train_count[cohort], stable=True)
-    parts = [train(self.with_schedule(schedule), cohort[order[start:end]],
-                   keys[order[start:end]]) for start, end, schedule in buckets]
+    return self.map_client_updates(server, None, gather_clients(clients, cohort), cohort,
+                                   keys, data)
+
+  def map_client_updates(self, server: Any, server_axis: int | None, clients: Any,
+                         ids: jax.Array, keys: jax.Array, data: FederatedData,
+                         size_groups: bool = True) -> tuple[Any, ClientOutput]:
+    """`client_update` of every client in `ids`, through `self.client_map`.
+
+    With `schedule.buckets` giving several groups (epoch mode, uneven clients) and
+    `size_groups`, the clients are sorted by example count and each group is one
+    client-map call that scans only its own group's steps; the results are put back
+    in the order of `ids`. A client's steps and batches are the same either way; only
+    masked padding steps are skipped. The groups' step bounds hold when `ids` has no
+    repeated client (`Schedule.fits_buckets` checks a host-side cohort).
+
+    Args:
+      server: the server state every client starts from (server_axis None), or one
+        per client stacked on axis 0 (server_axis 0, e.g. stale versions).
+      server_axis: None or 0, as above.
+      clients: the clients' states, stacked in the order of `ids`.
+      ids: int32 [K] client ids.
+      keys: [K] the clients' keys.
+      data: all clients' data.
+      size_groups: False runs one lockstep group whatever the schedule.
+
+    Returns:
+      (the new client states, their outputs), stacked in the order of `ids`.
+    """
+    def train(algorithm, servers, states, group_ids, group_keys):
+      return self.client_map(algorithm.client_update, (server_axis, 0, 0, 0, 0, None),
+                             servers, states, data.train_index[group_ids],
+                             data.train_count[group_ids], group_keys, data)
+
+    buckets = self.schedule.buckets(ids.shape[0])
+    if len(buckets) == 1 or not size_groups:
+      return train(self, server, clients, ids, keys)
+    order = jnp.argsort(-data.train_count[ids], stable=True)
+    parts = []
+    for start, end, schedule in buckets:
+      part = order[start:end]
+      servers = server if server_axis is None else gather_clients(server, part)
+      parts.append(train(self.with_schedule(schedule), servers,
+                         gather_clients(clients, part), ids[part], keys[part]))
     joined = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
     return jax.tree.map(lambda x: x[jnp.argsort(order)], joined)
+
+  def with_client_map(self, client_map: ClientMap) -> 'Algorithm':
+    """A copy of this algorithm whose per-client work runs through `client_map`."""
+    clone = copy.copy(self)
+    clone.client_map = client_map
+    return clone
 
   def with_schedule(self, schedule: Any) -> 'Algorithm':
     """A copy of this algorithm whose local training follows `schedule`."""

@@ -4,7 +4,7 @@ Wang et al. 2019, "Federated Evaluation of On-device Personalization").
 Training is exactly FedAvg. Client k's personalized model is the current global model
 fine-tuned on k's training data for --finetune_epochs epochs with the client optimizer
 (fresh state), computed when personalized models are needed (`personalized_params`,
-inside the jitted evaluation) for every client in one vmapped call. Client k's
+inside the jitted evaluation) for every client through the client map. Client k's
 fine-tuning key is fold_in(fold_in(fold_in(key(seed), FINETUNE_STREAM), round), k), so
 the personalized models are a deterministic function of the state. With
 --finetune_epochs=0 the personalized model is the global one.
@@ -106,4 +106,4 @@ class FedAvgFT(FedAvg):
           server.params, self.loss_fn, self.client_optimizer, data, index_row, count, key,
           self.finetune_schedule)
       return params
-    return jax.vmap(finetune)(data.train_index, data.train_count, keys)
+    return self.client_map(finetune, (0, 0, 0), data.train_index, data.train_count, keys)

@@ -8,17 +8,18 @@ whose only collection is 'params', with exactly two top-level entries:
 """
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from apfl_jax.errors import ConfigError
 from apfl_jax.models.cnn import FedAvgCNN
-from apfl_jax.models.conv import CONV_IMPLS
+from apfl_jax.models.conv import COMPUTE_DTYPES, CONV_IMPLS
 from apfl_jax.models.resnet import resnet8, resnet18
 
 MODELS = ('cnn', 'resnet8', 'resnet18')
 
 
-def create_model(name: str, num_classes: int,
-                 conv_impl: str = 'auto') -> nn.Module:
+def create_model(name: str, num_classes: int, conv_impl: str = 'auto',
+                 compute_dtype: str = 'float32') -> nn.Module:
   """Builds a model by name.
 
   Args:
@@ -27,23 +28,29 @@ def create_model(name: str, num_classes: int,
     conv_impl: Convolution backend, one of `CONV_IMPLS`: 'lax'
       (lax.conv_general_dilated), 'im2col' (slices and matmul, fast on CPU),
       'patches' (lax.conv_general_dilated_patches and matmul) or 'auto'
-      ('im2col' on CPU, else 'lax'). Parameters are the same for all.
+      ('im2col', see `conv.resolve_conv_impl`). Parameters are the same for all.
+    compute_dtype: 'float32' or 'bfloat16' (activations and patches of the body;
+      parameters, the head and the logits stay float32).
 
   Returns:
     The unbound module.
 
   Raises:
-    ConfigError: Unknown `name` or `conv_impl`.
+    ConfigError: Unknown `name`, `conv_impl` or `compute_dtype`.
   """
   if conv_impl not in CONV_IMPLS:
     raise ConfigError(
         f'--conv_impl must be one of {", ".join(CONV_IMPLS)}; '
         f'got {conv_impl!r}')
+  if compute_dtype not in COMPUTE_DTYPES:
+    raise ConfigError(f'--compute_dtype must be one of {", ".join(COMPUTE_DTYPES)}; '
+                      f'got {compute_dtype!r}')
+  dtype = jnp.dtype(compute_dtype)
   if name == 'cnn':
-    return FedAvgCNN(num_classes, conv_impl)
+    return FedAvgCNN(num_classes, conv_impl, dtype)
   if name == 'resnet8':
-    return resnet8(num_classes, conv_impl)
+    return resnet8(num_classes, conv_impl, dtype)
   if name == 'resnet18':
-    return resnet18(num_classes, conv_impl)
+    return resnet18(num_classes, conv_impl, dtype)
   raise ConfigError(
       f'--model must be one of {", ".join(MODELS)}; got {name!r}')

@@ -2,6 +2,7 @@
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from apfl_jax.models.conv import Conv, Dense
 
@@ -13,17 +14,19 @@ class _CNNBody(nn.Module):
 
   Attributes:
     conv_impl: Convolution backend, one of `conv.CONV_IMPLS`.
+    dtype: Compute dtype of the layers (the features are returned in float32).
   """
   conv_impl: str
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """Maps NHWC images to [batch, 512] features."""
     for features in (32, 64):
-      x = Conv(features, (5, 5), padding='VALID', impl=self.conv_impl)(x)
+      x = Conv(features, (5, 5), padding='VALID', impl=self.conv_impl, dtype=self.dtype)(x)
       x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
     x = x.reshape(x.shape[0], -1)
-    return nn.relu(Dense(_FEATURE_DIM)(x))
+    return nn.relu(Dense(_FEATURE_DIM, dtype=self.dtype)(x)).astype(jnp.float32)
 
 
 class FedAvgCNN(nn.Module):
@@ -37,14 +40,16 @@ class FedAvgCNN(nn.Module):
   Attributes:
     num_classes: Number of logits.
     conv_impl: Convolution backend, one of `conv.CONV_IMPLS`.
+    dtype: Compute dtype of the body; the head and the logits are float32.
   """
   num_classes: int
   conv_impl: str = 'auto'
+  dtype: jnp.dtype = jnp.float32
   feature_dim = _FEATURE_DIM
 
   def setup(self) -> None:
     """Creates the 'body' and 'head' submodules."""
-    self.body = _CNNBody(self.conv_impl)
+    self.body = _CNNBody(self.conv_impl, self.dtype)
     self.head = Dense(self.num_classes)
 
   def __call__(self, x: jax.Array) -> jax.Array:

@@ -14,7 +14,24 @@ Backends:
     FedAvg CNN vmapped over clients; see experiments/bench_conv.py).
   'patches': `lax.conv_general_dilated_patches` followed by a matmul; kept as
     a reference point for the benchmark.
-  'auto': 'im2col' on CPU, otherwise 'lax'.
+  'auto': 'im2col' on every platform, because it is the fastest measured on each
+    platform measured (docs/benchmarks.md): on CPU (2 cores) and on one H100
+    (2x faster than 'lax' at 10 clients, 10x at 1000: vmapping a convolution
+    over per-client kernels makes XLA emit one grouped convolution with a group
+    per client, which collapses at large group counts; im2col turns it into
+    batched matmuls). Its cost is memory: the patches are kh*kw times the
+    input (27 GB vs 13 GB at 1000 clients on the H100; bound it with
+    --client_chunk_size). TPU is not measured: 'auto' picks im2col there too,
+    since the grouped convolution comes from the same batching rule on every
+    backend and batched matmuls are what the TPU's matrix units run; measure
+    with `experiments/benchmark.py --preset=sweep --conv_impl=lax` vs im2col
+    before relying on it.
+
+Compute dtype: every layer takes `dtype` (float32 or bfloat16). Parameters are
+always created and kept in float32 (so are gradients and optimizer state);
+with bfloat16 the inputs and kernels are cast to bfloat16 at each layer, so
+activations and im2col patches are bfloat16 and matmuls accumulate in float32
+(`preferred_element_type`).
 """
 
 from collections.abc import Sequence
@@ -25,6 +42,7 @@ import jax.numpy as jnp
 from jax import lax
 
 CONV_IMPLS = ('auto', 'lax', 'im2col', 'patches')
+COMPUTE_DTYPES = ('float32', 'bfloat16')
 
 _DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 
@@ -37,13 +55,13 @@ torch_default_kernel_init = nn.initializers.variance_scaling(
 
 
 def resolve_conv_impl(conv_impl: str) -> str:
-  """Maps 'auto' to the backend for the default JAX device.
+  """Maps 'auto' to the fastest measured backend (see the module docstring).
 
   Args:
     conv_impl: One of `CONV_IMPLS`.
 
   Returns:
-    'im2col' for 'auto' on CPU, 'lax' for 'auto' elsewhere, else `conv_impl`.
+    'im2col' for 'auto', else `conv_impl`.
 
   Raises:
     ValueError: `conv_impl` is not one of `CONV_IMPLS`.
@@ -51,9 +69,7 @@ def resolve_conv_impl(conv_impl: str) -> str:
   if conv_impl not in CONV_IMPLS:
     raise ValueError(
         f'conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}')
-  if conv_impl == 'auto':
-    return 'im2col' if jax.default_backend() == 'cpu' else 'lax'
-  return conv_impl
+  return 'im2col' if conv_impl == 'auto' else conv_impl
 
 
 def _torch_default_bias_init(fan_in: int) -> nn.initializers.Initializer:
@@ -83,7 +99,7 @@ def _conv_im2col(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
   ]
   # Feature order (i, j, c) matches the row-major flattening of HWIO.
   patches = jnp.concatenate(windows, axis=-1)
-  return patches @ kernel.reshape(kh * kw * cin, cout)
+  return _matmul(patches, kernel.reshape(kh * kw * cin, cout))
 
 
 def _conv_patches(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
@@ -93,7 +109,13 @@ def _conv_patches(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
   patches = lax.conv_general_dilated_patches(
       x, (kh, kw), strides, padding, dimension_numbers=_DIMENSION_NUMBERS)
   # The patches' features are channel-major: (c, i, j).
-  return patches @ kernel.transpose(2, 0, 1, 3).reshape(cin * kh * kw, cout)
+  return _matmul(patches, kernel.transpose(2, 0, 1, 3).reshape(cin * kh * kw, cout))
+
+
+def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x @ w over the last axis of x, accumulated in float32, in x's dtype."""
+  return lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())),
+                         preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
@@ -113,7 +135,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
   impl = resolve_conv_impl(impl)
   if impl == 'lax':
     return lax.conv_general_dilated(
-        x, kernel, strides, padding, dimension_numbers=_DIMENSION_NUMBERS)
+        x, kernel, strides, padding, dimension_numbers=_DIMENSION_NUMBERS,
+        preferred_element_type=jnp.float32).astype(x.dtype)
   if impl == 'im2col':
     return _conv_im2col(x, kernel, strides, padding)
   return _conv_patches(x, kernel, strides, padding)
@@ -131,6 +154,8 @@ class Conv(nn.Module):
     impl: One of `CONV_IMPLS`.
     kernel_init: Initialiser of the [kh, kw, in, out] kernel; PyTorch's
       default unless given.
+    dtype: Compute dtype of the input, kernel and output (parameters stay
+      float32).
   """
   features: int
   kernel_size: tuple[int, int]
@@ -139,6 +164,7 @@ class Conv(nn.Module):
   use_bias: bool = True
   impl: str = 'auto'
   kernel_init: nn.initializers.Initializer = torch_default_kernel_init
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -147,11 +173,12 @@ class Conv(nn.Module):
     cin = x.shape[-1]
     kernel = self.param('kernel', self.kernel_init,
                         (kh, kw, cin, self.features), jnp.float32)
-    y = conv2d(x, kernel, self.strides, self.padding, self.impl)
+    y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides,
+               self.padding, self.impl)
     if self.use_bias:
       bias = self.param('bias', _torch_default_bias_init(kh * kw * cin),
                         (self.features,), jnp.float32)
-      y = y + bias
+      y = y + bias.astype(self.dtype)
     return y
 
 
@@ -160,8 +187,11 @@ class Dense(nn.Module):
 
   Attributes:
     features: Number of outputs.
+    dtype: Compute dtype of the input, kernel and output (parameters stay
+      float32).
   """
   features: int
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -171,4 +201,5 @@ class Dense(nn.Module):
                         (fan_in, self.features), jnp.float32)
     bias = self.param('bias', _torch_default_bias_init(fan_in),
                       (self.features,), jnp.float32)
-    return x @ kernel + bias
+    return _matmul(x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(
+        self.dtype)

@@ -27,16 +27,16 @@ from apfl_jax.models.conv import Conv, Dense
 _conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
-def _group_norm(channels: int) -> nn.GroupNorm:
-  """GroupNorm with min(32, channels) groups."""
-  return nn.GroupNorm(num_groups=min(32, channels), epsilon=1e-5)
+def _group_norm(channels: int, dtype: jnp.dtype) -> nn.GroupNorm:
+  """GroupNorm with min(32, channels) groups (statistics in float32)."""
+  return nn.GroupNorm(num_groups=min(32, channels), epsilon=1e-5, dtype=dtype)
 
 
-def _conv(features: int, size: int, stride: int, impl: str) -> Conv:
+def _conv(features: int, size: int, stride: int, impl: str, dtype: jnp.dtype) -> Conv:
   """Bias-free convolution with 'SAME' padding and kaiming-normal init."""
   return Conv(features, (size, size), strides=(stride, stride),
               padding='SAME', use_bias=False, impl=impl,
-              kernel_init=_conv_init)
+              kernel_init=_conv_init, dtype=dtype)
 
 
 class _BasicBlock(nn.Module):
@@ -46,21 +46,23 @@ class _BasicBlock(nn.Module):
     features: Output channels.
     stride: Stride of the first convolution and of the shortcut.
     conv_impl: Convolution backend, one of `conv.CONV_IMPLS`.
+    dtype: Compute dtype.
   """
   features: int
   stride: int
   conv_impl: str
+  dtype: jnp.dtype
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """Applies the block to NHWC x."""
-    y = _conv(self.features, 3, self.stride, self.conv_impl)(x)
-    y = nn.relu(_group_norm(self.features)(y))
-    y = _conv(self.features, 3, 1, self.conv_impl)(y)
-    y = _group_norm(self.features)(y)
+    y = _conv(self.features, 3, self.stride, self.conv_impl, self.dtype)(x)
+    y = nn.relu(_group_norm(self.features, self.dtype)(y))
+    y = _conv(self.features, 3, 1, self.conv_impl, self.dtype)(y)
+    y = _group_norm(self.features, self.dtype)(y)
     if self.stride != 1 or x.shape[-1] != self.features:
-      x = _conv(self.features, 1, self.stride, self.conv_impl)(x)
-      x = _group_norm(self.features)(x)
+      x = _conv(self.features, 1, self.stride, self.conv_impl, self.dtype)(x)
+      x = _group_norm(self.features, self.dtype)(x)
     return nn.relu(x + y)
 
 
@@ -71,22 +73,24 @@ class _ResNetBody(nn.Module):
     stage_sizes: Number of blocks per stage.
     stage_features: Channels per stage.
     conv_impl: Convolution backend, one of `conv.CONV_IMPLS`.
+    dtype: Compute dtype (the features are returned in float32).
   """
   stage_sizes: Sequence[int]
   stage_features: Sequence[int]
   conv_impl: str
+  dtype: jnp.dtype
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """Maps NHWC images to [batch, stage_features[-1]] features."""
-    x = _conv(64, 3, 1, self.conv_impl)(x)
-    x = nn.relu(_group_norm(64)(x))
+    x = _conv(64, 3, 1, self.conv_impl, self.dtype)(x)
+    x = nn.relu(_group_norm(64, self.dtype)(x))
     for stage, (blocks, features) in enumerate(
         zip(self.stage_sizes, self.stage_features)):
       for block in range(blocks):
         stride = 2 if stage > 0 and block == 0 else 1
-        x = _BasicBlock(features, stride, self.conv_impl)(x)
-    return jnp.mean(x, axis=(1, 2))
+        x = _BasicBlock(features, stride, self.conv_impl, self.dtype)(x)
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 
 class ResNet(nn.Module):
@@ -97,16 +101,18 @@ class ResNet(nn.Module):
     stage_sizes: Number of basic blocks per stage.
     stage_features: Channels per stage; the last is `feature_dim`.
     conv_impl: Convolution backend, one of `conv.CONV_IMPLS`.
+    dtype: Compute dtype of the body; the head and the logits are float32.
   """
   num_classes: int
   stage_sizes: Sequence[int]
   stage_features: Sequence[int]
   conv_impl: str = 'auto'
+  dtype: jnp.dtype = jnp.float32
 
   def setup(self) -> None:
     """Creates the 'body' and 'head' submodules."""
     self.body = _ResNetBody(self.stage_sizes, self.stage_features,
-                            self.conv_impl)
+                            self.conv_impl, self.dtype)
     self.head = Dense(self.num_classes)
 
   @property
@@ -127,11 +133,13 @@ class ResNet(nn.Module):
     return self.head(h)
 
 
-def resnet8(num_classes: int, conv_impl: str = 'auto') -> ResNet:
+def resnet8(num_classes: int, conv_impl: str = 'auto',
+            dtype: jnp.dtype = jnp.float32) -> ResNet:
   """ResNet-8: stem and stages [1, 1, 1] of 64/128/256 channels."""
-  return ResNet(num_classes, (1, 1, 1), (64, 128, 256), conv_impl)
+  return ResNet(num_classes, (1, 1, 1), (64, 128, 256), conv_impl, dtype)
 
 
-def resnet18(num_classes: int, conv_impl: str = 'auto') -> ResNet:
+def resnet18(num_classes: int, conv_impl: str = 'auto',
+             dtype: jnp.dtype = jnp.float32) -> ResNet:
   """ResNet-18: stem and stages [2, 2, 2, 2] of 64/128/256/512 channels."""
-  return ResNet(num_classes, (2, 2, 2, 2), (64, 128, 256, 512), conv_impl)
+  return ResNet(num_classes, (2, 2, 2, 2), (64, 128, 256, 512), conv_impl, dtype)
