@@ -14,9 +14,12 @@ checkpoint computes exactly what the uninterrupted run computes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import fcntl
+import gc
+import io
 import json
 import os
 import shutil
@@ -459,17 +462,23 @@ def restore_newest_good(manager: ocp.CheckpointManager, rounds: Any, tree: Any,
     (state, last round it holds); (tree, 0) when no checkpoint restores.
   """
   for step in sorted(manager.all_steps(), reverse=True):
-    try:
-      restored = manager.restore(step, args=ocp.args.StandardRestore(
-          rounds.device_tree(tree)))
-      return rounds.restore(restored, step), step
-    except Exception as e:  # noqa: BLE001 -- orbax/tensorstore raise many types for one bad file
-      aside = os.path.join(workdir, 'corrupt_checkpoints', f'{step}-{time.time_ns()}')
-      os.makedirs(os.path.dirname(aside), exist_ok=True)
-      os.replace(os.path.join(workdir, 'checkpoints', str(step)), aside)
-      manager.reload()
-      logging.warning('checkpoint of round %d does not restore (%s); moved it to %s and '
-                      'trying the previous one', step, type(e).__name__, aside)
+    failure = None
+    # A failed read leaves orbax coroutines behind whose tracebacks Python prints when they
+    # are collected: they are collected here, with stderr captured, and replaced by one line.
+    with contextlib.redirect_stderr(io.StringIO()):
+      try:
+        restored = manager.restore(step, args=ocp.args.StandardRestore(
+            rounds.device_tree(tree)))
+        return rounds.restore(restored, step), step
+      except Exception as e:  # noqa: BLE001 -- orbax/tensorstore raise many types
+        failure = type(e).__name__
+      gc.collect()
+    aside = os.path.join(workdir, 'corrupt_checkpoints', f'{step}-{time.time_ns()}')
+    os.makedirs(os.path.dirname(aside), exist_ok=True)
+    os.replace(os.path.join(workdir, 'checkpoints', str(step)), aside)
+    manager.reload()
+    logging.warning('checkpoint of round %d does not restore (%s); moved it to %s and '
+                    'trying the previous one', step, failure, aside)
   return tree, 0
 
 
