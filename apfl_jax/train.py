@@ -57,8 +57,9 @@ def default_workdir(config: Config) -> str:
 
 
 def open_workdir(workdir: str, config: Config) -> str:
-  """Creates (or reopens) the workdir and checks it belongs to this config; writes nothing
-  in it (`commit_workdir` writes config.json once the run has really started).
+  """Creates (or reopens) the workdir and checks that it belongs to this config.
+
+  Nothing is written in it: `commit_workdir` writes config.json once the run has started.
 
   Returns:
     The absolute workdir path.
@@ -133,8 +134,14 @@ def _has_checkpoint(workdir: str) -> bool:
 
 
 def _remove_failed_start(workdir: str, created: str | None, entries_before: set[str]) -> None:
-  """Removes what a run that never checkpointed made: the folders it created for the
-  workdir (`created` and below, where empty), or else the entries it added to it."""
+  """Removes what a run that never checkpointed made.
+
+  Args:
+    workdir: the run's folder.
+    created: the outermost folder the run created for it (None: the workdir existed, and
+      only the entries the run added to it go).
+    entries_before: the workdir's entries before the run.
+  """
   if created is None:
     for name in set(os.listdir(workdir)) - entries_before:
       path = os.path.join(workdir, name)
@@ -395,8 +402,9 @@ class AsyncRounds:
 
 
 def _read_metrics(path: str, up_to_round: int) -> list[dict[str, Any]]:
-  """The rows of metrics.jsonl up to `up_to_round`; a torn last line (a kill during its
-  write) is dropped with a one-line warning.
+  """The rows of metrics.jsonl up to `up_to_round`.
+
+  A torn last line (a kill while it was written) is dropped with a one-line warning.
 
   Raises:
     ConfigError: naming the file when a line before the last is not JSON.

@@ -14,7 +14,6 @@ decoded), 3 clients, 4 rounds of 2 local steps, with a shared persistent jax com
 cache so that only the first subprocess compiles.
 """
 
-import json
 import math
 import os
 import shutil
@@ -25,14 +24,18 @@ import time
 import types
 from concurrent import futures
 
+import jax
 import numpy as np
 import pytest
 
 from apfl_jax import models
+from apfl_jax import train
 from apfl_jax import preflight
 from apfl_jax.config import Config
 from apfl_jax.data import datasets
-from apfl_jax.errors import ConfigError
+from apfl_jax.errors import ConfigError, TrainingDivergedError, UserError
+from conftest import make_synthetic_dataset
+from test_train import read_rows
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(REPO, 'experiments', 'main.py')
@@ -96,14 +99,6 @@ def assert_one_line_error(returncode, stderr, *names):
     assert name in stderr, stderr
 
 
-def rows_of(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    rows = [json.loads(line) for line in f]
-  for row in rows:
-    row.pop('elapsed_s')
-  return rows
-
-
 def wait_for_checkpoint(workdir, step, process, timeout=120):
   """Waits until `step` is committed (orbax renames its temporary folder at the end)."""
   path = os.path.join(workdir, 'checkpoints', str(step))
@@ -120,7 +115,7 @@ def reference(env):
   workdir = env.root / 'reference'
   result = run(env, *SMALL_RUN, f'--workdir={workdir}')
   assert result.returncode == 0, result.stderr
-  rows = rows_of(workdir)
+  rows = read_rows(workdir)
   assert [r['round'] for r in rows] == list(range(1, ROUNDS + 1))
   return types.SimpleNamespace(workdir=workdir, rows=rows)
 
@@ -291,7 +286,7 @@ def test_second_live_run_refused_then_kill_9_mid_round_then_resume(env, referenc
   assert (workdir / 'run.lock').read_text().startswith(f'pid {winner.pid}')
   resumed = run(env, *SMALL_RUN, f'--workdir={workdir}')  # takes over the stale lock
   assert resumed.returncode == 0, resumed.stderr
-  assert rows_of(workdir) == reference.rows
+  assert read_rows(workdir) == reference.rows
 
 
 def test_sigint_and_sigterm_end_in_one_line_and_the_run_resumes(env, reference):
@@ -306,7 +301,7 @@ def test_sigint_and_sigterm_end_in_one_line_and_the_run_resumes(env, reference):
     assert os.path.isdir(workdir / 'checkpoints' / str(step))  # nothing saved was lost
   resumed = run(env, *SMALL_RUN, f'--workdir={workdir}')
   assert resumed.returncode == 0, resumed.stderr
-  assert rows_of(workdir) == reference.rows
+  assert read_rows(workdir) == reference.rows
 
 
 def test_truncated_checkpoint_falls_back_to_the_previous_one(env, reference):
@@ -318,7 +313,7 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(env, reference):
   lines = resumed.stderr.strip().splitlines()
   assert len(lines) == 1 and f'checkpoint of round {ROUNDS} does not restore' in lines[0]
   assert 'Traceback' not in resumed.stderr
-  assert rows_of(workdir) == reference.rows
+  assert read_rows(workdir) == reference.rows
   assert len(os.listdir(workdir / 'corrupt_checkpoints')) == 1  # kept for inspection
 
 
@@ -332,7 +327,7 @@ def test_kill_mid_checkpoint_save_resumes_from_the_previous_one(env, reference):
   os.truncate(victim, os.path.getsize(victim) // 2)
   resumed = run(env, *SMALL_RUN, f'--workdir={workdir}')
   assert resumed.returncode == 0, resumed.stderr
-  assert rows_of(workdir) == reference.rows
+  assert read_rows(workdir) == reference.rows
 
 
 def test_torn_last_metrics_line_is_repaired_on_resume(env, reference):
@@ -343,7 +338,7 @@ def test_torn_last_metrics_line_is_repaired_on_resume(env, reference):
   resumed = run(env, *SMALL_RUN, f'--workdir={workdir}')
   assert resumed.returncode == 0, resumed.stderr
   assert 'torn last line' in resumed.stderr and len(resumed.stderr.strip().splitlines()) == 1
-  assert rows_of(workdir) == reference.rows
+  assert read_rows(workdir) == reference.rows
 
 
 def test_disk_full_is_one_line_and_keeps_the_checkpoints(env, reference):
@@ -355,7 +350,33 @@ def test_disk_full_is_one_line_and_keeps_the_checkpoints(env, reference):
   assert_one_line_error(result.returncode, result.stderr, '--workdir',
                         'No space left on device')
   assert os.path.isdir(workdir / 'checkpoints' / str(ROUNDS - 1))  # nothing saved is lost
-  assert rows_of(workdir) == reference.rows[:ROUNDS - 1]
+  assert read_rows(workdir) == reference.rows[:ROUNDS - 1]
+
+
+@pytest.mark.parametrize('failure,flag', [
+    (TrainingDivergedError('NaN/Inf in training at round 1, client 0'), 'round 1, client 0'),
+    (jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory allocating 437GB'),
+     '--batch_size'),
+])
+def test_failure_in_round_1_leaves_nothing_it_created(tmp_path, monkeypatch, failure, flag):
+  dataset = make_synthetic_dataset(num_classes=4, per_class=20, shape=(28, 28, 1))
+  monkeypatch.setattr(train.datasets, 'load_dataset', lambda name, data_dir=None: dataset)
+
+  def fail(*args):
+    raise failure
+
+  monkeypatch.setattr(train.SyncRounds, 'step', fail)
+  config = Config(dataset='mnist', num_clients=4, min_samples_per_client=5, batch_size=8,
+                  num_rounds=2, verbose=False)
+  with pytest.raises(UserError, match=flag):
+    train.train_and_evaluate(config, str(tmp_path / 'runs' / 'first'))
+  assert not (tmp_path / 'runs').exists()  # neither the workdir nor the parent made for it
+  mine = tmp_path / 'mine'  # a folder the user made: only what the run added goes
+  mine.mkdir()
+  (mine / 'notes.txt').write_text('x')
+  with pytest.raises(UserError, match=flag):
+    train.train_and_evaluate(config, str(mine))
+  assert os.listdir(mine) == ['notes.txt']
 
 
 @pytest.mark.parametrize('damage', ['truncate', 'flip_bytes'])
@@ -381,7 +402,6 @@ def test_corrupt_data_cache_is_rebuilt_with_one_warning(tmp_path, monkeypatch, c
 
 
 def test_stale_lock_of_a_dead_process_is_taken_and_a_live_one_refused(tmp_path):
-  from apfl_jax import train  # pylint: disable=import-outside-toplevel
   (tmp_path / train.LOCK_NAME).write_text('pid 999999\n')  # left by a killed run
   lock = train.lock_workdir(str(tmp_path))
   assert (tmp_path / train.LOCK_NAME).read_text() == f'pid {os.getpid()}\n'

@@ -169,8 +169,11 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Datase
     `fashion_mnist` if that is prepared in `data_dir`, otherwise the Debian
     package's files (built once into `data_dir` as `fashion_mnist_debian`).
 
+  An unreadable cache file (truncated, bad CRC) is rebuilt, with one warning line
+  naming it.
+
   Raises:
-    ConfigError: `name` is not one of `DATASETS`.
+    ConfigError: `name` is not one of `DATASETS`, or `data_dir` does not exist.
     DataUnavailableError: the data set is not on this machine (or not in the
       array_record format); the one-line message says how to get it.
   """
