@@ -23,6 +23,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import time
 from typing import Any, TextIO
 
@@ -453,6 +454,13 @@ def _append_metrics(path: str, row: dict[str, Any]) -> None:
     raise ConfigError(f'--workdir: cannot write {path}: {e.strerror or e}') from None
 
 
+def _drop_abandoned_orbax_reads(unraisable: Any) -> None:
+  """`sys.unraisablehook` that drops orbax coroutines abandoned by a failed restore."""
+  code = getattr(unraisable.object, 'cr_code', None)
+  if code is None or 'orbax' not in code.co_filename:
+    _drop_abandoned_orbax_reads.previous(unraisable)
+
+
 def restore_newest_good(manager: ocp.CheckpointManager, rounds: Any, tree: Any,
                         workdir: str) -> tuple[Any, int]:
   """Restores the newest checkpoint that reads back.
@@ -472,7 +480,8 @@ def restore_newest_good(manager: ocp.CheckpointManager, rounds: Any, tree: Any,
   for step in sorted(manager.all_steps(), reverse=True):
     failure = None
     # A failed read leaves orbax coroutines behind whose tracebacks Python prints when they
-    # are collected: they are collected here, with stderr captured, and replaced by one line.
+    # are collected: those collected here are printed into a captured stderr, those
+    # collected later are dropped by `_drop_abandoned_orbax_reads`; one line replaces them.
     with contextlib.redirect_stderr(io.StringIO()):
       try:
         restored = manager.restore(step, args=ocp.args.StandardRestore(
@@ -481,6 +490,9 @@ def restore_newest_good(manager: ocp.CheckpointManager, rounds: Any, tree: Any,
       except Exception as e:  # noqa: BLE001 -- orbax/tensorstore raise many types
         failure = type(e).__name__
       gc.collect()
+    if sys.unraisablehook is not _drop_abandoned_orbax_reads:
+      _drop_abandoned_orbax_reads.previous = sys.unraisablehook
+      sys.unraisablehook = _drop_abandoned_orbax_reads
     aside = os.path.join(workdir, 'corrupt_checkpoints', f'{step}-{time.time_ns()}')
     os.makedirs(os.path.dirname(aside), exist_ok=True)
     os.replace(os.path.join(workdir, 'checkpoints', str(step)), aside)

@@ -49,7 +49,7 @@ def main(argv):
   except UserError as e:
     sys.exit(f'error: {e}')
   except KeyboardInterrupt as e:
-    sys.exit(f'error: {e or "interrupted before round 1; nothing was saved"}')
+    sys.exit(f'error: {e or "interrupted before the rounds started; rerun the same command"}')
 
 
 if __name__ == '__main__':
