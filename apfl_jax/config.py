@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import textwrap
 from typing import Any
 
 from absl import flags
@@ -199,7 +200,7 @@ class Config:
     for name in ('staleness_exponent', 'staleness_hinge_b', 'speed_spread', 'fedprox_mu',
                  'ditto_lambda', 'fedasync_rho', 'fedgen_beta',
                  'fedgen_generator_weight_decay'):
-      if getattr(self, name) < 0:
+      if not getattr(self, name) >= 0:  # also refuses NaN
         raise ConfigError(f'--{name} must be >= 0, got {getattr(self, name)}')
     if self.speed_distribution == 'trace' and not os.path.isfile(self.speed_trace):
       raise ConfigError(f'--speed_trace: file {self.speed_trace!r} not found '
@@ -230,12 +231,14 @@ class Config:
     if self.fedasync_rho > 0 and self.server != 'fedasync':
       raise ConfigError(f'--fedasync_rho={self.fedasync_rho} needs --server=fedasync, got '
                         f'--server={self.server}')
-    if self.fedgen_alpha < 0:
+    if not self.fedgen_alpha >= 0:
       raise ConfigError(f'--fedgen_alpha must be >= 0, got {self.fedgen_alpha}')
     if self.dropout_round < 0:
       raise ConfigError(f'--dropout_round must be >= 0, got {self.dropout_round}')
     self.dropout_client_ids(monopoly_clients=())  # checks the syntax and the range
     _positive('num_clients', self.num_clients)
+    if not 0 <= self.seed < 2**32:
+      raise ConfigError(f'--seed must be in [0, 2^32), got {self.seed}')
     _positive('num_rounds', self.num_rounds)
     _positive('batch_size', self.batch_size)
     _positive('eval_every', self.eval_every)
@@ -503,3 +506,31 @@ def resolve_flagfile_args(argv: list[str], experiments_dir: str) -> list[str]:
         raise ConfigError(f'--flagfile: {path} not found (nor in {experiments_dir})')
     resolved.append(arg)
   return resolved
+
+
+# `--help` groups: (title, first field of the group in `Config` order); a group runs up to
+# the next group's first field, so a new field lands in the group of its neighbours.
+HELP_GROUPS = (
+    ('Data and partition', 'dataset'),
+    ('Model and training', 'model'),
+    ('Asynchrony and dropout', 'dropout_clients'),
+    ('Baselines', 'fedprox_mu'),
+    ('Generator (FedGen, AP-FL)', 'embedding'),
+    ('AP-FL friend models and interpolation', 'beta'),
+    ('Bookkeeping', 'seed'),
+)
+
+
+def format_help(program: str) -> str:
+  """The `--help` text: every project flag with its default, grouped by component."""
+  starts = {first: title for title, first in HELP_GROUPS}
+  lines = [f'usage: {program} [--flagfile=NAME.flags] [--flag=value ...]',
+           'A bare flagfile name not in the working directory is looked up in experiments/.']
+  for field in dataclasses.fields(Config):
+    if field.name in starts:
+      lines += ['', f'{starts[field.name]}:']
+    help_text = flags.FLAGS[field.name].help if field.name in flags.FLAGS else _HELP[field.name]
+    lines.append(f'  --{field.name} (default {field.default!r})')
+    lines += textwrap.wrap(help_text, 88, initial_indent='      ', subsequent_indent='      ')
+  lines += ['', 'absl flags (logging, --flagfile, ...): --helpfull']
+  return '\n'.join(lines)

@@ -15,3 +15,10 @@ class DataUnavailableError(UserError):
 
 class TrainingDivergedError(UserError):
   """NaN or Inf appeared in training; the message names the round and the client."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+  """Ctrl-C or SIGTERM ended a run; the message says the round reached and how to resume.
+
+  A KeyboardInterrupt, so code that stops on Ctrl-C still stops on it.
+  """

@@ -15,13 +15,20 @@ checkpoint computes exactly what the uninterrupted run computes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import fcntl
+import gc
+import io
 import json
 import os
+import shutil
+import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,14 +41,17 @@ from apfl_jax import cohort as cohort_lib
 from apfl_jax import evaluation
 from apfl_jax import local_training
 from apfl_jax import models
+from apfl_jax import preflight
 from apfl_jax import sharding
 from apfl_jax.config import Config, RESUMABLE_FIELDS
 from apfl_jax.data import client_data
 from apfl_jax.data import datasets
 from apfl_jax.data import partition as partition_lib
-from apfl_jax.errors import ConfigError, TrainingDivergedError
+from apfl_jax.errors import ConfigError, RunInterrupted, TrainingDivergedError
 
 EVAL_CHUNK = 256
+# The workdir's lock file (see `lock_workdir`).
+LOCK_NAME = 'run.lock'
 
 
 def default_workdir(config: Config) -> str:
@@ -50,8 +60,10 @@ def default_workdir(config: Config) -> str:
   return os.path.join('runs', f'{config.dataset}_{config.algorithm}_{stamp}')
 
 
-def prepare_workdir(workdir: str, config: Config) -> str:
-  """Creates (or reopens) the workdir and checks it belongs to this config.
+def open_workdir(workdir: str, config: Config) -> str:
+  """Creates (or reopens) the workdir and checks that it belongs to this config.
+
+  Nothing is written in it: `commit_workdir` writes config.json once the run has started.
 
   Returns:
     The absolute workdir path.
@@ -79,9 +91,74 @@ def prepare_workdir(workdir: str, config: Config) -> str:
         raise ConfigError(
             f'--workdir {workdir} holds a run with --{key}={previous[key]}, this one has '
             f'--{key}={value}: pass a new --workdir or the same flags')
-  with open(config_path, 'w') as f:
-    f.write(config.replace(workdir=workdir).to_json())
   return workdir
+
+
+def commit_workdir(workdir: str, config: Config) -> None:
+  """Writes config.json: from now on the workdir belongs to this config."""
+  _write_file(os.path.join(workdir, 'config.json'), config.replace(workdir=workdir).to_json())
+
+
+def lock_workdir(workdir: str) -> TextIO:
+  """Takes the workdir's lock file; keep the returned file open for the whole run.
+
+  The lock is an `flock` on `workdir/LOCK_NAME`: the kernel releases it when its holder
+  exits, however it exits, so a lock left by a dead process (kill -9) is simply taken.
+
+  Raises:
+    ConfigError: naming --workdir when a live process holds the lock.
+  """
+  lock = open(os.path.join(workdir, LOCK_NAME), 'a+')
+  try:
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    lock.seek(0)
+    holder = lock.read().strip() or 'another process'
+    lock.close()
+    raise ConfigError(f'--workdir {workdir} is in use by a running run ({holder}): wait '
+                      'for it to end or pass another --workdir') from None
+  lock.seek(0)
+  lock.truncate()
+  lock.write(f'pid {os.getpid()}\n')
+  lock.flush()
+  return lock
+
+
+def _first_missing_folder(path: str) -> str | None:
+  """The outermost folder of `path` that does not exist yet (None if `path` exists)."""
+  missing = None
+  while not os.path.exists(path):
+    missing, path = path, os.path.dirname(path)
+  return missing
+
+
+def _has_checkpoint(workdir: str) -> bool:
+  folder = os.path.join(workdir, 'checkpoints')
+  return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
+
+
+def _remove_failed_start(workdir: str, created: str | None, entries_before: set[str]) -> None:
+  """Removes what a run that never checkpointed made.
+
+  Args:
+    workdir: the run's folder.
+    created: the outermost folder the run created for it (None: the workdir existed, and
+      only the entries the run added to it go).
+    entries_before: the workdir's entries before the run.
+  """
+  if created is None:
+    for name in set(os.listdir(workdir)) - entries_before:
+      path = os.path.join(workdir, name)
+      if os.path.isdir(path):
+        shutil.rmtree(path)
+      else:
+        os.remove(path)
+    return
+  shutil.rmtree(workdir, ignore_errors=True)
+  parent = os.path.dirname(workdir)
+  while len(parent) >= len(created) and os.path.isdir(parent) and not os.listdir(parent):
+    os.rmdir(parent)
+    parent = os.path.dirname(parent)
 
 
 def cohort_for_round(seed: int, round_index: int, num_clients: int, join_ratio: float,
@@ -126,6 +203,7 @@ def build_experiment(config: Config) -> Experiment:
   dataset = datasets.load_dataset(config.dataset, config.data_dir or None)
   if config.test_split == 'pooled':
     dataset = datasets.pooled(dataset)
+  preflight.check_data(config, dataset.train_labels, dataset.num_classes, config.dataset)
   partition = partition_lib.partition_dataset(
       dataset.train_labels, dataset.test_labels, num_clients=config.num_clients,
       scheme=config.partition, seed=config.seed, num_classes=dataset.num_classes,
@@ -146,6 +224,7 @@ def build_experiment(config: Config) -> Experiment:
       max_buckets=config.max_client_buckets, unroll=config.scan_unroll)
   model = models.create_model(config.model, dataset.num_classes, config.conv_impl,
                               config.compute_dtype)
+  preflight.check_round(config, counts, model, dataset.image_shape)
   algorithm = algorithms.create_algorithm(config, model, dataset, partition,
                                           schedule).with_client_map(client_map)
   dropout = config.dropout_client_ids(partition.monopoly_clients)
@@ -363,19 +442,103 @@ class AsyncRounds:
 
 
 def _read_metrics(path: str, up_to_round: int) -> list[dict[str, Any]]:
+  """The rows of metrics.jsonl up to `up_to_round`.
+
+  A torn last line (a kill while it was written) is dropped with a one-line warning.
+
+  Raises:
+    ConfigError: naming the file when a line before the last is not JSON.
+  """
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    rows = [json.loads(line) for line in f if line.strip()]
+    lines = [line for line in f if line.strip()]
+  rows = []
+  for number, line in enumerate(lines, 1):
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      if number < len(lines):
+        raise ConfigError(f'--workdir: line {number} of {path} is not JSON; fix or delete '
+                          'that line') from None
+      logging.warning('dropping the torn last line of %s (a run was killed while writing '
+                      'it)', path)
   return [r for r in rows if r['round'] <= up_to_round]
 
 
-def _write_metrics(path: str, rows: list[dict[str, Any]]) -> None:
+def _write_file(path: str, text: str) -> None:
+  """Writes `text` to `path` atomically (a temporary file, then a rename).
+
+  Raises:
+    ConfigError: naming --workdir and the file when it cannot be written (disk full).
+  """
   tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    for r in rows:
-      f.write(json.dumps(r) + '\n')
-  os.replace(tmp, path)
+  try:
+    with open(tmp, 'w') as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except OSError as e:
+    raise ConfigError(f'--workdir: cannot write {path}: {e.strerror or e}') from None
+
+
+def _write_metrics(path: str, rows: list[dict[str, Any]]) -> None:
+  _write_file(path, ''.join(json.dumps(r) + '\n' for r in rows))
+
+
+def _append_metrics(path: str, row: dict[str, Any]) -> None:
+  try:
+    with open(path, 'a') as f:
+      f.write(json.dumps(row) + '\n')
+  except OSError as e:
+    raise ConfigError(f'--workdir: cannot write {path}: {e.strerror or e}') from None
+
+
+def _drop_abandoned_orbax_reads(unraisable: Any) -> None:
+  """`sys.unraisablehook` that drops orbax coroutines abandoned by a failed restore."""
+  code = getattr(unraisable.object, 'cr_code', None)
+  if code is None or 'orbax' not in code.co_filename:
+    _drop_abandoned_orbax_reads.previous(unraisable)
+
+
+def restore_newest_good(manager: ocp.CheckpointManager, rounds: Any, tree: Any,
+                        workdir: str) -> tuple[Any, int]:
+  """Restores the newest checkpoint that reads back.
+
+  A checkpoint that fails to restore (a truncated or corrupted file) is moved to
+  `workdir/corrupt_checkpoints/` with a one-line warning, and the one before it is tried.
+
+  Args:
+    manager: the run's checkpoint manager.
+    rounds: `SyncRounds` or `AsyncRounds` (restores its host state beside the tree).
+    tree: the freshly initialised state (the structure to restore into).
+    workdir: the run's folder.
+
+  Returns:
+    (state, last round it holds); (tree, 0) when no checkpoint restores.
+  """
+  for step in sorted(manager.all_steps(), reverse=True):
+    failure = None
+    # A failed read leaves orbax coroutines behind whose tracebacks Python prints when they
+    # are collected: those collected here are printed into a captured stderr, those
+    # collected later are dropped by `_drop_abandoned_orbax_reads`; one line replaces them.
+    with contextlib.redirect_stderr(io.StringIO()):
+      try:
+        restored = manager.restore(step, args=ocp.args.StandardRestore(
+            rounds.device_tree(tree)))
+        return rounds.restore(restored, step), step
+      except Exception as e:  # noqa: BLE001 -- orbax/tensorstore raise many types
+        failure = type(e).__name__
+      gc.collect()
+    if sys.unraisablehook is not _drop_abandoned_orbax_reads:
+      _drop_abandoned_orbax_reads.previous = sys.unraisablehook
+      sys.unraisablehook = _drop_abandoned_orbax_reads
+    aside = os.path.join(workdir, 'corrupt_checkpoints', f'{step}-{time.time_ns()}')
+    os.makedirs(os.path.dirname(aside), exist_ok=True)
+    os.replace(os.path.join(workdir, 'checkpoints', str(step)), aside)
+    manager.reload()
+    logging.warning('checkpoint of round %d does not restore (%s); moved it to %s and '
+                    'trying the previous one', step, failure, aside)
+  return tree, 0
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -400,21 +563,46 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) the experiment described by `config` in `workdir`.
 
+  The workdir is locked for the run (a second live run in it is refused); config.json is
+  written only once the data loaded and the sizes passed `preflight`; a run that fails or
+  is interrupted before its first checkpoint removes what it created.
+
   Args:
     config: a validated config.
     workdir: output folder; a folder holding a checkpoint of the same config resumes.
 
   Returns:
     The summary (final and best-over-rounds metrics), also written to summary.json.
+
+  Raises:
+    UserError: one line naming the flag, file, or round and client.
+    RunInterrupted: Ctrl-C or SIGTERM; says the round reached and how to resume.
   """
   config.validate()
-  workdir = prepare_workdir(workdir or default_workdir(config), config)
+  workdir = os.path.abspath(os.path.expanduser(workdir or default_workdir(config)))
+  created = _first_missing_folder(workdir)
+  entries_before = set() if created else set(os.listdir(workdir))
+  workdir = open_workdir(workdir, config)
+  lock = lock_workdir(workdir)
+  try:
+    return _run(config, workdir)
+  except BaseException:
+    if 'config.json' not in entries_before and not _has_checkpoint(workdir):
+      _remove_failed_start(workdir, created, entries_before)
+    raise
+  finally:
+    lock.close()
+
+
+def _run(config: Config, workdir: str) -> dict[str, Any]:
+  """`train_and_evaluate` in a locked workdir."""
   log = print if config.verbose else (lambda *a, **k: None)
+  log(f'loading {config.dataset} and partitioning it among {config.num_clients} clients',
+      flush=True)
   exp = build_experiment(config)
-  with open(os.path.join(workdir, 'partition.txt'), 'w') as f:
-    f.write(exp.partition.table() + '\n')
-  with open(os.path.join(workdir, 'partition.json'), 'w') as f:
-    f.write(exp.partition.to_json())
+  commit_workdir(workdir, config)
+  _write_file(os.path.join(workdir, 'partition.txt'), exp.partition.table() + '\n')
+  _write_file(os.path.join(workdir, 'partition.json'), exp.partition.to_json())
   log(f'{config.dataset}: {exp.partition.num_clients} clients, partition '
       f'{config.partition}\n{exp.partition.table()}')
 
@@ -428,11 +616,20 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   tree = rounds.init(state)
   manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'),
                                   options=ocp.CheckpointManagerOptions(max_to_keep=2))
+  try:
+    return _round_loop(config, workdir, exp, rounds, tree, manager, base_key, log)
+  finally:
+    manager.wait_until_finished()  # an async save still in flight is kept
+    manager.close()
+
+
+def _round_loop(config: Config, workdir: str, exp: Experiment, rounds: Any, tree: Any,
+                manager: ocp.CheckpointManager, base_key: jax.Array,
+                log: Any) -> dict[str, Any]:
+  """Resumes from the newest good checkpoint and runs the remaining rounds."""
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
-  done = manager.latest_step() or 0
+  tree, done = restore_newest_good(manager, rounds, tree, workdir)
   if done:
-    tree = rounds.restore(manager.restore(done, args=ocp.args.StandardRestore(
-        rounds.device_tree(tree))), done)
     log(f'resuming {workdir} after round {done}')
   rows = _read_metrics(metrics_path, done)
   _write_metrics(metrics_path, rows)
@@ -440,44 +637,57 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
 
   evaluate = Evaluator(exp)
   board = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+  log(f'round {done + 1}/{config.num_rounds}: compiling the round and the evaluation '
+      '(the first round takes longer)', flush=True)
   t0 = time.perf_counter()
   round_times = []
-  for r in range(done + 1, config.num_rounds + 1):
-    t_round = time.perf_counter()
-    tree, report = rounds.step(tree, r, jax.random.fold_in(base_key, r))
-    if not np.all(report.finite):
-      bad = int(report.clients[np.flatnonzero(~report.finite)[0]])
-      raise TrainingDivergedError(
-          f'NaN/Inf in training at round {r}, client {bad} (try a lower --learning_rate)')
-    row = None
-    if r % config.eval_every == 0 or r == config.num_rounds:
-      row = {'round': r, **evaluate(rounds.algorithm_state(tree)),
-             'train_loss': float(np.mean(report.loss)), **report.extra,
-             'elapsed_s': round(elapsed_offset + time.perf_counter() - t0, 3)}
-      rows.append(row)
-      with open(metrics_path, 'a') as f:
-        f.write(json.dumps(row) + '\n')
-      for key, value in row.items():
-        if key != 'round' and isinstance(value, float):
-          board.add_scalar(key, value, r)
-      board.flush()
-    if r % config.checkpoint_every == 0 or r == config.num_rounds:
-      rounds.save_host_state(tree, r)
-      manager.save(r, args=ocp.args.StandardSave(rounds.device_tree(tree)))
-    round_times.append(time.perf_counter() - t_round)
-    eta = np.median(round_times[-10:]) * (config.num_rounds - r)
-    accuracy = '' if row is None else (
-        f' personalized {row["personalized_acc"]:.4f}'
-        + ('' if row['global_acc'] is None else f' global {row["global_acc"]:.4f}'))
-    log(f'round {r}/{config.num_rounds} loss {np.mean(report.loss):.4f}{accuracy} '
-        f'{round_times[-1]:.2f}s ETA {datetime.timedelta(seconds=int(eta))}', flush=True)
-  manager.wait_until_finished()
-  manager.close()
-  board.close()
+  r = done
+  try:
+    for r in range(done + 1, config.num_rounds + 1):
+      t_round = time.perf_counter()
+      tree, report = rounds.step(tree, r, jax.random.fold_in(base_key, r))
+      if not np.all(report.finite):
+        bad = int(report.clients[np.flatnonzero(~report.finite)[0]])
+        raise TrainingDivergedError(
+            f'NaN/Inf in training at round {r}, client {bad} (try a lower --learning_rate)')
+      row = None
+      if r % config.eval_every == 0 or r == config.num_rounds:
+        row = {'round': r, **evaluate(rounds.algorithm_state(tree)),
+               'train_loss': float(np.mean(report.loss)), **report.extra,
+               'elapsed_s': round(elapsed_offset + time.perf_counter() - t0, 3)}
+        rows.append(row)
+        _append_metrics(metrics_path, row)
+        for key, value in row.items():
+          if key != 'round' and isinstance(value, float):
+            board.add_scalar(key, value, r)
+        board.flush()
+      if r % config.checkpoint_every == 0 or r == config.num_rounds:
+        rounds.save_host_state(tree, r)
+        manager.save(r, args=ocp.args.StandardSave(rounds.device_tree(tree)))
+      round_times.append(time.perf_counter() - t_round)
+      eta = np.median(round_times[-10:]) * (config.num_rounds - r)
+      accuracy = '' if row is None else (
+          f' personalized {row["personalized_acc"]:.4f}'
+          + ('' if row['global_acc'] is None else f' global {row["global_acc"]:.4f}'))
+      log(f'round {r}/{config.num_rounds} loss {np.mean(report.loss):.4f}{accuracy} '
+          f'{round_times[-1]:.2f}s ETA {datetime.timedelta(seconds=int(eta))}', flush=True)
+  except KeyboardInterrupt:
+    manager.wait_until_finished()
+    saved = manager.latest_step() or 0
+    kept = (f'rounds 1-{saved} are checkpointed; rerun the same command with '
+            f'--workdir={workdir} to resume') if saved else \
+        'nothing was checkpointed yet; rerun the same command to start over'
+    raise RunInterrupted(f'interrupted in round {r + 1}/{config.num_rounds}: {kept}') from None
+  except jax.errors.JaxRuntimeError as e:
+    if 'RESOURCE_EXHAUSTED' not in str(e):
+      raise
+    raise ConfigError(f'--batch_size: round {r} ran out of device memory; lower '
+                      '--batch_size or --join_ratio') from None
+  finally:
+    board.close()
 
   summary = summarize(rows)
-  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-    json.dump(summary, f, indent=2)
+  _write_file(os.path.join(workdir, 'summary.json'), json.dumps(summary, indent=2))
   log(format_summary(summary, workdir))
   return summary
 

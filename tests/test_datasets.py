@@ -192,6 +192,7 @@ def test_debian_builder_gives_back_the_idx_files(tmp_path, monkeypatch):
   monkeypatch.setenv(fashion_mnist_debian.SOURCE_DIR_ENV, str(source))
 
   data_dir = tmp_path / 'data'
+  data_dir.mkdir()  # a --data_dir that does not exist is refused, not created
   dataset = datasets.load_dataset('fashion_mnist', data_dir=data_dir)
 
   assert dataset.class_names == fashion_mnist_debian.CLASS_NAMES

@@ -107,13 +107,8 @@ class APFLDeng(FedAvg):
     (_, loss), (w_grad, v_grad, alpha_grad) = jax.value_and_grad(
         objective, argnums=(0, 1, 2), has_aux=True)(state.w, state.v, state.alpha)
     w_updates, w_opt = self.client_optimizer.update(w_grad, state.w_opt, state.w)
-<<<<<<< HEAD
     v_updates, v_opt = self.personal_optimizer.update(v_grad, state.v_opt, state.v)
-    new = _StepState(
-=======
-    v_updates, v_opt = self.client_optimizer.update(v_grad, state.v_opt, state.v)
     return _StepState(
->>>>>>> issue12
         w=optax.apply_updates(state.w, w_updates), v=optax.apply_updates(state.v, v_updates),
         alpha=jnp.clip(state.alpha - self.alpha_learning_rate * alpha_grad, 0.0, 1.0),
         w_opt=w_opt, v_opt=v_opt, loss_sum=state.loss_sum + loss, steps=state.steps + 1)

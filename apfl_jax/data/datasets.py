@@ -21,9 +21,11 @@ EMNIST, as tfds stores it, needs two fixes, both applied here:
     EMNIST mapping files as class names.
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+import contextlib
 import dataclasses
 import functools
+import io
 import logging
 import os
 import pathlib
@@ -31,7 +33,9 @@ import re
 import string
 import tempfile
 from typing import Any
+import zipfile
 
+from absl import logging as absl_logging
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -165,8 +169,11 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Datase
     `fashion_mnist` if that is prepared in `data_dir`, otherwise the Debian
     package's files (built once into `data_dir` as `fashion_mnist_debian`).
 
+  An unreadable cache file (truncated, bad CRC) is rebuilt, with one warning line
+  naming it.
+
   Raises:
-    ConfigError: `name` is not one of `DATASETS`.
+    ConfigError: `name` is not one of `DATASETS`, or `data_dir` does not exist.
     DataUnavailableError: the data set is not on this machine (or not in the
       array_record format); the one-line message says how to get it.
   """
@@ -174,11 +181,18 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Datase
     raise ConfigError(
         f'unknown dataset {name!r}: expected one of {", ".join(DATASETS)}')
   root = pathlib.Path(data_dir).expanduser() if data_dir else default_data_dir()
+  if data_dir and not root.is_dir():
+    raise ConfigError(f'--data_dir: folder {root} does not exist')
   tfds_name, version = _locate(name, root)
   cache_path = (root / CACHE_DIRNAME /
                 f'{tfds_name.replace("/", "-")}-{version}-v{_CACHE_FORMAT}.npz')
   if cache_path.is_file():
-    return _read_cache(name, cache_path)
+    try:
+      return _read_cache(name, cache_path)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+      _log.warning('Data cache %s is unreadable (%s: %s); rebuilding it', cache_path,
+                   type(e).__name__, str(e).splitlines()[0] if str(e) else '')
+      cache_path.unlink(missing_ok=True)
   dataset = _read_tfds(name, tfds_name, version, root)
   _write_cache(dataset, cache_path)
   return dataset
@@ -199,9 +213,10 @@ def _locate(name: str, root: pathlib.Path) -> tuple[str, str]:
   if version:
     return tfds_name, version
   build_hint = (
-      f'on a machine with internet run `tfds build {tfds_name} '
-      f'--file_format=array_record --data_dir=DIR` and copy '
-      f'DIR/{tfds_name.split("/")[0]} into {root}, or pass --data_dir')
+      f'on a machine with internet run `pip install tensorflow tensorflow-datasets && '
+      f'tfds build {tfds_name} --file_format=array_record --data_dir=DIR` (tfds build '
+      f'needs TensorFlow) and copy DIR/{tfds_name.split("/")[0]} into {root}, or pass '
+      '--data_dir')
   if name != 'fashion_mnist':
     raise DataUnavailableError(
         f'dataset {name!r} is not prepared in {root}: {build_hint}')
@@ -244,7 +259,8 @@ def _prepared_version(name: str, tfds_name: str, root: pathlib.Path) -> str | No
     raise DataUnavailableError(
         f'dataset {name!r} is prepared in {prepared[0]} but not as array_record: '
         f'run `tfds build {tfds_name} --file_format=array_record '
-        f'--data_dir={root}` (it needs internet), or pass --data_dir')
+        f'--data_dir={root}` (it needs internet and TensorFlow: `pip install tensorflow`), '
+        'or pass --data_dir')
   return None
 
 
@@ -252,7 +268,7 @@ def _build_debian_fashion_mnist(source: pathlib.Path, root: pathlib.Path) -> str
   """Prepares `fashion_mnist_debian` from the IDX files in `source`; returns its version."""
   _log.info('Preparing fashion_mnist_debian in %s from %s', root, source)
   builder = fashion_mnist_debian.FashionMnistDebian(data_dir=root, source=source)
-  with tempfile.TemporaryDirectory() as download_dir:  # Stays empty.
+  with tempfile.TemporaryDirectory() as download_dir, _quiet_tfds():  # Stays empty.
     builder.download_and_prepare(
         download_dir=download_dir,
         file_format='array_record',
@@ -260,13 +276,32 @@ def _build_debian_fashion_mnist(source: pathlib.Path, root: pathlib.Path) -> str
   return str(builder.version)
 
 
+@contextlib.contextmanager
+def _quiet_tfds() -> Iterator[None]:
+  """Silences tfds while it builds or decodes: its prints, progress bars and warnings.
+
+  (They are 'Downloading and preparing dataset Unknown size', raw progress-bar escape
+  codes and an OpenCV advice; the caller says what is happening in one line.)
+  """
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  tfds.display_progress_bar(False)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    tfds.display_progress_bar(True)
+    absl_logging.set_verbosity(verbosity)
+
+
 def _read_tfds(name: str, tfds_name: str, version: str, root: pathlib.Path) -> Dataset:
   """Decodes the train and test splits of a prepared tfds data set."""
   _log.info('Decoding %s:%s from %s', tfds_name, version, root)
   builder = tfds.builder(f'{tfds_name}:{version}', data_dir=root)
   sources = builder.as_data_source(split=['train', 'test'])
-  (train_images, train_labels), (test_images, test_labels) = (
-      _read_split(source) for source in sources)
+  with _quiet_tfds():
+    (train_images, train_labels), (test_images, test_labels) = (
+        _read_split(source) for source in sources)
   offset = _LABEL_OFFSETS.get(name, 0)
   class_names = _EMNIST_CLASS_NAMES.get(
       name, tuple(builder.info.features['label'].names))
