@@ -285,7 +285,7 @@ class Evaluator:
       personal = shared(params)
     else:
       personal = evaluation.client_correct_counts(model, params, data, EVAL_CHUNK,
-                                                  algorithm.client_map)
+                                                  client_map=algorithm.client_map)
     out = {'personalized': personal}
     global_params = algorithm.global_params(state)
     if global_params is not None:
@@ -298,7 +298,7 @@ class Evaluator:
       prior_free = algorithm.label_prior_free_params(state, data, dropout_ids)
       if prior_free is not None:
         out['dropout_no_label_prior'] = evaluation.client_correct_counts(
-            model, prior_free, data, EVAL_CHUNK, dropout_ids)
+            model, prior_free, data, EVAL_CHUNK, client_ids=dropout_ids)
     return out
 
   def __call__(self, state) -> dict[str, float | None]:

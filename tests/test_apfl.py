@@ -1,17 +1,12 @@
 """Tests of apfl_jax.algorithms.apfl."""
 
-import json
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 from apfl_jax import local_training
 from apfl_jax import generator as generator_lib
-from apfl_jax import train
 from apfl_jax.algorithms import apfl as apfl_lib
 from apfl_jax.algorithms import knowledge_transfer
 from apfl_jax.algorithms.local import LocalOnly
@@ -206,38 +201,3 @@ def test_image_generator_trains_whole_friend_models():
   # Both body and head moved: the friend trained end to end on generated images.
   for part in ('body', 'head'):
     assert not np.allclose(personalized[part]['kernel'], local[part]['kernel'])
-
-
-@pytest.fixture
-def synthetic_run_data(monkeypatch):
-  dataset = make_synthetic_dataset(num_classes=4, per_class=20, shape=(28, 28, 1))
-  monkeypatch.setattr(train.datasets, 'load_dataset', lambda name, data_dir=None: dataset)
-  return dataset
-
-
-def test_resumed_apfl_run_keeps_local_models_and_equals_uninterrupted(
-    tmp_path, synthetic_run_data, monkeypatch):
-  config = Config(dataset='mnist', algorithm='apfl', embedding='onehot', num_clients=4,
-                  partition='dirichlet', dirichlet_alpha=0.5, min_samples_per_client=5,
-                  num_rounds=3, batch_size=8, local_epochs=0, local_steps=2,
-                  learning_rate=0.05, join_ratio=0.5, checkpoint_every=2, noise_dim=8,
-                  generator_steps=2, generator_batch_size=8, synthetic_per_class=4,
-                  friend_batch_size=8, verbose=False).validate()
-  train.train_and_evaluate(config, str(tmp_path / 'straight'))
-  original = train.cohort_for_round
-
-  def interrupt_at_round_3(seed, round_index, *args, **kwargs):
-    if round_index == 3:
-      raise KeyboardInterrupt
-    return original(seed, round_index, *args, **kwargs)
-
-  monkeypatch.setattr(train, 'cohort_for_round', interrupt_at_round_3)
-  with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(config, str(tmp_path / 'resumed'))
-  monkeypatch.setattr(train, 'cohort_for_round', original)
-  train.train_and_evaluate(config, str(tmp_path / 'resumed'))
-
-  def rows(name):
-    with open(os.path.join(tmp_path, name, 'metrics.jsonl')) as f:
-      return [{k: v for k, v in json.loads(line).items() if k != 'elapsed_s'} for line in f]
-  assert rows('resumed') == rows('straight')

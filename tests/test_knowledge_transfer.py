@@ -18,11 +18,8 @@ def test_client_label_counts_match_the_partition(synthetic_federation):
     np.testing.assert_array_equal(counts, partition.train_counts[c])
 
 
-def test_global_teacher_shares_every_held_label(monkeypatch):
-  setup = generator_setup(global_teacher_weight=0.25)
-  model = TinyModel()
-  params = model.init(jax.random.key(0), jnp.zeros((1, 6, 6, 1)))['params']
-  teachers = jax.tree.map(lambda x: jnp.stack([x, x]), params)
+def spy_on_generator_training(monkeypatch, model):
+  """Replaces train_generator by a recorder of its weights, label probs and logits."""
   seen = {}
 
   def spy(generator, state, optimizer, teacher_logits_fn, label_probs, weights, rng, **kw):
@@ -31,6 +28,15 @@ def test_global_teacher_shares_every_held_label(monkeypatch):
     return state, {}
 
   monkeypatch.setattr(generator_lib, 'train_generator', spy)
+  return seen
+
+
+def test_global_teacher_shares_every_held_label(monkeypatch):
+  setup = generator_setup(global_teacher_weight=0.25)
+  model = TinyModel()
+  params = model.init(jax.random.key(0), jnp.zeros((1, 6, 6, 1)))['params']
+  teachers = jax.tree.map(lambda x: jnp.stack([x, x]), params)
+  seen = spy_on_generator_training(monkeypatch, model)
   counts = jnp.array([[3.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 2.0]])
   # The memory also holds label 2, learned in an earlier round: only the global model
   # can teach it now.
@@ -50,14 +56,7 @@ def test_global_model_alone_teaches_the_memory(monkeypatch):
   setup = generator_setup(global_teacher_weight=1.0)
   model = TinyModel()
   params = model.init(jax.random.key(0), jnp.zeros((1, 6, 6, 1)))['params']
-  seen = {}
-
-  def spy(generator, state, optimizer, teacher_logits_fn, label_probs, weights, rng, **kw):
-    seen['weights'], seen['probs'] = weights, label_probs
-    seen['logits'] = teacher_logits_fn(jnp.zeros((3, model.feature_dim)))
-    return state, {}
-
-  monkeypatch.setattr(generator_lib, 'train_generator', spy)
+  seen = spy_on_generator_training(monkeypatch, model)
   counts = jnp.array([[3.0, 0.0, 0.0, 0.0]])
   knowledge_transfer.train_on_teachers(setup, model, None, None, counts, params,
                                        jnp.array([3.0, 4.0, 0.0, 0.0]), jax.random.key(1))

@@ -71,8 +71,17 @@ def test_pooled_test_split_trains_and_tests_on_one_device_copy(tmp_path, synthet
   assert 0.0 <= summary['final_personalized_acc'] <= 1.0
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path, synthetic_data, monkeypatch):
-  config = tiny_config(join_ratio=0.5, server_optimizer='momentum', server_learning_rate=0.5)
+# AP-FL keeps a persistent local model per client: a resume that lost it would change
+# the personalized accuracies of the rounds after the checkpoint.
+APFL_TINY = dict(algorithm='apfl', embedding='onehot', generator='feature', noise_dim=8,
+                 generator_hidden_dim=16, generator_steps=2, generator_batch_size=8,
+                 synthetic_per_class=4, friend_batch_size=8)
+
+
+@pytest.mark.parametrize('changes', [{}, APFL_TINY], ids=['fedavg', 'apfl'])
+def test_resumed_run_equals_uninterrupted_run(tmp_path, synthetic_data, monkeypatch, changes):
+  config = tiny_config(join_ratio=0.5, server_optimizer='momentum', server_learning_rate=0.5,
+                       **changes).validate()
   train.train_and_evaluate(config, str(tmp_path / 'straight'))
 
   original = train.cohort_for_round
