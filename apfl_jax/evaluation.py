@@ -17,8 +17,15 @@ from apfl_jax.cohort import ClientMap
 from apfl_jax.data.client_data import FederatedData
 
 
-def correct_by_group(model: Any, params: Any, data: FederatedData, index: jax.Array,
-                     group: jax.Array, num_groups: int, chunk: int) -> jax.Array:
+def correct_by_group(
+  model: Any,
+  params: Any,
+  data: FederatedData,
+  index: jax.Array,
+  group: jax.Array,
+  num_groups: int,
+  chunk: int,
+) -> jax.Array:
   """Correct predictions of ONE model on test examples, summed per group.
 
   Args:
@@ -33,20 +40,27 @@ def correct_by_group(model: Any, params: Any, data: FederatedData, index: jax.Ar
   Returns:
     int32 [num_groups] correct predictions per group.
   """
+
   def body(correct, xs):
     ids, groups = xs
     logits = model.apply({'params': params}, data.normalize(data.test_images[ids]))
     hit = (jnp.argmax(logits, -1) == data.test_labels[ids]).astype(jnp.int32)
     return correct.at[groups].add(hit, mode='drop'), None
 
-  correct, _ = jax.lax.scan(body, jnp.zeros((num_groups,), jnp.int32),
-                            (index.reshape(-1, chunk), group.reshape(-1, chunk)))
+  correct, _ = jax.lax.scan(
+    body, jnp.zeros((num_groups,), jnp.int32), (index.reshape(-1, chunk), group.reshape(-1, chunk))
+  )
   return correct
 
 
-def client_correct_counts(model: Any, params: Any, data: FederatedData, chunk: int,
-                          client_ids: jax.Array | None = None,
-                          client_map: ClientMap = ClientMap()) -> jax.Array:
+def client_correct_counts(
+  model: Any,
+  params: Any,
+  data: FederatedData,
+  chunk: int,
+  client_ids: jax.Array | None = None,
+  client_map: ClientMap = ClientMap(),
+) -> jax.Array:
   """Correct predictions per client of each client's own model.
 
   Args:
@@ -70,6 +84,7 @@ def client_correct_counts(model: Any, params: Any, data: FederatedData, chunk: i
       logits = model.apply({'params': p}, data.normalize(data.test_images[ids]))
       hit = (jnp.argmax(logits, -1) == data.test_labels[ids]) & (positions < count)
       return correct + jnp.sum(hit, dtype=jnp.int32), None
+
     correct, _ = jax.lax.scan(body, jnp.zeros((), jnp.int32), jnp.arange(num_chunks))
     return correct
 
@@ -79,8 +94,9 @@ def client_correct_counts(model: Any, params: Any, data: FederatedData, chunk: i
   return client_map(one_client, (0, 0, 0), params, rows, counts)
 
 
-def accuracy_summary(correct: np.ndarray, count: np.ndarray,
-                     groups: dict[str, np.ndarray], prefix: str) -> dict[str, float]:
+def accuracy_summary(
+  correct: np.ndarray, count: np.ndarray, groups: dict[str, np.ndarray], prefix: str
+) -> dict[str, float]:
   """Mean-over-clients and sample-weighted accuracy, overall and per client group.
 
   Clients with no test examples are left out of the means.
@@ -103,8 +119,10 @@ def accuracy_summary(correct: np.ndarray, count: np.ndarray,
     return float(np.mean(correct[ids] / count[ids])) if len(ids) else float('nan')
 
   everyone = np.arange(len(count))
-  out = {f'{prefix}_acc': mean_acc(everyone),
-         f'{prefix}_acc_weighted': float(correct.sum() / max(count.sum(), 1.0))}
+  out = {
+    f'{prefix}_acc': mean_acc(everyone),
+    f'{prefix}_acc_weighted': float(correct.sum() / max(count.sum(), 1.0)),
+  }
   for name, ids in groups.items():
     out[f'{name}_{prefix}_acc'] = mean_acc(ids)
   return out

@@ -54,7 +54,7 @@ Choices where FedGen and AP-FL are silent:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 import flax.linen as nn
 import flax.struct
@@ -87,6 +87,7 @@ class BatchStatsNorm(nn.Module):
   Attributes:
     eps: added to the variance.
   """
+
   eps: float = _BN_EPS
 
   @nn.compact
@@ -129,14 +130,16 @@ class FeatureGenerator(nn.Module):
     hidden_dim: width of the hidden layer.
     feature_dim: width of the output (the classifier's `feature_dim`).
   """
+
   embedding_table: np.ndarray
   noise_dim: int
   hidden_dim: int
   feature_dim: int
 
   @nn.compact
-  def __call__(self, noise: jax.Array, labels: jax.Array,
-               stats_mask: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self, noise: jax.Array, labels: jax.Array, stats_mask: jax.Array | None = None
+  ) -> jax.Array:
     """Generates features.
 
     Args:
@@ -170,6 +173,7 @@ class ImageGenerator(nn.Module):
     std: per-channel pixel std, length C.
     base: channels of the last hidden layer.
   """
+
   embedding_table: np.ndarray
   noise_dim: int
   image_shape: tuple[int, int, int]
@@ -178,8 +182,9 @@ class ImageGenerator(nn.Module):
   base: int = 64
 
   @nn.compact
-  def __call__(self, noise: jax.Array, labels: jax.Array,
-               stats_mask: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self, noise: jax.Array, labels: jax.Array, stats_mask: jax.Array | None = None
+  ) -> jax.Array:
     """Generates images.
 
     Args:
@@ -205,10 +210,16 @@ class ImageGenerator(nn.Module):
     return (pixels - mean) / std
 
 
-def create_generator(kind: str, embedding_table: np.ndarray, noise_dim: int,
-                     hidden_dim: int, feature_dim: int,
-                     image_shape: Sequence[int], mean: Sequence[float],
-                     std: Sequence[float]) -> nn.Module:
+def create_generator(
+  kind: str,
+  embedding_table: np.ndarray,
+  noise_dim: int,
+  hidden_dim: int,
+  feature_dim: int,
+  image_shape: Sequence[int],
+  mean: Sequence[float],
+  std: Sequence[float],
+) -> nn.Module:
   """Builds a generator by kind.
 
   Args:
@@ -235,16 +246,21 @@ def create_generator(kind: str, embedding_table: np.ndarray, noise_dim: int,
   if kind == 'image':
     height, width, channels = (int(s) for s in image_shape)
     if height != width or height % 4:
-      raise ConfigError(f'--generator=image needs square images with a side '
-                        f'divisible by 4, got {tuple(image_shape)}')
-    return ImageGenerator(embedding_table, noise_dim, (height, width, channels),
-                          tuple(float(m) for m in np.ravel(mean)),
-                          tuple(float(s) for s in np.ravel(std)))
+      raise ConfigError(
+        f'--generator=image needs square images with a side '
+        f'divisible by 4, got {tuple(image_shape)}'
+      )
+    return ImageGenerator(
+      embedding_table,
+      noise_dim,
+      (height, width, channels),
+      tuple(float(m) for m in np.ravel(mean)),
+      tuple(float(s) for s in np.ravel(std)),
+    )
   raise ConfigError(f'--generator={kind!r} is not one of {list(GENERATORS)}')
 
 
-def sample_noise(rng: jax.Array, batch: int, noise_dim: int,
-                 distribution: str) -> jax.Array:
+def sample_noise(rng: jax.Array, batch: int, noise_dim: int, distribution: str) -> jax.Array:
   """Draws z.
 
   Args:
@@ -264,8 +280,9 @@ def sample_noise(rng: jax.Array, batch: int, noise_dim: int,
     return jax.random.uniform(rng, (batch, noise_dim), jnp.float32)
   if distribution == 'normal':
     return jax.random.normal(rng, (batch, noise_dim), jnp.float32)
-  raise ConfigError(f'--noise_distribution={distribution!r} is not one of '
-                    f'{list(NOISE_DISTRIBUTIONS)}')
+  raise ConfigError(
+    f'--noise_distribution={distribution!r} is not one of {list(NOISE_DISTRIBUTIONS)}'
+  )
 
 
 def diversity_loss(noise: jax.Array, outputs: jax.Array) -> jax.Array:
@@ -304,8 +321,9 @@ def teacher_weights(label_counts: jax.Array) -> jax.Array:
   return jnp.where(total > 0, counts / jnp.maximum(total, 1.0), 0.0)
 
 
-def teacher_cross_entropy(teacher_logits: jax.Array, labels: jax.Array,
-                          weights: jax.Array) -> jax.Array:
+def teacher_cross_entropy(
+  teacher_logits: jax.Array, labels: jax.Array, weights: jax.Array
+) -> jax.Array:
   """The weighted ensemble CE: (1/B) sum_i sum_k w_{k,y_i} CE(logits_{k,i}, y_i).
 
   Args:
@@ -329,12 +347,14 @@ class GeneratorState:
     params: the generator's 'params' collection.
     opt_state: the optax state of its optimiser.
   """
+
   params: Params
   opt_state: optax.OptState
 
 
-def init_generator(generator: nn.Module, optimizer: optax.GradientTransformation,
-                   rng: jax.Array, batch: int = 2) -> GeneratorState:
+def init_generator(
+  generator: nn.Module, optimizer: optax.GradientTransformation, rng: jax.Array, batch: int = 2
+) -> GeneratorState:
   """Initialises the generator's parameters and optimiser state.
 
   Args:
@@ -355,17 +375,26 @@ def init_generator(generator: nn.Module, optimizer: optax.GradientTransformation
 def _check_noise_dim(generator: nn.Module, noise_dim: int) -> None:
   """Raises ConfigError when noise_dim is not the generator's."""
   if noise_dim != generator.noise_dim:
-    raise ConfigError(f'noise_dim={noise_dim} but the generator was built with '
-                      f'noise_dim={generator.noise_dim}')
+    raise ConfigError(
+      f'noise_dim={noise_dim} but the generator was built with noise_dim={generator.noise_dim}'
+    )
 
 
-def train_generator(generator: nn.Module, state: GeneratorState,
-                    optimizer: optax.GradientTransformation,
-                    teacher_logits_fn: TeacherLogitsFn, label_probs: jax.Array,
-                    weights: jax.Array, rng: jax.Array, *, num_steps: int,
-                    batch_size: int, ce_weight: float, noise_dim: int,
-                    noise_distribution: str
-                    ) -> tuple[GeneratorState, dict[str, jax.Array]]:
+def train_generator(
+  generator: nn.Module,
+  state: GeneratorState,
+  optimizer: optax.GradientTransformation,
+  teacher_logits_fn: TeacherLogitsFn,
+  label_probs: jax.Array,
+  weights: jax.Array,
+  rng: jax.Array,
+  *,
+  num_steps: int,
+  batch_size: int,
+  ce_weight: float,
+  noise_dim: int,
+  noise_distribution: str,
+) -> tuple[GeneratorState, dict[str, jax.Array]]:
   """Trains the generator for `num_steps` optax steps (a lax.scan).
 
   Each step draws y_i ~ Categorical(label_probs), z_i ~ noise_distribution,
@@ -410,8 +439,9 @@ def train_generator(generator: nn.Module, state: GeneratorState,
   """
   _check_noise_dim(generator, noise_dim)
   if noise_distribution not in NOISE_DISTRIBUTIONS:
-    raise ConfigError(f'--noise_distribution={noise_distribution!r} is not one '
-                      f'of {list(NOISE_DISTRIBUTIONS)}')
+    raise ConfigError(
+      f'--noise_distribution={noise_distribution!r} is not one of {list(NOISE_DISTRIBUTIONS)}'
+    )
   logits = jnp.log(jnp.asarray(label_probs, jnp.float32))
 
   def loss_fn(params, noise, labels):
@@ -425,19 +455,25 @@ def train_generator(generator: nn.Module, state: GeneratorState,
     labels = jax.random.categorical(label_key, logits, shape=(batch_size,))
     noise = sample_noise(noise_key, batch_size, noise_dim, noise_distribution)
     (loss, (ce, div)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        carry.params, noise, labels)
+      carry.params, noise, labels
+    )
     updates, opt_state = optimizer.update(grads, carry.opt_state, carry.params)
     params = optax.apply_updates(carry.params, updates)
     return GeneratorState(params, opt_state), (loss, ce, div)
 
-  state, (loss, ce, div) = jax.lax.scan(step, state,
-                                        jax.random.split(rng, num_steps))
+  state, (loss, ce, div) = jax.lax.scan(step, state, jax.random.split(rng, num_steps))
   return state, {'loss': loss[-1], 'ce': ce[-1], 'diversity': div[-1]}
 
 
-def generate(generator: nn.Module, params: Params, rng: jax.Array,
-             labels: jax.Array, noise_dim: int, noise_distribution: str,
-             reference_labels: jax.Array | None = None) -> jax.Array:
+def generate(
+  generator: nn.Module,
+  params: Params,
+  rng: jax.Array,
+  labels: jax.Array,
+  noise_dim: int,
+  noise_distribution: str,
+  reference_labels: jax.Array | None = None,
+) -> jax.Array:
   """Samples G(z, A(y)) for given labels, held by clients or not.
 
   With `reference_labels` None, BatchNorm uses the statistics of this batch,
@@ -470,13 +506,21 @@ def generate(generator: nn.Module, params: Params, rng: jax.Array,
   noise_key, reference_key = jax.random.split(rng)
   noise = sample_noise(noise_key, batch, noise_dim, noise_distribution)
   if reference_labels is None:
-    return generator.apply({'params': params}, noise, labels)
+    return cast(jax.Array, generator.apply({'params': params}, noise, labels))
   reference_labels = jnp.asarray(reference_labels, jnp.int32)
-  reference_noise = sample_noise(reference_key, reference_labels.shape[0],
-                                 noise_dim, noise_distribution)
-  stats_mask = jnp.concatenate([jnp.zeros((batch,), jnp.float32),
-                                jnp.ones(reference_labels.shape, jnp.float32)])
-  samples = generator.apply(
-      {'params': params}, jnp.concatenate([noise, reference_noise]),
-      jnp.concatenate([labels, reference_labels]), stats_mask)
+  reference_noise = sample_noise(
+    reference_key, reference_labels.shape[0], noise_dim, noise_distribution
+  )
+  stats_mask = jnp.concatenate(
+    [jnp.zeros((batch,), jnp.float32), jnp.ones(reference_labels.shape, jnp.float32)]
+  )
+  samples = cast(
+    jax.Array,
+    generator.apply(
+      {'params': params},
+      jnp.concatenate([noise, reference_noise]),
+      jnp.concatenate([labels, reference_labels]),
+      stats_mask,
+    ),
+  )
   return samples[:batch]

@@ -8,8 +8,8 @@ some clients several times the mean), so `Schedule.buckets` cuts a cohort, sorte
 size, into a few groups that each scan only as far as their own largest client can need
 (see `Algorithm.train_cohort`). Each epoch is a fresh permutation of the client's
 examples; the last batch of an epoch may be partial (its missing examples are masked, the
-loss is the mean over the valid ones). Shuffles depend only on the client's key and its count, never on how much
-padding its row has, so padding cannot change a result.
+loss is the mean over the valid ones). Shuffles depend only on the client's key and its
+count, never on how much padding its row has, so padding cannot change a result.
 
 Structure (as in FedJAX): `client_init` -> `client_step` per batch -> `client_final`.
 The scan itself is `run_local_steps`, shared by every algorithm's local loop (APFL-Deng's
@@ -27,7 +27,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from apfl_jax import options
 from apfl_jax.data.client_data import FederatedData
+from apfl_jax.errors import ConfigError
+
+OPTIMIZERS = ('sgd', 'momentum', 'adam')
 
 Params = Any
 # loss_fn(params, images, labels, example_mask, rng) -> scalar loss.
@@ -50,6 +54,7 @@ class Schedule:
     unroll: local steps per iteration of the scan's loop (XLA's `scan(unroll=)`;
       fewer loop iterations for latency-bound steps, the same results).
   """
+
   batch_size: int
   local_epochs: int
   local_steps: int
@@ -61,9 +66,17 @@ class Schedule:
   unroll: int = 1
 
   @classmethod
-  def create(cls, batch_size: int, local_epochs: int, local_steps: int,
-             min_count: int, max_count: int, client_counts: tuple[int, ...] = (),
-             max_buckets: int = 1, unroll: int = 1) -> 'Schedule':
+  def create(
+    cls,
+    batch_size: int,
+    local_epochs: int,
+    local_steps: int,
+    min_count: int,
+    max_count: int,
+    client_counts: tuple[int, ...] = (),
+    max_buckets: int = 1,
+    unroll: int = 1,
+  ) -> 'Schedule':
     """Builds the schedule for clients holding between min_count and max_count examples.
 
     Args:
@@ -85,11 +98,17 @@ class Schedule:
       num_steps, num_epochs = local_steps, math.ceil(local_steps / min_batches)
     else:
       num_steps, num_epochs = local_epochs * max_batches, local_epochs
-    return cls(batch_size=batch_size, local_epochs=local_epochs, local_steps=local_steps,
-               num_steps=num_steps, num_epochs=num_epochs,
-               padded_len=max_batches * batch_size,
-               client_counts=tuple(sorted((int(c) for c in client_counts), reverse=True)),
-               max_buckets=max_buckets, unroll=unroll)
+    return cls(
+      batch_size=batch_size,
+      local_epochs=local_epochs,
+      local_steps=local_steps,
+      num_steps=num_steps,
+      num_epochs=num_epochs,
+      padded_len=max_batches * batch_size,
+      client_counts=tuple(sorted((int(c) for c in client_counts), reverse=True)),
+      max_buckets=max_buckets,
+      unroll=unroll,
+    )
 
   def steps_for(self, count: int) -> int:
     """Scan length a client of `count` examples needs."""
@@ -105,12 +124,18 @@ class Schedule:
     with `local_steps` it trains `epochs` x `local_steps` steps.
     """
     if self.local_steps > 0:
-      return dataclasses.replace(self, local_steps=epochs * self.local_steps,
-                                 num_steps=epochs * self.num_steps,
-                                 num_epochs=epochs * self.num_epochs)
-    return dataclasses.replace(self, local_epochs=epochs,
-                               num_steps=epochs * (self.num_steps // self.local_epochs),
-                               num_epochs=epochs)
+      return dataclasses.replace(
+        self,
+        local_steps=epochs * self.local_steps,
+        num_steps=epochs * self.num_steps,
+        num_epochs=epochs * self.num_epochs,
+      )
+    return dataclasses.replace(
+      self,
+      local_epochs=epochs,
+      num_steps=epochs * (self.num_steps // self.local_epochs),
+      num_epochs=epochs,
+    )
 
   def buckets(self, cohort_size: int) -> tuple[tuple[int, int, 'Schedule'], ...]:
     """Groups of a size-sorted cohort and the schedule each group can scan with.
@@ -129,8 +154,12 @@ class Schedule:
       (0, cohort_size, self) without client counts, in `local_steps` mode or with
       max_buckets 1.
     """
-    if (self.max_buckets <= 1 or self.local_steps > 0 or
-        len(self.client_counts) < cohort_size or cohort_size <= 1):
+    if (
+      self.max_buckets <= 1
+      or self.local_steps > 0
+      or len(self.client_counts) < cohort_size
+      or cohort_size <= 1
+    ):
       return ((0, cohort_size, self),)
     steps = [self.steps_for(c) for c in self.client_counts[:cohort_size]]
     cut_points = _fewest_scanned_steps(steps, self.max_buckets)
@@ -139,9 +168,18 @@ class Schedule:
     groups = []
     for start, end in zip(cut_points[:-1], cut_points[1:]):
       batches = math.ceil(self.client_counts[start] / self.batch_size)
-      groups.append((start, end, dataclasses.replace(
-          self, num_steps=self.local_epochs * batches, padded_len=batches * self.batch_size,
-          max_buckets=1)))
+      groups.append(
+        (
+          start,
+          end,
+          dataclasses.replace(
+            self,
+            num_steps=self.local_epochs * batches,
+            padded_len=batches * self.batch_size,
+            max_buckets=1,
+          ),
+        )
+      )
     return tuple(groups)
 
   def fits_buckets(self, counts: Any) -> bool:
@@ -155,7 +193,8 @@ class Schedule:
     """
     ranked = sorted((int(c) for c in counts), reverse=True)
     return len(self.client_counts) >= len(ranked) and all(
-        c <= bound for c, bound in zip(ranked, self.client_counts))
+      c <= bound for c, bound in zip(ranked, self.client_counts)
+    )
 
 
 def _fewest_scanned_steps(steps: list[int], max_groups: int) -> list[int]:
@@ -226,6 +265,7 @@ def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) 
 @flax.struct.dataclass
 class ClientTrainState:
   """Carry of the local training scan."""
+
   params: Params
   opt_state: Any
   loss_sum: jax.Array
@@ -234,19 +274,32 @@ class ClientTrainState:
 
 def client_init(params: Params, optimizer: optax.GradientTransformation) -> ClientTrainState:
   """Fresh optimizer state around the starting parameters."""
-  return ClientTrainState(params=params, opt_state=optimizer.init(params),
-                          loss_sum=jnp.zeros((), jnp.float32), steps=jnp.zeros((), jnp.int32))
+  return ClientTrainState(
+    params=params,
+    opt_state=optimizer.init(params),
+    loss_sum=jnp.zeros((), jnp.float32),
+    steps=jnp.zeros((), jnp.int32),
+  )
 
 
-def client_step(state: ClientTrainState, images: jax.Array, labels: jax.Array,
-                example_mask: jax.Array, rng: jax.Array, loss_fn: LossFn,
-                optimizer: optax.GradientTransformation) -> ClientTrainState:
+def client_step(
+  state: ClientTrainState,
+  images: jax.Array,
+  labels: jax.Array,
+  example_mask: jax.Array,
+  rng: jax.Array,
+  loss_fn: LossFn,
+  optimizer: optax.GradientTransformation,
+) -> ClientTrainState:
   """One optimizer step on one batch."""
   loss, grads = jax.value_and_grad(loss_fn)(state.params, images, labels, example_mask, rng)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  return ClientTrainState(params=optax.apply_updates(state.params, updates),
-                          opt_state=opt_state, loss_sum=state.loss_sum + loss,
-                          steps=state.steps + 1)
+  return ClientTrainState(
+    params=optax.apply_updates(state.params, updates),
+    opt_state=opt_state,
+    loss_sum=state.loss_sum + loss,
+    steps=state.steps + 1,
+  )
 
 
 def client_final(state: ClientTrainState) -> tuple[Params, jax.Array]:
@@ -258,8 +311,15 @@ def client_final(state: ClientTrainState) -> tuple[Params, jax.Array]:
 StepFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], Any]
 
 
-def run_local_steps(carry: Any, step_fn: StepFn, data: FederatedData, index_row: jax.Array,
-                    count: jax.Array, rng: jax.Array, schedule: Schedule) -> Any:
+def run_local_steps(
+  carry: Any,
+  step_fn: StepFn,
+  data: FederatedData,
+  index_row: jax.Array,
+  count: jax.Array,
+  rng: jax.Array,
+  schedule: Schedule,
+) -> Any:
   """The local-step scan every algorithm's local training runs.
 
   Draws the client's batch plan, gathers and normalises each step's batch from the
@@ -280,8 +340,7 @@ def run_local_steps(carry: Any, step_fn: StepFn, data: FederatedData, index_row:
   """
   plan_key, step_key = jax.random.split(rng)
   positions, example_mask, step_mask = batch_plan(plan_key, count, schedule)
-  step_keys = jax.vmap(lambda s: jax.random.fold_in(step_key, s))(
-      jnp.arange(schedule.num_steps))
+  step_keys = jax.vmap(lambda s: jax.random.fold_in(step_key, s))(jnp.arange(schedule.num_steps))
 
   def scan_step(state, xs):
     pos, mask, valid, key = xs
@@ -291,14 +350,22 @@ def run_local_steps(carry: Any, step_fn: StepFn, data: FederatedData, index_row:
     new = step_fn(state, images, labels, mask, key)
     return jax.tree.map(lambda n, o: jnp.where(valid, n, o), new, state), None
 
-  carry, _ = jax.lax.scan(scan_step, carry, (positions, example_mask, step_mask, step_keys),
-                          unroll=schedule.unroll)
+  carry, _ = jax.lax.scan(
+    scan_step, carry, (positions, example_mask, step_mask, step_keys), unroll=schedule.unroll
+  )
   return carry
 
 
-def train_client(params: Params, loss_fn: LossFn, optimizer: optax.GradientTransformation,
-                 data: FederatedData, index_row: jax.Array, count: jax.Array,
-                 rng: jax.Array, schedule: Schedule) -> tuple[Params, jax.Array]:
+def train_client(
+  params: Params,
+  loss_fn: LossFn,
+  optimizer: optax.GradientTransformation,
+  data: FederatedData,
+  index_row: jax.Array,
+  count: jax.Array,
+  rng: jax.Array,
+  schedule: Schedule,
+) -> tuple[Params, jax.Array]:
   """Trains one client on its own examples (`run_local_steps` of `client_step`).
 
   Args:
@@ -315,9 +382,11 @@ def train_client(params: Params, loss_fn: LossFn, optimizer: optax.GradientTrans
     (trained params, mean training loss).
   """
   step = lambda state, images, labels, mask, key: client_step(
-      state, images, labels, mask, key, loss_fn, optimizer)
-  return client_final(run_local_steps(client_init(params, optimizer), step, data,
-                                      index_row, count, rng, schedule))
+    state, images, labels, mask, key, loss_fn, optimizer
+  )
+  return client_final(
+    run_local_steps(client_init(params, optimizer), step, data, index_row, count, rng, schedule)
+  )
 
 
 def make_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
@@ -329,3 +398,56 @@ def make_optimizer(name: str, learning_rate: float) -> optax.GradientTransformat
   if name == 'adam':
     return optax.adam(learning_rate)
   raise ValueError(f'unknown optimizer {name!r}')
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingOptions(options.Options):
+  """Each client's local training in a round."""
+
+  TITLE = 'Local training'
+  local_epochs: int = options.option(
+    1,
+    'Local epochs per round (0 to use --local_steps).',
+    check=options.non_negative,
+  )
+  local_steps: int = options.option(
+    0,
+    'Fixed local steps per round (0 to use --local_epochs).',
+    check=options.non_negative,
+  )
+  max_client_buckets: int = options.option(
+    4,
+    'Epoch mode: the cohort, sorted by data size, trains in up to N vmapped groups, each '
+    'scanning only as many steps as its largest client needs (1: one lockstep scan; the '
+    'training is the same up to float rounding).',
+    check=options.positive,
+  )
+  scan_unroll: int = options.option(
+    1,
+    'Local steps per iteration of the local-training loop (lax.scan unroll; same results, '
+    'fewer loop iterations for latency-bound steps).',
+    check=options.positive,
+  )
+  batch_size: int = options.option(
+    10,
+    'Client batch size.',
+    check=options.positive,
+  )
+  learning_rate: float = options.option(
+    0.005,
+    'Client learning rate.',
+    check=options.positive,
+  )
+  client_optimizer: str = options.option(
+    'sgd',
+    'Client optimizer (re-initialised every round).',
+    choices=OPTIMIZERS,
+  )
+
+  def check(self, config: Any) -> None:
+    if (self.local_epochs > 0) == (self.local_steps > 0):
+      raise ConfigError(
+        'exactly one of --local_epochs and --local_steps must be > 0 '
+        f'(got --local_epochs={self.local_epochs}, '
+        f'--local_steps={self.local_steps}); set the other to 0'
+      )

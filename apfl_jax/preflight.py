@@ -27,8 +27,9 @@ from apfl_jax.errors import ConfigError
 _TRAIN_BYTES_PER_ACTIVATION = 3 * 4
 
 
-def check_data(config: Config, train_labels: np.ndarray, num_classes: int,
-               dataset_name: str) -> None:
+def check_data(
+  config: Config, train_labels: np.ndarray, num_classes: int, dataset_name: str
+) -> None:
   """Checks the client, class and batch sizes against the data set, before the partition.
 
   Args:
@@ -48,23 +49,32 @@ def check_data(config: Config, train_labels: np.ndarray, num_classes: int,
     needed = config.num_clients * config.min_samples_per_client
     if needed > n:
       raise ConfigError(
-          f'--num_clients={config.num_clients} x --min_samples_per_client='
-          f'{config.min_samples_per_client} = {needed} is more than {of_data}; lower one')
+        f'--num_clients={config.num_clients} x --min_samples_per_client='
+        f'{config.min_samples_per_client} = {needed} is more than {of_data}; lower one'
+      )
   if config.partition == 'pathological' and config.classes_per_client > num_classes:
-    raise ConfigError(f'--classes_per_client={config.classes_per_client} is more than the '
-                      f'{num_classes} classes of {dataset_name}')
+    raise ConfigError(
+      f'--classes_per_client={config.classes_per_client} is more than the '
+      f'{num_classes} classes of {dataset_name}'
+    )
   if config.partition == 'monopoly':
     left = num_classes - config.monopoly_clients * config.monopoly_classes_per_client
     if 0 < left < config.classes_per_client:
       raise ConfigError(
-          f'--classes_per_client={config.classes_per_client} is more than the {left} '
-          f'classes of {dataset_name} that the monopoly clients leave to the others')
+        f'--classes_per_client={config.classes_per_client} is more than the {left} '
+        f'classes of {dataset_name} that the monopoly clients leave to the others'
+      )
   if config.batch_size > n:
     raise ConfigError(f'--batch_size={config.batch_size} is more than {of_data}')
 
 
-def check_round(config: Config, client_counts: np.ndarray, model: Any,
-                image_shape: tuple[int, ...], memory_bytes: int | None = None) -> None:
+def check_round(
+  config: Config,
+  client_counts: np.ndarray,
+  model: Any,
+  image_shape: tuple[int, ...],
+  memory_bytes: int | None = None,
+) -> None:
   """Checks the batch size against the largest client and the round's memory estimate.
 
   Args:
@@ -79,20 +89,27 @@ def check_round(config: Config, client_counts: np.ndarray, model: Any,
   """
   largest = int(np.max(client_counts))
   if config.batch_size > largest:
-    raise ConfigError(f'--batch_size={config.batch_size} is larger than the largest '
-                      f'client ({largest} training examples); use at most {largest}')
+    raise ConfigError(
+      f'--batch_size={config.batch_size} is larger than the largest '
+      f'client ({largest} training examples); use at most {largest}'
+    )
   cohort = max(1, int(round(config.join_ratio * config.num_clients)))
   if config.client_chunk_size:
     cohort = min(cohort, config.client_chunk_size)
-  needed = cohort * config.batch_size * activations_per_example(model, image_shape) * \
-      _TRAIN_BYTES_PER_ACTIVATION
+  needed = (
+    cohort
+    * config.batch_size
+    * activations_per_example(model, image_shape)
+    * _TRAIN_BYTES_PER_ACTIVATION
+  )
   memory_bytes = memory_bytes or device_memory_bytes()
   if needed > memory_bytes:
     raise ConfigError(
-        f'--batch_size={config.batch_size} x {cohort} clients a round (--join_ratio='
-        f'{config.join_ratio}) needs about {needed / 2**30:.1f} GiB of activations, more '
-        f'than the {memory_bytes / 2**30:.1f} GiB of the device; lower --batch_size or '
-        '--join_ratio, or train the cohort in chunks (--client_chunk_size)')
+      f'--batch_size={config.batch_size} x {cohort} clients a round (--join_ratio='
+      f'{config.join_ratio}) needs about {needed / 2**30:.1f} GiB of activations, more '
+      f'than the {memory_bytes / 2**30:.1f} GiB of the device; lower --batch_size or '
+      '--join_ratio, or train the cohort in chunks (--client_chunk_size)'
+    )
 
 
 def activations_per_example(model: Any, image_shape: tuple[int, ...]) -> int:
@@ -100,8 +117,8 @@ def activations_per_example(model: Any, image_shape: tuple[int, ...]) -> int:
   x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
   params = jax.eval_shape(model.init, jax.random.key(0), x)
   _, state = jax.eval_shape(
-      lambda p, x: model.apply(p, x, capture_intermediates=True, mutable=['intermediates']),
-      params, x)
+    lambda p, x: model.apply(p, x, capture_intermediates=True, mutable=['intermediates']), params, x
+  )
   return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(state))
 
 

@@ -25,15 +25,18 @@ import os
 from typing import Any
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from apfl_jax.cohort import CLIENTS_AXIS
 
 
-def maybe_initialize_distributed(coordinator_address: str | None = None,
-                                 num_processes: int | None = None,
-                                 process_id: int | None = None,
-                                 auto_detect: bool = False) -> bool:
+def maybe_initialize_distributed(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  auto_detect: bool = False,
+) -> bool:
   """Joins a multi-host JAX job when one is described; a no-op otherwise.
 
   Must run before any other JAX call of the process. Arguments left None are read
@@ -65,16 +68,18 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
     num_processes = int(os.environ['JAX_NUM_PROCESSES'])
   if process_id is None:
     process_id = int(os.environ['JAX_PROCESS_ID'])
-  jax.distributed.initialize(coordinator_address=address, num_processes=num_processes,
-                             process_id=process_id)
+  jax.distributed.initialize(
+    coordinator_address=address, num_processes=num_processes, process_id=process_id
+  )
   return True
 
 
 def client_mesh(devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
   """A one-axis mesh named 'clients' over `devices` (default: every device)."""
   devices = jax.devices() if devices is None else devices
-  return jax.make_mesh((len(devices),), (CLIENTS_AXIS,), devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.make_mesh(
+    (len(devices),), (CLIENTS_AXIS,), devices=devices, axis_types=(jax.sharding.AxisType.Auto,)
+  )
 
 
 def replicate(tree: Any, mesh: jax.sharding.Mesh | None) -> Any:

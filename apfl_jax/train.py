@@ -35,17 +35,19 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorboardX
 
-from apfl_jax import algorithms
-from apfl_jax import asynchrony
+from apfl_jax import (
+  algorithms,
+  asynchrony,
+  evaluation,
+  local_training,
+  models,
+  preflight,
+  run_folder,
+  sharding,
+)
 from apfl_jax import cohort as cohort_lib
-from apfl_jax import evaluation
-from apfl_jax import local_training
-from apfl_jax import models
-from apfl_jax import preflight
-from apfl_jax import sharding
-from apfl_jax.config import Config, RESUMABLE_FIELDS
-from apfl_jax.data import client_data
-from apfl_jax.data import datasets
+from apfl_jax.config import RESUMABLE_FIELDS, Config
+from apfl_jax.data import client_data, datasets
 from apfl_jax.data import partition as partition_lib
 from apfl_jax.errors import ConfigError, RunInterrupted, TrainingDivergedError
 
@@ -89,8 +91,9 @@ def open_workdir(workdir: str, config: Config) -> str:
         continue
       if previous[key] != value:
         raise ConfigError(
-            f'--workdir {workdir} holds a run with --{key}={previous[key]}, this one has '
-            f'--{key}={value}: pass a new --workdir or the same flags')
+          f'--workdir {workdir} holds a run with --{key}={previous[key]}, this one has '
+          f'--{key}={value}: pass a new --workdir or the same flags'
+        )
   return workdir
 
 
@@ -115,8 +118,10 @@ def lock_workdir(workdir: str) -> TextIO:
     lock.seek(0)
     holder = lock.read().strip() or 'another process'
     lock.close()
-    raise ConfigError(f'--workdir {workdir} is in use by a running run ({holder}): wait '
-                      'for it to end or pass another --workdir') from None
+    raise ConfigError(
+      f'--workdir {workdir} is in use by a running run ({holder}): wait '
+      'for it to end or pass another --workdir'
+    ) from None
   lock.seek(0)
   lock.truncate()
   lock.write(f'pid {os.getpid()}\n')
@@ -161,8 +166,9 @@ def _remove_failed_start(workdir: str, created: str | None, entries_before: set[
     parent = os.path.dirname(parent)
 
 
-def cohort_for_round(seed: int, round_index: int, num_clients: int, join_ratio: float,
-                     dropped: tuple[int, ...] = ()) -> np.ndarray:
+def cohort_for_round(
+  seed: int, round_index: int, num_clients: int, join_ratio: float, dropped: tuple[int, ...] = ()
+) -> np.ndarray:
   """The sorted client ids that train in `round_index` (deterministic in seed, round).
 
   Args:
@@ -186,6 +192,7 @@ def cohort_for_round(seed: int, round_index: int, num_clients: int, join_ratio: 
 @dataclasses.dataclass
 class Experiment:
   """Everything built once before the rounds start."""
+
   config: Config
   dataset: datasets.Dataset
   partition: partition_lib.Partition
@@ -205,41 +212,59 @@ def build_experiment(config: Config) -> Experiment:
     dataset = datasets.pooled(dataset)
   preflight.check_data(config, dataset.train_labels, dataset.num_classes, config.dataset)
   partition = partition_lib.partition_dataset(
-      dataset.train_labels, dataset.test_labels, num_clients=config.num_clients,
-      scheme=config.partition, seed=config.seed, num_classes=dataset.num_classes,
-      dirichlet_alpha=config.dirichlet_alpha, min_samples=config.min_samples_per_client,
-      classes_per_client=config.classes_per_client,
-      monopoly_clients=config.monopoly_clients,
-      monopoly_classes_per_client=config.monopoly_classes_per_client,
-      test_split=config.test_split, client_train_fraction=config.client_train_fraction)
-  client_map = cohort_lib.ClientMap(chunk_size=config.client_chunk_size,
-                                    mesh=_client_mesh(config.num_devices))
+    dataset.train_labels,
+    dataset.test_labels,
+    num_clients=config.num_clients,
+    scheme=config.partition,
+    seed=config.seed,
+    num_classes=dataset.num_classes,
+    dirichlet_alpha=config.dirichlet_alpha,
+    min_samples=config.min_samples_per_client,
+    classes_per_client=config.classes_per_client,
+    monopoly_clients=config.monopoly_clients,
+    monopoly_classes_per_client=config.monopoly_classes_per_client,
+    test_split=config.test_split,
+    client_train_fraction=config.client_train_fraction,
+  )
+  client_map = cohort_lib.ClientMap(
+    chunk_size=config.client_chunk_size, mesh=_client_mesh(config.num_devices)
+  )
   data = sharding.replicate(
-      client_data.build_federated_data(dataset, partition, test_multiple=EVAL_CHUNK),
-      client_map.mesh)
+    client_data.build_federated_data(dataset, partition, test_multiple=EVAL_CHUNK), client_map.mesh
+  )
   counts = np.asarray([len(i) for i in partition.train_indices])
   schedule = local_training.Schedule.create(
-      config.batch_size, config.local_epochs, config.local_steps,
-      int(counts.min()), int(counts.max()), client_counts=tuple(counts.tolist()),
-      max_buckets=config.max_client_buckets, unroll=config.scan_unroll)
-  model = models.create_model(config.model, dataset.num_classes, config.conv_impl,
-                              config.compute_dtype)
+    config.batch_size,
+    config.local_epochs,
+    config.local_steps,
+    int(counts.min()),
+    int(counts.max()),
+    client_counts=tuple(counts.tolist()),
+    max_buckets=config.max_client_buckets,
+    unroll=config.scan_unroll,
+  )
+  model = models.create_model(
+    config.model, dataset.num_classes, config.conv_impl, config.compute_dtype
+  )
   preflight.check_round(config, counts, model, dataset.image_shape)
-  algorithm = algorithms.create_algorithm(config, model, dataset, partition,
-                                          schedule).with_client_map(client_map)
+  algorithm = algorithms.create_algorithm(
+    config, model, dataset, partition, schedule
+  ).with_client_map(client_map)
   dropout = config.dropout_client_ids(partition.monopoly_clients)
   everyone = np.arange(config.num_clients)
   groups, unseen = {}, np.zeros((0,), np.int64)
   if dropout:
     active = np.setdiff1d(everyone, dropout)
     groups = {'active': active, 'dropout': np.asarray(dropout)}
-    unseen = np.setdiff1d(partition.classes_held_by(dropout),
-                          partition.classes_held_by(active.tolist()))
+    unseen = np.setdiff1d(
+      partition.classes_held_by(dropout), partition.classes_held_by(active.tolist())
+    )
   elif partition.monopoly_clients:
     monopoly = np.asarray(partition.monopoly_clients)
     groups = {'monopoly': monopoly, 'non_monopoly': np.setdiff1d(everyone, monopoly)}
-  return Experiment(config, dataset, partition, data, model, algorithm, schedule, groups,
-                    dropout, unseen)
+  return Experiment(
+    config, dataset, partition, data, model, algorithm, schedule, groups, dropout, unseen
+  )
 
 
 def _client_mesh(num_devices: int) -> jax.sharding.Mesh | None:
@@ -250,11 +275,12 @@ def _client_mesh(num_devices: int) -> jax.sharding.Mesh | None:
   """
   devices = jax.devices()
   if num_devices > len(devices):
-    raise ConfigError(f'--num_devices={num_devices} but JAX sees {len(devices)} '
-                      f'{jax.default_backend()} device(s)')
+    raise ConfigError(
+      f'--num_devices={num_devices} but JAX sees {len(devices)} {jax.default_backend()} device(s)'
+    )
   if num_devices == 1 or len(devices) == 1:
     return None
-  return sharding.client_mesh(devices[:num_devices or len(devices)])
+  return sharding.client_mesh(devices[: num_devices or len(devices)])
 
 
 class Evaluator:
@@ -263,66 +289,81 @@ class Evaluator:
   def __init__(self, experiment: Experiment):
     self._exp = experiment
     self._evaluate = jax.jit(self._correct_counts)
-    unseen = np.flatnonzero(np.isin(experiment.dataset.test_labels[
-        np.asarray(experiment.data.union_test_index)], experiment.unseen_classes))
+    unseen = np.flatnonzero(
+      np.isin(
+        experiment.dataset.test_labels[np.asarray(experiment.data.union_test_index)],
+        experiment.unseen_classes,
+      )
+    )
     unseen = unseen[unseen < int(np.asarray(experiment.data.test_count).sum())]
     self._num_unseen = len(unseen)
     padded = -(-max(len(unseen), 1) // EVAL_CHUNK) * EVAL_CHUNK
     index = np.zeros((padded,), np.int32)
-    index[:len(unseen)] = np.asarray(experiment.data.union_test_index)[unseen]
+    index[: len(unseen)] = np.asarray(experiment.data.union_test_index)[unseen]
     group = np.ones((padded,), np.int32)
-    group[:len(unseen)] = 0
+    group[: len(unseen)] = 0
     self._unseen_index, self._unseen_group = jnp.asarray(index), jnp.asarray(group)
     self._dropout_ids = jnp.asarray(experiment.dropout_clients, jnp.int32)
 
   def _correct_counts(self, state, data, unseen_index, unseen_group, dropout_ids):
     algorithm, model, num_clients = self._exp.algorithm, self._exp.model, data.num_clients
     shared = lambda p: evaluation.correct_by_group(
-        model, p, data, data.union_test_index, data.union_test_client, num_clients,
-        EVAL_CHUNK)
+      model, p, data, data.union_test_index, data.union_test_client, num_clients, EVAL_CHUNK
+    )
     params = algorithm.personalized_params(state, data)
     if algorithm.personalized_axis is None:
       personal = shared(params)
     else:
-      personal = evaluation.client_correct_counts(model, params, data, EVAL_CHUNK,
-                                                  client_map=algorithm.client_map)
+      personal = evaluation.client_correct_counts(
+        model, params, data, EVAL_CHUNK, client_map=algorithm.client_map
+      )
     out = {'personalized': personal}
     global_params = algorithm.global_params(state)
     if global_params is not None:
       out['global'] = personal if global_params is params else shared(global_params)
     unseen_params = algorithm.unseen_class_params(state, data)
     if unseen_params is not None and self._num_unseen:
-      out['unseen'] = evaluation.correct_by_group(model, unseen_params, data, unseen_index,
-                                                  unseen_group, 1, EVAL_CHUNK)
+      out['unseen'] = evaluation.correct_by_group(
+        model, unseen_params, data, unseen_index, unseen_group, 1, EVAL_CHUNK
+      )
     if dropout_ids.shape[0]:
       prior_free = algorithm.label_prior_free_params(state, data, dropout_ids)
       if prior_free is not None:
         out['dropout_no_label_prior'] = evaluation.client_correct_counts(
-            model, prior_free, data, EVAL_CHUNK, client_ids=dropout_ids)
+          model, prior_free, data, EVAL_CHUNK, client_ids=dropout_ids
+        )
     return out
 
-  def __call__(self, state) -> dict[str, float | None]:
+  def __call__(self, state) -> dict[str, Any]:
     exp = self._exp
-    correct = jax.device_get(self._evaluate(state, exp.data, self._unseen_index,
-                                            self._unseen_group, self._dropout_ids))
+    correct = jax.device_get(
+      self._evaluate(state, exp.data, self._unseen_index, self._unseen_group, self._dropout_ids)
+    )
     count = np.asarray(exp.data.test_count)
-    metrics = evaluation.accuracy_summary(correct['personalized'], count, exp.groups,
-                                          'personalized')
+    metrics: dict[str, Any] = dict(
+      evaluation.accuracy_summary(correct['personalized'], count, exp.groups, 'personalized')
+    )
     metrics['client_personalized_acc'] = [
-        round(float(c / n), 6) if n else None for c, n in zip(correct['personalized'], count)]
-    metrics['global_acc'] = (float(correct['global'].sum() / max(count.sum(), 1))
-                             if 'global' in correct else None)
+      round(float(c / n), 6) if n else None for c, n in zip(correct['personalized'], count)
+    ]
+    metrics['global_acc'] = (
+      float(correct['global'].sum() / max(count.sum(), 1)) if 'global' in correct else None
+    )
     if exp.dropout_clients:
       # Without knowledge of the dropout clients' own label sets: equal to
       # dropout_personalized_acc for algorithms whose personalization never uses it.
       no_prior = correct.get('dropout_no_label_prior')
       metrics['dropout_personalized_acc_no_label_prior'] = (
-          metrics['dropout_personalized_acc'] if no_prior is None else
-          evaluation.accuracy_summary(no_prior, count[np.asarray(exp.dropout_clients)], {},
-                                      'x')['x_acc'])
+        metrics['dropout_personalized_acc']
+        if no_prior is None
+        else evaluation.accuracy_summary(no_prior, count[np.asarray(exp.dropout_clients)], {}, 'x')[
+          'x_acc'
+        ]
+      )
     if len(exp.unseen_classes):
-      metrics['unseen_class_acc'] = (float(correct['unseen'][0] / self._num_unseen)
-                                     if 'unseen' in correct else None)
+      metrics['unseen_class_acc'] = (
+        float(correct['unseen'][0] / self._num_unseen) if 'unseen' in correct else None
+      )
     return metrics
 
 
@@ -336,6 +377,7 @@ class StepReport:
     finite: bool [K] False where a client's loss or params hold NaN/Inf.
     extra: more metrics for metrics.jsonl (async: virtual_time, staleness_mean, ...).
   """
+
   clients: np.ndarray
   loss: np.ndarray
   finite: np.ndarray
@@ -354,16 +396,17 @@ class SyncRounds:
     self._exp = experiment
     self._run_round = jax.jit(experiment.algorithm.run_round)
     config = experiment.config
-    self._job_time = asynchrony.step_durations(config, config.num_clients) * \
-        asynchrony.client_step_counts(experiment.schedule,
-                                      np.asarray(experiment.data.train_count))
+    self._job_time = asynchrony.step_durations(
+      config, config.num_clients
+    ) * asynchrony.client_step_counts(experiment.schedule, np.asarray(experiment.data.train_count))
     self._end_times = [0.0]
 
   def _cohort(self, round_index: int) -> np.ndarray:
     exp, config = self._exp, self._exp.config
     dropped = exp.dropout_clients if round_index > config.dropout_round else ()
-    return cohort_for_round(config.seed, round_index, config.num_clients,
-                            config.join_ratio, dropped)
+    return cohort_for_round(
+      config.seed, round_index, config.num_clients, config.join_ratio, dropped
+    )
 
   def virtual_time(self, round_index: int) -> float:
     """Virtual time at the end of `round_index` (rounds back to back)."""
@@ -392,8 +435,9 @@ class SyncRounds:
     cohort = self._cohort(round_index)
     state, metrics = self._run_round(state, cohort, rng, self._exp.data)
     loss, finite = jax.device_get((metrics.loss, metrics.finite))
-    return state, StepReport(cohort, np.asarray(loss), np.asarray(finite),
-                             {'virtual_time': self.virtual_time(round_index)})
+    return state, StepReport(
+      cohort, np.asarray(loss), np.asarray(finite), {'virtual_time': self.virtual_time(round_index)}
+    )
 
 
 class AsyncRounds:
@@ -405,10 +449,12 @@ class AsyncRounds:
     self._clock_dir = os.path.join(workdir, 'clock')
     os.makedirs(self._clock_dir, exist_ok=True)
     self._sim = asynchrony.AsyncSimulator(
-        experiment.algorithm, experiment.config, experiment.config.num_clients,
-        asynchrony.client_step_counts(experiment.schedule,
-                                      np.asarray(experiment.data.train_count)),
-        experiment.dropout_clients)
+      experiment.algorithm,
+      experiment.config,
+      experiment.config.num_clients,
+      asynchrony.client_step_counts(experiment.schedule, np.asarray(experiment.data.train_count)),
+      experiment.dropout_clients,
+    )
 
   def init(self, state):
     return self._sim.init(state)
@@ -433,37 +479,15 @@ class AsyncRounds:
   def step(self, async_state, round_index, rng):
     del round_index
     async_state, m = self._sim.server_step(async_state, rng, self._exp.data)
-    extra = {'virtual_time': float(m['virtual_time']),
-             'staleness_mean': float(m['staleness_mean']),
-             'staleness': [int(t) for t in m['staleness']],
-             'dropped_stale': int(async_state.clock.dropped_stale)}
-    return async_state, StepReport(np.asarray(m['clients']), np.asarray(m['loss']),
-                                   np.asarray(m['finite']), extra)
-
-
-def _read_metrics(path: str, up_to_round: int) -> list[dict[str, Any]]:
-  """The rows of metrics.jsonl up to `up_to_round`.
-
-  A torn last line (a kill while it was written) is dropped with a one-line warning.
-
-  Raises:
-    ConfigError: naming the file when a line before the last is not JSON.
-  """
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    lines = [line for line in f if line.strip()]
-  rows = []
-  for number, line in enumerate(lines, 1):
-    try:
-      rows.append(json.loads(line))
-    except json.JSONDecodeError:
-      if number < len(lines):
-        raise ConfigError(f'--workdir: line {number} of {path} is not JSON; fix or delete '
-                          'that line') from None
-      logging.warning('dropping the torn last line of %s (a run was killed while writing '
-                      'it)', path)
-  return [r for r in rows if r['round'] <= up_to_round]
+    extra = {
+      'virtual_time': float(m['virtual_time']),
+      'staleness_mean': float(m['staleness_mean']),
+      'staleness': [int(t) for t in m['staleness']],
+      'dropped_stale': int(async_state.clock.dropped_stale),
+    }
+    return async_state, StepReport(
+      np.asarray(m['clients']), np.asarray(m['loss']), np.asarray(m['finite']), extra
+    )
 
 
 def _write_file(path: str, text: str) -> None:
@@ -493,15 +517,20 @@ def _append_metrics(path: str, row: dict[str, Any]) -> None:
     raise ConfigError(f'--workdir: cannot write {path}: {e.strerror or e}') from None
 
 
+# The hook `_drop_abandoned_orbax_reads` passes everything else on to.
+_PREVIOUS_UNRAISABLEHOOK = [sys.unraisablehook]
+
+
 def _drop_abandoned_orbax_reads(unraisable: Any) -> None:
   """`sys.unraisablehook` that drops orbax coroutines abandoned by a failed restore."""
   code = getattr(unraisable.object, 'cr_code', None)
   if code is None or 'orbax' not in code.co_filename:
-    _drop_abandoned_orbax_reads.previous(unraisable)
+    _PREVIOUS_UNRAISABLEHOOK[0](unraisable)
 
 
-def restore_newest_good(manager: ocp.CheckpointManager, rounds: Any, tree: Any,
-                        workdir: str) -> tuple[Any, int]:
+def restore_newest_good(
+  manager: ocp.CheckpointManager, rounds: Any, tree: Any, workdir: str
+) -> tuple[Any, int]:
   """Restores the newest checkpoint that reads back.
 
   A checkpoint that fails to restore (a truncated or corrupted file) is moved to
@@ -523,21 +552,24 @@ def restore_newest_good(manager: ocp.CheckpointManager, rounds: Any, tree: Any,
     # collected later are dropped by `_drop_abandoned_orbax_reads`; one line replaces them.
     with contextlib.redirect_stderr(io.StringIO()):
       try:
-        restored = manager.restore(step, args=ocp.args.StandardRestore(
-            rounds.device_tree(tree)))
+        restored = manager.restore(step, args=ocp.args.StandardRestore(rounds.device_tree(tree)))
         return rounds.restore(restored, step), step
       except Exception as e:  # noqa: BLE001 -- orbax/tensorstore raise many types
         failure = type(e).__name__
       gc.collect()
     if sys.unraisablehook is not _drop_abandoned_orbax_reads:
-      _drop_abandoned_orbax_reads.previous = sys.unraisablehook
+      _PREVIOUS_UNRAISABLEHOOK[0] = sys.unraisablehook
       sys.unraisablehook = _drop_abandoned_orbax_reads
     aside = os.path.join(workdir, 'corrupt_checkpoints', f'{step}-{time.time_ns()}')
     os.makedirs(os.path.dirname(aside), exist_ok=True)
     os.replace(os.path.join(workdir, 'checkpoints', str(step)), aside)
     manager.reload()
-    logging.warning('checkpoint of round %d does not restore (%s); moved it to %s and '
-                    'trying the previous one', step, failure, aside)
+    logging.warning(
+      'checkpoint of round %d does not restore (%s); moved it to %s and trying the previous one',
+      step,
+      failure,
+      aside,
+    )
   return tree, 0
 
 
@@ -547,11 +579,10 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
   if not rows:
     return summary
   for key in rows[-1]:
-    if isinstance(rows[-1][key], list) or not (key.endswith('_acc')
-                                               or key.endswith('_acc_weighted')):
+    # Accuracies: *_acc, *_acc_weighted and *_acc_no_label_prior (not the per-client lists).
+    if isinstance(rows[-1][key], list) or '_acc' not in key:
       continue
-    values = [(r[key], r['round']) for r in rows if r.get(key) is not None
-              and not np.isnan(r[key])]
+    values = [(r[key], r['round']) for r in rows if r.get(key) is not None and not np.isnan(r[key])]
     summary[f'final_{key}'] = rows[-1][key]
     if values:
       best, best_round = max(values)
@@ -597,25 +628,31 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
 def _run(config: Config, workdir: str) -> dict[str, Any]:
   """`train_and_evaluate` in a locked workdir."""
   log = print if config.verbose else (lambda *a, **k: None)
-  log(f'loading {config.dataset} and partitioning it among {config.num_clients} clients',
-      flush=True)
+  log(
+    f'loading {config.dataset} and partitioning it among {config.num_clients} clients', flush=True
+  )
   exp = build_experiment(config)
   commit_workdir(workdir, config)
   _write_file(os.path.join(workdir, 'partition.txt'), exp.partition.table() + '\n')
   _write_file(os.path.join(workdir, 'partition.json'), exp.partition.to_json())
-  log(f'{config.dataset}: {exp.partition.num_clients} clients, partition '
-      f'{config.partition}\n{exp.partition.table()}')
+  log(
+    f'{config.dataset}: {exp.partition.num_clients} clients, partition '
+    f'{config.partition}\n{exp.partition.table()}'
+  )
 
   base_key = jax.random.key(config.seed)
-  state = sharding.replicate(exp.algorithm.init(jax.random.fold_in(base_key, 0)),
-                            exp.algorithm.client_map.mesh)
+  state = sharding.replicate(
+    exp.algorithm.init(jax.random.fold_in(base_key, 0)), exp.algorithm.client_map.mesh
+  )
+  rounds: SyncRounds | AsyncRounds
   if config.server == 'sync':
     rounds = SyncRounds(exp)
   else:
     rounds = AsyncRounds(exp, workdir)
   tree = rounds.init(state)
-  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'),
-                                  options=ocp.CheckpointManagerOptions(max_to_keep=2))
+  manager = ocp.CheckpointManager(
+    os.path.join(workdir, 'checkpoints'), options=ocp.CheckpointManagerOptions(max_to_keep=2)
+  )
   try:
     return _round_loop(config, workdir, exp, rounds, tree, manager, base_key, log)
   finally:
@@ -623,22 +660,32 @@ def _run(config: Config, workdir: str) -> dict[str, Any]:
     manager.close()
 
 
-def _round_loop(config: Config, workdir: str, exp: Experiment, rounds: Any, tree: Any,
-                manager: ocp.CheckpointManager, base_key: jax.Array,
-                log: Any) -> dict[str, Any]:
+def _round_loop(
+  config: Config,
+  workdir: str,
+  exp: Experiment,
+  rounds: Any,
+  tree: Any,
+  manager: ocp.CheckpointManager,
+  base_key: jax.Array,
+  log: Any,
+) -> dict[str, Any]:
   """Resumes from the newest good checkpoint and runs the remaining rounds."""
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
   tree, done = restore_newest_good(manager, rounds, tree, workdir)
   if done:
     log(f'resuming {workdir} after round {done}')
-  rows = _read_metrics(metrics_path, done)
+  rows = run_folder.read_metrics(workdir, done)
   _write_metrics(metrics_path, rows)
   elapsed_offset = rows[-1]['elapsed_s'] if rows else 0.0
 
   evaluate = Evaluator(exp)
   board = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
-  log(f'round {done + 1}/{config.num_rounds}: compiling the round and the evaluation '
-      '(the first round takes longer)', flush=True)
+  log(
+    f'round {done + 1}/{config.num_rounds}: compiling the round and the evaluation '
+    '(the first round takes longer)',
+    flush=True,
+  )
   t0 = time.perf_counter()
   round_times = []
   r = done
@@ -649,12 +696,17 @@ def _round_loop(config: Config, workdir: str, exp: Experiment, rounds: Any, tree
       if not np.all(report.finite):
         bad = int(report.clients[np.flatnonzero(~report.finite)[0]])
         raise TrainingDivergedError(
-            f'NaN/Inf in training at round {r}, client {bad} (try a lower --learning_rate)')
+          f'NaN/Inf in training at round {r}, client {bad} (try a lower --learning_rate)'
+        )
       row = None
       if r % config.eval_every == 0 or r == config.num_rounds:
-        row = {'round': r, **evaluate(rounds.algorithm_state(tree)),
-               'train_loss': float(np.mean(report.loss)), **report.extra,
-               'elapsed_s': round(elapsed_offset + time.perf_counter() - t0, 3)}
+        row = {
+          'round': r,
+          **evaluate(rounds.algorithm_state(tree)),
+          'train_loss': float(np.mean(report.loss)),
+          **report.extra,
+          'elapsed_s': round(elapsed_offset + time.perf_counter() - t0, 3),
+        }
         rows.append(row)
         _append_metrics(metrics_path, row)
         for key, value in row.items():
@@ -666,23 +718,37 @@ def _round_loop(config: Config, workdir: str, exp: Experiment, rounds: Any, tree
         manager.save(r, args=ocp.args.StandardSave(rounds.device_tree(tree)))
       round_times.append(time.perf_counter() - t_round)
       eta = np.median(round_times[-10:]) * (config.num_rounds - r)
-      accuracy = '' if row is None else (
+      accuracy = (
+        ''
+        if row is None
+        else (
           f' personalized {row["personalized_acc"]:.4f}'
-          + ('' if row['global_acc'] is None else f' global {row["global_acc"]:.4f}'))
-      log(f'round {r}/{config.num_rounds} loss {np.mean(report.loss):.4f}{accuracy} '
-          f'{round_times[-1]:.2f}s ETA {datetime.timedelta(seconds=int(eta))}', flush=True)
+          + ('' if row['global_acc'] is None else f' global {row["global_acc"]:.4f}')
+        )
+      )
+      log(
+        f'round {r}/{config.num_rounds} loss {np.mean(report.loss):.4f}{accuracy} '
+        f'{round_times[-1]:.2f}s ETA {datetime.timedelta(seconds=int(eta))}',
+        flush=True,
+      )
   except KeyboardInterrupt:
     manager.wait_until_finished()
     saved = manager.latest_step() or 0
-    kept = (f'rounds 1-{saved} are checkpointed; rerun the same command with '
-            f'--workdir={workdir} to resume') if saved else \
-        'nothing was checkpointed yet; rerun the same command to start over'
+    kept = (
+      (
+        f'rounds 1-{saved} are checkpointed; rerun the same command with '
+        f'--workdir={workdir} to resume'
+      )
+      if saved
+      else 'nothing was checkpointed yet; rerun the same command to start over'
+    )
     raise RunInterrupted(f'interrupted in round {r + 1}/{config.num_rounds}: {kept}') from None
   except jax.errors.JaxRuntimeError as e:
     if 'RESOURCE_EXHAUSTED' not in str(e):
       raise
-    raise ConfigError(f'--batch_size: round {r} ran out of device memory; lower '
-                      '--batch_size or --join_ratio') from None
+    raise ConfigError(
+      f'--batch_size: round {r} ran out of device memory; lower --batch_size or --join_ratio'
+    ) from None
   finally:
     board.close()
 
@@ -698,11 +764,11 @@ def format_summary(summary: dict[str, Any], workdir: str) -> str:
   for key in summary:
     if not key.startswith('final_'):
       continue
-    name = key[len('final_'):]
+    name = key[len('final_') :]
     final = summary[key]
     best = summary.get(f'best_{name}')
-    fmt = lambda v: '     n/a' if v is None or (isinstance(v, float) and np.isnan(v)) \
-        else f'{v:8.4f}'
-    lines.append(f'{name:<34} {fmt(final)} {fmt(best)} '
-                 f'{summary.get(f"best_{name}_round", ""):>6}')
+    fmt = lambda v: (
+      '     n/a' if v is None or (isinstance(v, float) and np.isnan(v)) else f'{v:8.4f}'
+    )
+    lines.append(f'{name:<34} {fmt(final)} {fmt(best)} {summary.get(f"best_{name}_round", ""):>6}')
   return '\n'.join(lines)

@@ -11,23 +11,18 @@ Usage: python experiments/bench_conv.py [--model cnn] [--input_shape 28,28,1]
 """
 
 import argparse
-import pathlib
-import statistics
-import sys
-import time
 from collections.abc import Callable
+import statistics
+import time
 
 import jax
 import optax
 
 # Run as a script from anywhere: make the repository root importable.
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
 from apfl_jax.models import MODELS, create_model  # pylint: disable=wrong-import-position
 
 
-def make_step(name: str, conv_impl: str,
-              num_classes: int) -> tuple[Callable, Callable]:
+def make_step(name: str, conv_impl: str, num_classes: int) -> tuple[Callable, Callable]:
   """Returns (init, step) for the named model, both vmapped over clients."""
   model = create_model(name, num_classes, conv_impl=conv_impl)
   optimizer = optax.sgd(0.01)
@@ -48,8 +43,9 @@ def make_step(name: str, conv_impl: str,
   return jax.jit(jax.vmap(init)), jax.jit(jax.vmap(step))
 
 
-def time_impl(name: str, conv_impl: str, input_shape: tuple[int, ...],
-              clients: int, batch: int, reps: int) -> float:
+def time_impl(
+  name: str, conv_impl: str, input_shape: tuple[int, ...], clients: int, batch: int, reps: int
+) -> float:
   """Median seconds of one step over `reps` timed calls after a warm-up."""
   kx, ky, kp = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(kx, (clients, batch, *input_shape))
@@ -69,24 +65,24 @@ def main() -> None:
   """Parses flags and prints one line per backend."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--model', default='cnn', choices=MODELS)
-  parser.add_argument('--input_shape', default='28,28,1',
-                      help='height,width,channels of one image')
+  parser.add_argument('--input_shape', default='28,28,1', help='height,width,channels of one image')
   parser.add_argument('--clients', type=int, default=20)
   parser.add_argument('--batch', type=int, default=32)
   parser.add_argument('--reps', type=int, default=7)
-  parser.add_argument('--impls', default='lax,im2col,patches',
-                      help='comma-separated conv_impl values')
+  parser.add_argument(
+    '--impls', default='lax,im2col,patches', help='comma-separated conv_impl values'
+  )
   args = parser.parse_args()
   input_shape = tuple(int(n) for n in args.input_shape.split(','))
-  print(f'backend={jax.default_backend()} model={args.model} '
-        f'clients={args.clients} batch={args.batch} '
-        f'input={"x".join(map(str, input_shape))} reps={args.reps}')
+  print(
+    f'backend={jax.default_backend()} model={args.model} '
+    f'clients={args.clients} batch={args.batch} '
+    f'input={"x".join(map(str, input_shape))} reps={args.reps}'
+  )
   for conv_impl in args.impls.split(','):
-    seconds = time_impl(args.model, conv_impl, input_shape, args.clients,
-                        args.batch, args.reps)
+    seconds = time_impl(args.model, conv_impl, input_shape, args.clients, args.batch, args.reps)
     samples = args.clients * args.batch / seconds
-    print(f'{conv_impl:8s} {seconds * 1e3:8.1f} ms/step '
-          f'{samples:8.0f} samples/s', flush=True)
+    print(f'{conv_impl:8s} {seconds * 1e3:8.1f} ms/step {samples:8.0f} samples/s', flush=True)
 
 
 if __name__ == '__main__':

@@ -68,19 +68,18 @@ import time
 import numpy as np
 
 # Run as a script from anywhere: make the repository root importable.
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 BACKENDS = ('jax_vmap', 'torch_loop', 'torch_func')
 # Published dense peak FLOP/s by `device_kind` (vendor data sheets; SXM parts).
 PEAK_FLOPS = {
-    'NVIDIA H100 80GB HBM3': {'float32': 66.9e12, 'tf32': 494.7e12, 'bfloat16': 989.4e12},
-    'NVIDIA H200': {'float32': 66.9e12, 'tf32': 494.7e12, 'bfloat16': 989.4e12},
-    'NVIDIA A100-SXM4-80GB': {'float32': 19.5e12, 'tf32': 156e12, 'bfloat16': 312e12},
-    'NVIDIA A100-SXM4-40GB': {'float32': 19.5e12, 'tf32': 156e12, 'bfloat16': 312e12},
-    'TPU v4': {'bfloat16': 275e12},
-    'TPU v5 lite': {'bfloat16': 197e12},
-    'TPU v5': {'bfloat16': 459e12},
-    'TPU v6 lite': {'bfloat16': 918e12},
+  'NVIDIA H100 80GB HBM3': {'float32': 66.9e12, 'tf32': 494.7e12, 'bfloat16': 989.4e12},
+  'NVIDIA H200': {'float32': 66.9e12, 'tf32': 494.7e12, 'bfloat16': 989.4e12},
+  'NVIDIA A100-SXM4-80GB': {'float32': 19.5e12, 'tf32': 156e12, 'bfloat16': 312e12},
+  'NVIDIA A100-SXM4-40GB': {'float32': 19.5e12, 'tf32': 156e12, 'bfloat16': 312e12},
+  'TPU v4': {'bfloat16': 275e12},
+  'TPU v5 lite': {'bfloat16': 197e12},
+  'TPU v5': {'bfloat16': 459e12},
+  'TPU v6 lite': {'bfloat16': 918e12},
 }
 LEARNING_RATE = 0.01
 NUM_CLASSES = 10
@@ -97,6 +96,7 @@ class Config:
     image_shape: (height, width, channels).
     chunk: clients per call of the client map (0: all at once).
   """
+
   clients: int
   steps: int
   batch: int
@@ -110,16 +110,15 @@ class Config:
   def describe(self) -> str:
     shape = 'x'.join(map(str, self.image_shape))
     chunks = f', chunks of {self.chunk}' if self.chunk else ''
-    return (f'{self.clients} clients x {self.steps} steps x batch {self.batch}, '
-            f'{shape}{chunks}')
+    return f'{self.clients} clients x {self.steps} steps x batch {self.batch}, {shape}{chunks}'
 
 
 PRESETS = {
-    'small': (Config(20, 5, 32, (28, 28, 1)),),
-    'pfl_cifar10': (Config(50, 5, 10, (32, 32, 3)),),
-    'sweep': tuple(Config(k, 5, 32, (28, 28, 1)) for k in (10, 100, 1000)) + (
-        Config(10000, 5, 32, (28, 28, 1), chunk=1000),),
-    'tiny': (Config(3, 2, 4, (16, 16, 1)),),
+  'small': (Config(20, 5, 32, (28, 28, 1)),),
+  'pfl_cifar10': (Config(50, 5, 10, (32, 32, 3)),),
+  'sweep': tuple(Config(k, 5, 32, (28, 28, 1)) for k in (10, 100, 1000))
+  + (Config(10000, 5, 32, (28, 28, 1), chunk=1000),),
+  'tiny': (Config(3, 2, 4, (16, 16, 1)),),
 }
 
 
@@ -148,8 +147,9 @@ def _time_rounds(run_round, rounds: int, sync) -> tuple[float, list[float]]:
   return times[0], times[1:]
 
 
-def run_jax_vmap(config: Config, rounds: int, conv_impl: str, device: str,
-                 compute_dtype: str = 'float32') -> dict:
+def run_jax_vmap(
+  config: Config, rounds: int, conv_impl: str, device: str, compute_dtype: str = 'float32'
+) -> dict:
   """Times apfl_jax's jitted FedAvg round."""
   if device == 'cpu':
     os.environ['JAX_PLATFORMS'] = 'cpu'
@@ -174,20 +174,29 @@ def run_jax_vmap(config: Config, rounds: int, conv_impl: str, device: str,
   train_indices = tuple(np.arange(c * n, (c + 1) * n) for c in range(config.clients))
   empty = tuple(np.zeros((0,), np.int64) for _ in range(config.clients))
   counts = np.stack([np.bincount(labels[i], minlength=NUM_CLASSES) for i in train_indices])
-  partition = Partition(train_indices=train_indices, test_indices=empty,
-                        num_classes=NUM_CLASSES, train_counts=counts,
-                        test_counts=np.zeros_like(counts))
+  partition = Partition(
+    train_indices=train_indices,
+    test_indices=empty,
+    num_classes=NUM_CLASSES,
+    train_counts=counts,
+    test_counts=np.zeros_like(counts),
+  )
   dataset = argparse.Namespace(
-      train_images=images, train_labels=labels, test_images=images[:1],
-      test_labels=labels[:1], mean=np.full((config.image_shape[-1],), 0.5, np.float32),
-      std=np.full((config.image_shape[-1],), 0.25, np.float32))
+    train_images=images,
+    train_labels=labels,
+    test_images=images[:1],
+    test_labels=labels[:1],
+    mean=np.full((config.image_shape[-1],), 0.5, np.float32),
+    std=np.full((config.image_shape[-1],), 0.25, np.float32),
+  )
   data = client_data.build_federated_data(dataset, partition)
   schedule = local_training.Schedule.create(
-      batch_size=config.batch, local_epochs=0, local_steps=config.steps, min_count=n,
-      max_count=n)
+    batch_size=config.batch, local_epochs=0, local_steps=config.steps, min_count=n, max_count=n
+  )
   model = create_model('cnn', NUM_CLASSES, conv_impl, compute_dtype)
-  algorithm = FedAvg(model, config.image_shape, schedule, optax.sgd(LEARNING_RATE),
-                     optax.sgd(1.0)).with_client_map(ClientMap(chunk_size=config.chunk))
+  algorithm = FedAvg(
+    model, config.image_shape, schedule, optax.sgd(LEARNING_RATE), optax.sgd(1.0)
+  ).with_client_map(ClientMap(chunk_size=config.chunk))
   key = jax.random.key(0)
   state = {'value': algorithm.init(key)}
   cohort = jnp.arange(config.clients, dtype=jnp.int32)
@@ -196,24 +205,32 @@ def run_jax_vmap(config: Config, rounds: int, conv_impl: str, device: str,
   def run_round(r):
     state['value'], _ = run(state['value'], cohort, jax.random.fold_in(key, r), data)
 
-  compile_s, times = _time_rounds(run_round, rounds,
-                                  lambda: jax.block_until_ready(state['value']))
+  compile_s, times = _time_rounds(run_round, rounds, lambda: jax.block_until_ready(state['value']))
   dev = jax.devices()[0]
   if dev.platform == 'cpu':
     peak = _cpu_rss_mb()
   else:
     peak = dev.memory_stats()['peak_bytes_in_use'] / 2**20
   loss_fn = classification_loss(model)
-  batch = (init_model_params(model, key, config.image_shape),
-           jnp.zeros((config.batch, *config.image_shape)),
-           jnp.zeros((config.batch,), jnp.int32), jnp.ones((config.batch,)), key)
+  batch = (
+    init_model_params(model, key, config.image_shape),
+    jnp.zeros((config.batch, *config.image_shape)),
+    jnp.zeros((config.batch,), jnp.int32),
+    jnp.ones((config.batch,)),
+    key,
+  )
   step_flops = jax.jit(jax.grad(loss_fn)).lower(*batch).compile().cost_analysis()['flops']
-  return {'device': f'{dev.platform} ({dev.device_kind})',
-          'conv_impl': resolve_conv_impl(conv_impl), 'compute_dtype': compute_dtype,
-          'compile_s': compile_s, 'times': times, 'peak_mem_mb': peak,
-          'base_mem_mb': base_mem,
-          'model_flops_per_round': step_flops * config.clients * config.steps,
-          'peak_flops_per_s': PEAK_FLOPS.get(dev.device_kind)}
+  return {
+    'device': f'{dev.platform} ({dev.device_kind})',
+    'conv_impl': resolve_conv_impl(conv_impl),
+    'compute_dtype': compute_dtype,
+    'compile_s': compile_s,
+    'times': times,
+    'peak_mem_mb': peak,
+    'base_mem_mb': base_mem,
+    'model_flops_per_round': step_flops * config.clients * config.steps,
+    'peak_flops_per_s': PEAK_FLOPS.get(dev.device_kind),
+  }
 
 
 def _torch_setup(config: Config, device: str):
@@ -229,9 +246,17 @@ def _torch_setup(config: Config, device: str):
   h, w, c = config.image_shape
   flat = 64 * (((h - 4) // 2 - 4) // 2) * (((w - 4) // 2 - 4) // 2)
   model = nn.Sequential(
-      nn.Conv2d(c, 32, 5), nn.ReLU(), nn.MaxPool2d(2),
-      nn.Conv2d(32, 64, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-      nn.Linear(flat, 512), nn.ReLU(), nn.Linear(512, NUM_CLASSES)).to(dev)
+    nn.Conv2d(c, 32, 5),
+    nn.ReLU(),
+    nn.MaxPool2d(2),
+    nn.Conv2d(32, 64, 5),
+    nn.ReLU(),
+    nn.MaxPool2d(2),
+    nn.Flatten(),
+    nn.Linear(flat, 512),
+    nn.ReLU(),
+    nn.Linear(512, NUM_CLASSES),
+  ).to(dev)
   images_np, labels_np = synthetic_data(config)
   images = torch.from_numpy(images_np).permute(0, 3, 1, 2).contiguous().to(dev)
   labels = torch.from_numpy(labels_np).long().to(dev)
@@ -253,13 +278,19 @@ def _torch_result(torch, dev, compile_s, times, base_mem) -> dict:
   else:
     peak = _cpu_rss_mb()
     name = f'cpu ({torch.get_num_threads()} threads)'
-  return {'device': name, 'compile_s': compile_s, 'times': times, 'peak_mem_mb': peak,
-          'base_mem_mb': base_mem}
+  return {
+    'device': name,
+    'compile_s': compile_s,
+    'times': times,
+    'peak_mem_mb': peak,
+    'base_mem_mb': base_mem,
+  }
 
 
 def run_torch_loop(config: Config, rounds: int, device: str) -> dict:
   """Times clients trained one after another on one in-place model."""
   import torch  # pylint: disable=import-outside-toplevel
+
   base_mem = _cpu_rss_mb()
   dev, model, images, labels, index, normalize = _torch_setup(config, device)
   loss_fn = torch.nn.functional.cross_entropy
@@ -276,7 +307,7 @@ def run_torch_loop(config: Config, rounds: int, device: str) -> dict:
       optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
       order = index[client][torch.randperm(n, generator=generator, device=dev)]
       for step in range(config.steps):
-        ids = order[step * config.batch:(step + 1) * config.batch]
+        ids = order[step * config.batch : (step + 1) * config.batch]
         optimizer.zero_grad()
         loss_fn(model(normalize(images[ids])), labels[ids]).backward()
         optimizer.step()
@@ -294,6 +325,7 @@ def run_torch_func(config: Config, rounds: int, device: str) -> dict:
   """Times torch.func: vmap(grad) over stacked client parameters."""
   import torch  # pylint: disable=import-outside-toplevel
   from torch import func  # pylint: disable=import-outside-toplevel
+
   base_mem = _cpu_rss_mb()
   dev, model, images, labels, index, normalize = _torch_setup(config, device)
   n = index.shape[1]
@@ -308,12 +340,12 @@ def run_torch_func(config: Config, rounds: int, device: str) -> dict:
 
   def run_round(r):
     del r
-    params = {k: v.expand(config.clients, *v.shape).clone()
-              for k, v in global_params['value'].items()}
-    order = torch.argsort(torch.rand(config.clients, n, generator=generator, device=dev),
-                          dim=1)
+    params = {
+      k: v.expand(config.clients, *v.shape).clone() for k, v in global_params['value'].items()
+    }
+    order = torch.argsort(torch.rand(config.clients, n, generator=generator, device=dev), dim=1)
     for step in range(config.steps):
-      ids = index[rows, order[:, step * config.batch:(step + 1) * config.batch]]
+      ids = index[rows, order[:, step * config.batch : (step + 1) * config.batch]]
       x = normalize(images[ids.flatten()]).reshape(*ids.shape, *images.shape[1:])
       grads = grads_fn(params, x, labels[ids])
       params = {k: v - LEARNING_RATE * grads[k] for k, v in params.items()}
@@ -324,8 +356,14 @@ def run_torch_func(config: Config, rounds: int, device: str) -> dict:
   return _torch_result(torch, dev, compile_s, times, base_mem)
 
 
-def run_backend(backend: str, config: Config, rounds: int, conv_impl: str,
-                device: str, compute_dtype: str = 'float32') -> dict:
+def run_backend(
+  backend: str,
+  config: Config,
+  rounds: int,
+  conv_impl: str,
+  device: str,
+  compute_dtype: str = 'float32',
+) -> dict:
   """Runs one backend in this process; returns its timing record."""
   if backend == 'jax_vmap':
     raw = run_jax_vmap(config, rounds, conv_impl, device, compute_dtype)
@@ -337,46 +375,72 @@ def run_backend(backend: str, config: Config, rounds: int, conv_impl: str,
   round_s = statistics.median(times)
   if 'model_flops_per_round' in raw:
     raw['model_flops_per_s'] = raw['model_flops_per_round'] / round_s
-  return {**raw, 'round_s': round_s, 'round_s_all': times,
-          'samples_per_s': config.samples_per_round / round_s,
-          'load_avg_1m': os.getloadavg()[0]}
+  return {
+    **raw,
+    'round_s': round_s,
+    'round_s_all': times,
+    'samples_per_s': config.samples_per_round / round_s,
+    'load_avg_1m': os.getloadavg()[0],
+  }
 
 
 def run_backend_subprocess(backend: str, config: Config, args: argparse.Namespace) -> dict:
   """Runs one backend in a fresh Python process (so its peak memory is its own)."""
-  spec = json.dumps({'backend': backend, 'config': dataclasses.asdict(config),
-                     'rounds': args.rounds, 'conv_impl': args.conv_impl,
-                     'device': args.device, 'compute_dtype': args.compute_dtype})
-  out = subprocess.run([sys.executable, __file__, f'--_worker={spec}'], check=True,
-                       stdout=subprocess.PIPE, text=True).stdout
+  spec = json.dumps(
+    {
+      'backend': backend,
+      'config': dataclasses.asdict(config),
+      'rounds': args.rounds,
+      'conv_impl': args.conv_impl,
+      'device': args.device,
+      'compute_dtype': args.compute_dtype,
+    }
+  )
+  out = subprocess.run(
+    [sys.executable, __file__, f'--_worker={spec}'], check=True, stdout=subprocess.PIPE, text=True
+  ).stdout
   return json.loads(out.strip().splitlines()[-1])
 
 
 def _worker(spec: str) -> None:
   spec = json.loads(spec)
   config = spec['config']
-  config = Config(config['clients'], config['steps'], config['batch'],
-                  tuple(config['image_shape']), config['chunk'])
-  record = run_backend(spec['backend'], config, spec['rounds'], spec['conv_impl'],
-                       spec['device'], spec['compute_dtype'])
+  config = Config(
+    config['clients'],
+    config['steps'],
+    config['batch'],
+    tuple(config['image_shape']),
+    config['chunk'],
+  )
+  record = run_backend(
+    spec['backend'],
+    config,
+    spec['rounds'],
+    spec['conv_impl'],
+    spec['device'],
+    spec['compute_dtype'],
+  )
   print(json.dumps(record))
 
 
 def markdown_table(runs: list[dict]) -> str:
   """The runs' results as one markdown table."""
-  lines = ['| configuration | backend | round s (median) | samples/s | first round s '
-           '| peak mem MiB (after import) | time vs jax_vmap | model TFLOP/s |',
-           '|---|---|---:|---:|---:|---:|---:|---:|']
+  lines = [
+    '| configuration | backend | round s (median) | samples/s | first round s '
+    '| peak mem MiB (after import) | time vs jax_vmap | model TFLOP/s |',
+    '|---|---|---:|---:|---:|---:|---:|---:|',
+  ]
   for run in runs:
     for name, r in run['backends'].items():
       ratio = r.get('time_vs_jax_vmap')
       flops = r.get('model_flops_per_s')
       lines.append(
-          f'| {run["config_text"]} | {name} | {r["round_s"]:.3f} | '
-          f'{r["samples_per_s"]:,.0f} | {r["compile_s"]:.2f} | '
-          f'{r["peak_mem_mb"]:,.0f} ({r["base_mem_mb"]:,.0f}) | '
-          f'{"-" if ratio is None else f"{ratio:.2f}x"} | '
-          f'{"-" if flops is None else f"{flops / 1e12:.3f}"} |')
+        f'| {run["config_text"]} | {name} | {r["round_s"]:.3f} | '
+        f'{r["samples_per_s"]:,.0f} | {r["compile_s"]:.2f} | '
+        f'{r["peak_mem_mb"]:,.0f} ({r["base_mem_mb"]:,.0f}) | '
+        f'{"-" if ratio is None else f"{ratio:.2f}x"} | '
+        f'{"-" if flops is None else f"{flops / 1e12:.3f}"} |'
+      )
   return '\n'.join(lines)
 
 
@@ -393,21 +457,33 @@ def main(argv: list[str] | None = None) -> dict:
   """Parses flags, runs every configuration and backend, prints the table."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--preset', default='small', choices=sorted(PRESETS))
-  parser.add_argument('--backends', default=','.join(BACKENDS),
-                      help='comma-separated subset of ' + ','.join(BACKENDS))
-  parser.add_argument('--rounds', type=int, default=5,
-                      help='timed rounds after the first (warm-up/compile) round')
+  parser.add_argument(
+    '--backends', default=','.join(BACKENDS), help='comma-separated subset of ' + ','.join(BACKENDS)
+  )
+  parser.add_argument(
+    '--rounds', type=int, default=5, help='timed rounds after the first (warm-up/compile) round'
+  )
   parser.add_argument('--json', default='', help='also write the results here')
-  parser.add_argument('--conv_impl', default='auto',
-                      help='apfl_jax conv backend: auto, lax, im2col or patches')
+  parser.add_argument(
+    '--conv_impl', default='auto', help='apfl_jax conv backend: auto, lax, im2col or patches'
+  )
   parser.add_argument('--device', default='auto', choices=('auto', 'cpu', 'gpu'))
-  parser.add_argument('--max_clients', type=int, default=0,
-                      help='skip configurations with more clients (0: no cap)')
-  parser.add_argument('--client_chunk_size', type=int, default=-1,
-                      help='jax_vmap: clients per client-map call in every configuration '
-                           '(0: all at once; default: the preset\'s own)')
-  parser.add_argument('--compute_dtype', default='float32', choices=('float32', 'bfloat16'),
-                      help='jax_vmap: activations and patches in this dtype')
+  parser.add_argument(
+    '--max_clients', type=int, default=0, help='skip configurations with more clients (0: no cap)'
+  )
+  parser.add_argument(
+    '--client_chunk_size',
+    type=int,
+    default=-1,
+    help='jax_vmap: clients per client-map call in every configuration '
+    "(0: all at once; default: the preset's own)",
+  )
+  parser.add_argument(
+    '--compute_dtype',
+    default='float32',
+    choices=('float32', 'bfloat16'),
+    help='jax_vmap: activations and patches in this dtype',
+  )
   parser.add_argument('--_worker', default='', help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args._worker:  # pylint: disable=protected-access
@@ -419,8 +495,9 @@ def main(argv: list[str] | None = None) -> dict:
   if unknown:
     parser.error(f'unknown backends {sorted(unknown)}; choose from {BACKENDS}')
   if importlib.util.find_spec('torch') is None and any(b != 'jax_vmap' for b in backends):
-    print('note: torch is not installed (pip install -r requirements-bench.txt); '
-          'running jax_vmap only')
+    print(
+      'note: torch is not installed (pip install -r requirements-bench.txt); running jax_vmap only'
+    )
     backends = [b for b in backends if b == 'jax_vmap']
   configs = PRESETS[args.preset]
   if args.client_chunk_size >= 0:
@@ -441,12 +518,19 @@ def main(argv: list[str] | None = None) -> dict:
     if 'jax_vmap' in results:
       for r in results.values():
         r['time_vs_jax_vmap'] = r['round_s'] / results['jax_vmap']['round_s']
-    runs.append({'config': dataclasses.asdict(config), 'config_text': config.describe(),
-                 'backends': results})
-  report = {'preset': args.preset, 'device': device, 'versions': _versions(),
-            'cpu_count': os.cpu_count(), 'rounds': args.rounds,
-            'date': time.strftime('%Y-%m-%d'), 'runs': runs,
-            'backends': runs[-1]['backends'] if runs else {}}
+    runs.append(
+      {'config': dataclasses.asdict(config), 'config_text': config.describe(), 'backends': results}
+    )
+  report = {
+    'preset': args.preset,
+    'device': device,
+    'versions': _versions(),
+    'cpu_count': os.cpu_count(),
+    'rounds': args.rounds,
+    'date': time.strftime('%Y-%m-%d'),
+    'runs': runs,
+    'backends': runs[-1]['backends'] if runs else {},
+  }
   print(markdown_table(runs))
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(report, indent=2) + '\n')

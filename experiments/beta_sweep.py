@@ -12,49 +12,38 @@ evaluation per value.
 
 import dataclasses
 import glob
-import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags, logging
+import numpy as np
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
-import numpy as np  # noqa: E402
-import orbax.checkpoint as ocp  # noqa: E402
-import jax  # noqa: E402
-
-from apfl_jax import train  # noqa: E402
-from apfl_jax.config import Config  # noqa: E402
-from apfl_jax.errors import UserError  # noqa: E402
+from apfl_jax import run_folder, train
+from apfl_jax.errors import UserError
 
 flags.DEFINE_string('runs', None, 'Folder holding seed*/ workdirs of finished AP-FL runs.')
 flags.DEFINE_string('betas', '0.001,0.01,0.1,0.5,1.0', 'Comma-separated beta values.')
 flags.DEFINE_string('out', None, 'Markdown file to write the table to.')
 FLAGS = flags.FLAGS
 
-METRICS = ('personalized_acc', 'active_personalized_acc', 'dropout_personalized_acc',
-           'dropout_personalized_acc_no_label_prior')
+METRICS = (
+  'personalized_acc',
+  'active_personalized_acc',
+  'dropout_personalized_acc',
+  'dropout_personalized_acc_no_label_prior',
+)
 
 
 def evaluate_run(workdir: str, betas: list[float]) -> dict[float, dict[str, float]]:
   """Final-round metrics of one AP-FL workdir for each beta."""
-  with open(os.path.join(workdir, 'config.json')) as f:
-    config = Config(**json.load(f))
-  if config.algorithm != 'apfl':
-    raise UserError(f'--runs: {workdir} is a {config.algorithm} run, not apfl')
-  experiment = train.build_experiment(config)
-  state = experiment.algorithm.init(jax.random.fold_in(jax.random.key(config.seed), 0))
-  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')))
-  step = manager.latest_step()
-  if step is None:
-    raise UserError(f'--runs: {workdir} has no checkpoint')
-  state = manager.restore(step, args=ocp.args.StandardRestore(state))
+  algorithm = run_folder.read_config(workdir).algorithm
+  if algorithm != 'apfl':
+    raise UserError(f'--runs: {workdir} is a {algorithm} run, not apfl')
+  experiment, state, _ = run_folder.restore_latest(workdir)
   results = {}
   for beta in betas:
-    experiment.algorithm.friend = dataclasses.replace(experiment.algorithm.friend, beta=beta)
-    results[beta] = train.Evaluator(experiment)(state)
+    swept = dataclasses.replace(experiment, algorithm=experiment.algorithm.with_beta(beta))
+    results[beta] = train.Evaluator(swept)(state)
   return results
 
 
@@ -71,9 +60,13 @@ def main(argv):
     per_run = [evaluate_run(w, betas) for w in workdirs]
   except UserError as e:
     sys.exit(f'error: {e}')
-  lines = [f'Seeds: {len(workdirs)} runs in `{FLAGS.runs}`; final-round accuracy, '
-           'mean ± std (population) over seeds.', '',
-           '| beta | ' + ' | '.join(METRICS) + ' |', '|---|' + '---|' * len(METRICS)]
+  lines = [
+    f'Seeds: {len(workdirs)} runs in `{FLAGS.runs}`; final-round accuracy, '
+    'mean ± std (population) over seeds.',
+    '',
+    '| beta | ' + ' | '.join(METRICS) + ' |',
+    '|---|' + '---|' * len(METRICS),
+  ]
   for beta in betas:
     cells = []
     for metric in METRICS:

@@ -30,20 +30,14 @@ import shlex
 import sys
 from typing import Any
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from absl import flags, logging
+import jax
+import numpy as np
 
-from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import orbax.checkpoint as ocp  # noqa: E402
-
-from apfl_jax import config as config_lib  # noqa: E402
-from apfl_jax import generator as generator_lib  # noqa: E402
-from apfl_jax import plots  # noqa: E402
-from apfl_jax import train  # noqa: E402
-from apfl_jax.errors import ConfigError, UserError  # noqa: E402
+from apfl_jax import config as config_lib
+from apfl_jax import generator as generator_lib
+from apfl_jax import plots, results, run_folder, train
+from apfl_jax.errors import ConfigError, UserError
 
 EXPERIMENTS_DIR = os.path.dirname(os.path.abspath(__file__))
 # Flags the comparison sets for each run itself.
@@ -54,8 +48,11 @@ config_lib.define_flags()
 flags.DEFINE_list('algorithms', 'fedavg,local,fedgen,apfl', 'Algorithms to compare.')
 flags.DEFINE_list('seeds', '0,1,2', 'Seeds; each one is a partition and an initialisation.')
 flags.DEFINE_string('out', '', 'Output folder of the comparison (required).')
-flags.DEFINE_string('sweep', '', 'FLAG:v1,v2,... runs every value of one flag as its own '
-                    'method row, e.g. beta:0.001,0.01,0.1.')
+flags.DEFINE_string(
+  'sweep',
+  '',
+  'FLAG:v1,v2,... runs every value of one flag as its own method row, e.g. beta:0.001,0.01,0.1.',
+)
 
 
 def parse_sweep(spec: str) -> tuple[str, list[tuple[str, Any]]]:
@@ -77,8 +74,10 @@ def parse_sweep(spec: str) -> tuple[str, list[tuple[str, Any]]]:
   fields = {f.name for f in dataclasses.fields(config_lib.Config)}
   texts = [v.strip() for v in values.split(',') if v.strip()]
   if name not in fields or name in PER_RUN_FLAGS or not texts:
-    raise ConfigError(f'--sweep must be FLAG:v1,v2,... with FLAG a flag of main.py other '
-                      f'than {", ".join(PER_RUN_FLAGS)}; got {spec!r}')
+    raise ConfigError(
+      f'--sweep must be FLAG:v1,v2,... with FLAG a flag of main.py other '
+      f'than {", ".join(PER_RUN_FLAGS)}; got {spec!r}'
+    )
   parser = flags.FLAGS[name].parser
   parsed = []
   for text in texts:
@@ -93,8 +92,7 @@ def parse_seeds(seeds: list[str]) -> list[int]:
   try:
     parsed = [int(s) for s in seeds]
   except ValueError:
-    raise ConfigError(f'--seeds must be integers like 0,1,2; got {",".join(seeds)!r}') \
-        from None
+    raise ConfigError(f'--seeds must be integers like 0,1,2; got {",".join(seeds)!r}') from None
   if not parsed:
     raise ConfigError('--seeds is empty')
   return parsed
@@ -105,55 +103,69 @@ def run_workdir(out: str, algorithm: str, setting: str, seed: int) -> str:
   return os.path.join(*parts, f'seed{seed}')
 
 
-def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-def run_one(config: config_lib.Config, setting: str, workdir: str) -> plots.Run:
-  """Trains (or resumes, or re-reads) one run; a UserError makes a failed Run."""
+def run_one(config: config_lib.Config, setting: str, workdir: str) -> results.Run:
+  """Validates, then trains (or resumes, or re-reads) one run; a UserError makes a failed Run."""
   try:
+    config = config.validate()
     summary = train.train_and_evaluate(config, workdir)
   except UserError as e:
-    return plots.Run(config.algorithm, setting, config.seed, workdir, {}, [],
-                     error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+    return results.Run(
+      config.algorithm,
+      setting,
+      config.seed,
+      workdir,
+      {},
+      [],
+      error=str(e).splitlines()[0] if str(e) else type(e).__name__,
+    )
   with open(os.path.join(workdir, 'partition.json')) as f:
     monopoly = tuple(json.load(f)['monopoly_clients'])
-  return plots.Run(config.algorithm, setting, config.seed, workdir, summary,
-                   read_metrics(workdir), dropout_clients=config.dropout_client_ids(monopoly))
+  return results.Run(
+    config.algorithm,
+    setting,
+    config.seed,
+    workdir,
+    summary,
+    run_folder.read_metrics(workdir),
+    dropout_clients=config.dropout_client_ids(monopoly),
+  )
 
 
-def generated_pixels(config: config_lib.Config, workdir: str) -> tuple[np.ndarray, Any]:
+def generated_pixels(workdir: str) -> tuple[np.ndarray, Any]:
   """Samples the image generator of an AP-FL run's last checkpoint.
 
   Args:
-    config: the run's config (--algorithm=apfl, --generator=image).
-    workdir: the run's folder.
+    workdir: the run's folder (--algorithm=apfl, --generator=image).
 
   Returns:
     (pixels float [num_classes, SAMPLES_PER_CLASS, H, W, C] in [0, 1], the experiment).
   """
-  exp = train.build_experiment(config)
-  state = exp.algorithm.init(jax.random.fold_in(jax.random.key(config.seed), 0))
-  with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')) as manager:
-    state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(state))
+  exp, state, _ = run_folder.restore_latest(workdir)
+  config = exp.config
   setup, server = exp.algorithm.setup, state.server
   num_classes = exp.dataset.num_classes
   labels = np.repeat(np.arange(num_classes), SAMPLES_PER_CLASS)
   # BatchNorm statistics come from a reference batch of the memorized labels, as when the
   # friend models train, so classes the generator never saw are sampled zero-shot.
   reference = np.resize(np.flatnonzero(np.asarray(server.seen_counts) > 0), setup.batch_size)
-  images = generator_lib.generate(setup.generator, server.generator.params,
-                                  jax.random.key(config.seed), labels, setup.noise_dim,
-                                  setup.noise_distribution, reference_labels=reference)
+  images = generator_lib.generate(
+    setup.generator,
+    server.generator.params,
+    jax.random.key(config.seed),
+    labels,
+    setup.noise_dim,
+    setup.noise_distribution,
+    reference_labels=reference,
+  )
   mean = np.asarray(exp.dataset.mean, np.float32)
   std = np.asarray(exp.dataset.std, np.float32)
   pixels = np.clip(np.asarray(images) * std + mean, 0.0, 1.0)
   return pixels.reshape(num_classes, SAMPLES_PER_CLASS, *pixels.shape[1:]), exp
 
 
-def write_generated_samples(runs: list[plots.Run], configs: dict[str, config_lib.Config],
-                            out: str) -> list[tuple[str, str]]:
+def write_generated_samples(
+  runs: list[results.Run], configs: dict[str, config_lib.Config], out: str
+) -> list[tuple[str, str]]:
   """generated_samples[_<setting>].png per AP-FL image-generator method.
 
   Args:
@@ -165,36 +177,47 @@ def write_generated_samples(runs: list[plots.Run], configs: dict[str, config_lib
     (caption, file name) of each figure written.
   """
   figures = []
-  for label, group in plots.group_by_label(runs).items():
+  for label, group in results.group_by_label(runs).items():
     finished = [r for r in group if not r.failed]
     if group[0].algorithm != 'apfl' or not finished:
       continue
     config = configs[finished[0].workdir]
     if config.generator != 'image':
-      print(f'{label}: no generated_samples.png (--generator={config.generator} makes '
-            'features, not images)')
+      print(
+        f'{label}: no generated_samples.png (--generator={config.generator} makes '
+        'features, not images)'
+      )
       continue
-    pixels, exp = generated_pixels(config, finished[0].workdir)
+    pixels, exp = generated_pixels(finished[0].workdir)
     name = f'generated_samples{"_" + finished[0].setting if finished[0].setting else ""}.png'
     unseen = [exp.dataset.class_names[c] for c in exp.unseen_classes]
     plots.plot_generated_samples(
-        pixels, exp.dataset.class_names, exp.unseen_classes,
-        f'{label}, seed {finished[0].seed}, round {config.num_rounds}; '
-        f'unseen (red): {", ".join(unseen) or "none"}', os.path.join(out, name))
+      pixels,
+      exp.dataset.class_names,
+      exp.unseen_classes,
+      f'{label}, seed {finished[0].seed}, round {config.num_rounds}; '
+      f'unseen (red): {", ".join(unseen) or "none"}',
+      os.path.join(out, name),
+    )
     figures.append((f'generated samples of {label} (seed {finished[0].seed})', name))
   return figures
 
 
 def machine_description() -> str:
   device = jax.devices()[0]
-  return (f'{platform.platform()}, {os.cpu_count()} CPUs, jax {jax.__version__} on '
-          f'{len(jax.devices())} x {device.platform} ({device.device_kind})')
+  return (
+    f'{platform.platform()}, {os.cpu_count()} CPUs, jax {jax.__version__} on '
+    f'{len(jax.devices())} x {device.platform} ({device.device_kind})'
+  )
 
 
 def non_default_flags(config: config_lib.Config) -> str:
   defaults = config_lib.Config()
-  return ' '.join(f'--{k}={v}' for k, v in dataclasses.asdict(config).items()
-                  if k not in PER_RUN_FLAGS and v != getattr(defaults, k))
+  return ' '.join(
+    f'--{k}={v}'
+    for k, v in dataclasses.asdict(config).items()
+    if k not in PER_RUN_FLAGS and v != getattr(defaults, k)
+  )
 
 
 def main(argv: list[str]) -> int:
@@ -212,35 +235,49 @@ def main(argv: list[str]) -> int:
   flags.FLAGS(config_lib.resolve_flagfile_args(argv, EXPERIMENTS_DIR))
   logging.set_verbosity(logging.WARNING)  # keeps orbax's per-save INFO lines out
   base = config_lib.from_flags(flags.FLAGS)
+  # The flags as given: each run fills in its own algorithm's defaults (--generator, ...).
+  given = config_lib.from_flags(flags.FLAGS, validate=False)
   out = flags.FLAGS.out
   if not out:
     raise ConfigError('--out is required: the folder of the runs, tables and plots')
   algorithms = flags.FLAGS.algorithms
   for algorithm in algorithms:
     if algorithm not in config_lib.ALGORITHMS:
-      raise ConfigError(f'--algorithms: unknown algorithm {algorithm!r}; choose from '
-                        f'{", ".join(config_lib.ALGORITHMS)}')
+      raise ConfigError(
+        f'--algorithms: unknown algorithm {algorithm!r}; choose from '
+        f'{", ".join(config_lib.ALGORITHMS)}'
+      )
   seeds = parse_seeds(flags.FLAGS.seeds)
   sweep_flag, sweep_values = parse_sweep(flags.FLAGS.sweep)
   os.makedirs(out, exist_ok=True)
 
-  jobs = [(seed, algorithm, text, value) for seed in seeds for algorithm in algorithms
-          for text, value in sweep_values]
+  jobs = [
+    (seed, algorithm, text, value)
+    for seed in seeds
+    for algorithm in algorithms
+    for text, value in sweep_values
+  ]
   runs, configs = [], {}
   for i, (seed, algorithm, text, value) in enumerate(jobs, 1):
     changes = {sweep_flag: value} if sweep_flag else {}
     setting = f'{sweep_flag}={text}' if sweep_flag else ''
     workdir = run_workdir(out, algorithm, setting, seed)
-    config = base.replace(algorithm=algorithm, seed=seed, workdir=workdir, **changes)
-    print(f'[{i}/{len(jobs)}] {f"{algorithm} {setting}".strip()} seed {seed} -> {workdir}',
-          flush=True)
+    config = given.replace(algorithm=algorithm, seed=seed, workdir=workdir, **changes)
+    print(
+      f'[{i}/{len(jobs)}] {f"{algorithm} {setting}".strip()} seed {seed} -> {workdir}', flush=True
+    )
     run = run_one(config, setting, workdir)
-    configs[workdir] = config
+    configs[workdir] = config.with_algorithm_defaults()
     runs.append(run)
-    print(f'[{i}/{len(jobs)}] ' + (f'FAILED: {run.error}' if run.failed else
-                                   'final personalized accuracy '
-                                   f'{run.summary.get("final_personalized_acc")}'),
-          flush=True)
+    print(
+      f'[{i}/{len(jobs)}] '
+      + (
+        f'FAILED: {run.error}'
+        if run.failed
+        else f'final personalized accuracy {run.summary.get("final_personalized_acc")}'
+      ),
+      flush=True,
+    )
 
   figures = []
   if plots.plot_accuracy_vs_round(runs, os.path.join(out, 'accuracy_vs_round.png')):
@@ -251,32 +288,35 @@ def main(argv: list[str]) -> int:
     print('no per_client_accuracy.png: metrics.jsonl has no client_personalized_acc')
   figures += write_generated_samples(runs, configs, out)
 
-  rounds = (f'{sweep_flag} swept' if sweep_flag == 'num_rounds' else
-            f'{base.num_rounds} (evaluated every {base.eval_every})')
+  rounds = (
+    f'{sweep_flag} swept'
+    if sweep_flag == 'num_rounds'
+    else f'{base.num_rounds} (evaluated every {base.eval_every})'
+  )
   header = [
-      f'# Comparison: {", ".join(algorithms)}'
-      + (f', {sweep_flag} in {{{", ".join(t for t, _ in sweep_values)}}}' if sweep_flag
-         else ''),
-      '',
-      f'- Command: `{command}`',
-      f'- Flags (non-default): `{non_default_flags(base)}`',
-      f'- Seeds: {", ".join(str(s) for s in seeds)} (same seed = same partition for '
-      'every method)',
-      f'- Rounds: {rounds}',
-      f'- Machine: {machine_description()}',
-      f'- Written: {datetime.datetime.now().isoformat(timespec="seconds")}; runs in '
-      f'`{os.path.join(out, "runs")}`',
-      '- Cells: mean ± std over the finished seeds (population std, ddof=0) of the final '
-      'accuracy and of the best accuracy over evaluated rounds; n/a: the method does not '
-      'report it.',
+    f'# Comparison: {", ".join(algorithms)}'
+    + (f', {sweep_flag} in {{{", ".join(t for t, _ in sweep_values)}}}' if sweep_flag else ''),
+    '',
+    f'- Command: `{command}`',
+    f'- Flags (non-default): `{non_default_flags(base)}`',
+    f'- Seeds: {", ".join(str(s) for s in seeds)} (same seed = same partition for every method)',
+    f'- Rounds: {rounds}',
+    f'- Machine: {machine_description()}',
+    f'- Written: {datetime.datetime.now().isoformat(timespec="seconds")}; runs in '
+    f'`{os.path.join(out, "runs")}`',
+    '- Cells: mean ± std over the finished seeds (population std, ddof=0) of the final '
+    'accuracy and of the best accuracy over evaluated rounds; n/a: the method does not '
+    'report it.',
   ]
-  table = plots.method_table(runs)
-  plots.write_markdown(table, header, figures, os.path.join(out, 'results.md'))
-  plots.write_csv(table, os.path.join(out, 'results.csv'))
+  table = results.method_table(runs)
+  results.write_markdown(table, header, figures, os.path.join(out, 'results.md'))
+  results.write_csv(table, os.path.join(out, 'results.csv'))
   failed = sum(r.failed for r in runs)
-  print(plots.markdown_table(table))
-  print(f'{len(runs) - failed} of {len(runs)} runs finished; results in '
-        f'{os.path.join(out, "results.md")}')
+  print(results.markdown_table(table))
+  print(
+    f'{len(runs) - failed} of {len(runs)} runs finished; results in '
+    f'{os.path.join(out, "results.md")}'
+  )
   return 0
 
 

@@ -11,41 +11,51 @@ For Fashion-MNIST and CIFAR-10 class names and several templates it prints:
 """
 
 import argparse
-import pathlib
 import sys
 import time
 
 import numpy as np
 
 # Run as a script from anywhere: make the repository root importable.
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
 from apfl_jax.embeddings import DEFAULT_TEMPLATE, load_text_encoder  # pylint: disable=wrong-import-position
 from apfl_jax.errors import UserError  # pylint: disable=wrong-import-position
 
-FASHION_MNIST = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat',
-                 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
-CIFAR10 = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog',
-           'horse', 'ship', 'truck')
+FASHION_MNIST = (
+  'T-shirt/top',
+  'Trouser',
+  'Pullover',
+  'Dress',
+  'Coat',
+  'Sandal',
+  'Shirt',
+  'Sneaker',
+  'Bag',
+  'Ankle boot',
+)
+CIFAR10 = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
 # (dataset name, class names, key pairs as (close pair, far pair)).
 DATASETS = (
-    ('Fashion-MNIST', FASHION_MNIST,
-     ((('Sandal', 'Sneaker'), ('Sandal', 'Coat')),
-      (('Shirt', 'T-shirt/top'), ('Shirt', 'Bag')))),
-    ('CIFAR-10', CIFAR10,
-     ((('automobile', 'truck'), ('automobile', 'frog')),
-      (('cat', 'dog'), ('cat', 'ship')))),
+  (
+    'Fashion-MNIST',
+    FASHION_MNIST,
+    ((('Sandal', 'Sneaker'), ('Sandal', 'Coat')), (('Shirt', 'T-shirt/top'), ('Shirt', 'Bag'))),
+  ),
+  (
+    'CIFAR-10',
+    CIFAR10,
+    ((('automobile', 'truck'), ('automobile', 'frog')), (('cat', 'dog'), ('cat', 'ship'))),
+  ),
 )
 TEMPLATES = (
-    '{}',
-    'a {}',
-    '{}.',
-    'a photo of a {}.',
-    'a picture of a {}.',
-    'an image of a {}.',
-    'a black and white photo of a {}.',
-    'a photo of a {}, a type of clothing.',
-    'a black and white photo of a {}, a type of clothing.',
+  '{}',
+  'a {}',
+  '{}.',
+  'a photo of a {}.',
+  'a picture of a {}.',
+  'an image of a {}.',
+  'a black and white photo of a {}.',
+  'a photo of a {}, a type of clothing.',
+  'a black and white photo of a {}, a type of clothing.',
 )
 
 
@@ -71,8 +81,7 @@ def report(encode, name: str, classes: tuple[str, ...], pairs) -> None:
   off = ~np.eye(len(classes), dtype=bool)
   index = {c: i for i, c in enumerate(classes)}
   reference = None
-  header = ' '.join(f'{_short(a)}-{_short(b)}' for close, far in pairs
-                    for a, b in (close, far))
+  header = ' '.join(f'{_short(a)}-{_short(b)}' for close, far in pairs for a, b in (close, far))
   print(f'\n{name}')
   print(f'{"template":56s} {"mean":>5s} {"min_gap":>7s} {"rho":>5s}  {header}  order kept')
   for template in TEMPLATES:
@@ -87,17 +96,20 @@ def report(encode, name: str, classes: tuple[str, ...], pairs) -> None:
       cells += [f'{c_close:7.2f}', f'{c_far:7.2f}']
       kept.append(c_close > c_far)
     marker = ' <- default' if template == DEFAULT_TEMPLATE else ''
-    print(f'{template!r:56s} {cos[off].mean():5.2f} {1 - cos[off].max():7.2f} '
-          f'{_spearman(cos[off], reference):5.2f}  {" ".join(cells)}  '
-          f'{"yes" if all(kept) else "NO"}{marker}')
+    print(
+      f'{template!r:56s} {cos[off].mean():5.2f} {1 - cos[off].max():7.2f} '
+      f'{_spearman(cos[off], reference):5.2f}  {" ".join(cells)}  '
+      f'{"yes" if all(kept) else "NO"}{marker}'
+    )
 
 
 def main() -> None:
   """Parses flags, loads the encoder once and prints the tables."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--kind', default='minilm', choices=('minilm', 'clip'))
-  parser.add_argument('--model_name', default=None,
-                      help='CLIP hub id or local directory (clip only)')
+  parser.add_argument(
+    '--model_name', default=None, help='CLIP hub id or local directory (clip only)'
+  )
   args = parser.parse_args()
   start = time.perf_counter()
   try:

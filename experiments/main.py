@@ -10,16 +10,11 @@ import os
 import signal
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags, logging
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
-
-from apfl_jax import config as config_lib  # noqa: E402
-from apfl_jax import sharding  # noqa: E402
-from apfl_jax import train  # noqa: E402
-from apfl_jax.errors import UserError  # noqa: E402
+from apfl_jax import config as config_lib
+from apfl_jax import sharding, train
+from apfl_jax.errors import UserError
 
 config_lib.define_flags()
 
@@ -63,8 +58,9 @@ if __name__ == '__main__':
       print('\n' + flags.FLAGS.get_help())
     sys.exit(0)
   try:
-    sys.argv = config_lib.resolve_flagfile_args(sys.argv, os.path.dirname(
-        os.path.abspath(__file__)))
+    sys.argv = config_lib.resolve_flagfile_args(
+      sys.argv, os.path.dirname(os.path.abspath(__file__))
+    )
   except UserError as e:
     sys.exit(f'error: {e}')
   app.run(main, flags_parser=_parse_flags)

@@ -23,60 +23,90 @@ FedRep's 1 head epoch, FedGen's PFLlib-style regulariser and generator optimizer
 behaviour (BEFORE_FLAG).
 """
 
-import json
 import os
 import shlex
 import sys
 from typing import Any
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from absl import app, flags
+import numpy as np
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-import numpy as np  # noqa: E402
-
-from apfl_jax import plots  # noqa: E402
+from apfl_jax import plots, results, run_folder
+from apfl_jax.errors import UserError
 
 # PFLlib's published test accuracy (%) on Fashion-MNIST, by partition and algorithm
 # ('apfl_deng' is PFLlib's APFL, the adaptive mixing of Deng et al. 2020).
 PUBLISHED = {
-    'dirichlet': {'fedavg': 85.85, 'fedprox': 85.63, 'fedgen': 84.90, 'ditto': 97.47,
-                  'fedrep': 97.56, 'apfl_deng': 97.25},
-    'pathological': {'fedavg': 80.41, 'ditto': 99.44, 'fedrep': 99.56},
+  'dirichlet': {
+    'fedavg': 85.85,
+    'fedprox': 85.63,
+    'fedgen': 84.90,
+    'ditto': 97.47,
+    'fedrep': 97.56,
+    'apfl_deng': 97.25,
+  },
+  'pathological': {'fedavg': 80.41, 'ditto': 99.44, 'fedrep': 99.56},
 }
 # The flags of PFLlib's setting, common to both partitions, then per partition.
-SETTING = {'dataset': 'fashion_mnist', 'model': 'cnn', 'num_clients': 20,
-           'test_split': 'pooled', 'client_train_fraction': 0.75, 'batch_size': 10,
-           'learning_rate': 0.005, 'client_optimizer': 'sgd', 'local_epochs': 1,
-           'local_steps': 0, 'join_ratio': 1.0, 'server': 'sync', 'eval_every': 1}
-PARTITION_SETTING = {'dirichlet': {'partition': 'dirichlet', 'dirichlet_alpha': 0.1},
-                     'pathological': {'partition': 'pathological', 'classes_per_client': 2}}
+SETTING = {
+  'dataset': 'fashion_mnist',
+  'model': 'cnn',
+  'num_clients': 20,
+  'test_split': 'pooled',
+  'client_train_fraction': 0.75,
+  'batch_size': 10,
+  'learning_rate': 0.005,
+  'client_optimizer': 'sgd',
+  'local_epochs': 1,
+  'local_steps': 0,
+  'join_ratio': 1.0,
+  'server': 'sync',
+  'eval_every': 1,
+}
+PARTITION_SETTING = {
+  'dirichlet': {'partition': 'dirichlet', 'dirichlet_alpha': 0.1},
+  'pathological': {'partition': 'pathological', 'classes_per_client': 2},
+}
 # PFLlib's defaults for the algorithms whose own defaults here follow their papers.
 ALGORITHM_SETTING = {
-    'fedrep': {'fedrep_head_epochs': 1},
-    'fedgen': {'fedgen_regularizer': 'pfllib', 'fedgen_alpha': 1.0,
-               'fedgen_generator_weight_decay': 0.0, 'fedgen_generator_lr_decay': 1.0},
+  'fedrep': {'fedrep_head_epochs': 1},
+  'fedgen': {
+    'fedgen_regularizer': 'pfllib',
+    'fedgen_alpha': 1.0,
+    'fedgen_generator_weight_decay': 0.0,
+    'fedgen_generator_lr_decay': 1.0,
+  },
 }
 # What a config.json written before a flag existed means: the behaviour of the code then.
-BEFORE_FLAG = {'fedrep_head_epochs': 1, 'fedgen_regularizer': 'pfllib',
-               'fedgen_generator_weight_decay': 0.0, 'fedgen_generator_lr_decay': 1.0}
+BEFORE_FLAG = {
+  'fedrep_head_epochs': 1,
+  'fedgen_regularizer': 'pfllib',
+  'fedgen_generator_weight_decay': 0.0,
+  'fedgen_generator_lr_decay': 1.0,
+}
 METRIC = 'personalized_acc_weighted'
 HEADER = [
-    '# Fashion-MNIST: our runs beside PFLlib\'s published table',
-    '',
-    '- Setting (both sides): 20 clients, train and test pooled then split 75/25 per client, '
-    'FedAvgCNN, SGD lr 0.005, batch 10, 1 local epoch, every client every round.',
-    '- Metric: best test accuracy over the evaluated rounds, sample-weighted over clients '
-    f'(our `{METRIC}`, evaluated every round). PFLlib ran up to 2000 rounds; ours ran '
-    'the rounds in the "rounds run" column, so our "best" is a lower bound of what the '
-    'same run would reach with PFLlib\'s round budget.',
+  "# Fashion-MNIST: our runs beside PFLlib's published table",
+  '',
+  '- Setting (both sides): 20 clients, train and test pooled then split 75/25 per client, '
+  'FedAvgCNN, SGD lr 0.005, batch 10, 1 local epoch, every client every round.',
+  '- Metric: best test accuracy over the evaluated rounds, sample-weighted over clients '
+  f'(our `{METRIC}`, evaluated every round). PFLlib ran up to 2000 rounds; ours ran '
+  'the rounds in the "rounds run" column, so our "best" is a lower bound of what the '
+  "same run would reach with PFLlib's round budget.",
 ]
 
-flags.DEFINE_list('runs', [], 'PARTITION:FOLDER pairs, PARTITION in '
-                  f'{", ".join(PUBLISHED)}, FOLDER a compare.py --out folder.')
-flags.DEFINE_string('report', '', 'The Markdown file to write (the table is printed as well); '
-                    'accuracy_vs_round_<partition>.png go beside it.')
+flags.DEFINE_list(
+  'runs',
+  [],
+  f'PARTITION:FOLDER pairs, PARTITION in {", ".join(PUBLISHED)}, FOLDER a compare.py --out folder.',
+)
+flags.DEFINE_string(
+  'report',
+  '',
+  'The Markdown file to write (the table is printed as well); '
+  'accuracy_vs_round_<partition>.png go beside it.',
+)
 
 
 class CheckError(ValueError):
@@ -89,8 +119,9 @@ def parse_runs(specs: list[str]) -> list[tuple[str, str]]:
   for spec in specs:
     partition, _, folder = spec.partition(':')
     if partition not in PUBLISHED or not folder:
-      raise CheckError(f'--runs: expected PARTITION:FOLDER with PARTITION in '
-                       f'{", ".join(PUBLISHED)}; got {spec!r}')
+      raise CheckError(
+        f'--runs: expected PARTITION:FOLDER with PARTITION in {", ".join(PUBLISHED)}; got {spec!r}'
+      )
     pairs.append((partition, folder))
   if not pairs:
     raise CheckError('--runs is empty')
@@ -99,34 +130,39 @@ def parse_runs(specs: list[str]) -> list[tuple[str, str]]:
 
 def check_setting(config: dict[str, Any], partition: str, path: str) -> None:
   """Raises CheckError naming the first flag of `config` that is not PFLlib's."""
-  setting = {**SETTING, **PARTITION_SETTING[partition],
-             **ALGORITHM_SETTING.get(config.get('algorithm'), {})}
+  setting = {
+    **SETTING,
+    **PARTITION_SETTING[partition],
+    **ALGORITHM_SETTING.get(config.get('algorithm'), {}),
+  }
   for name, value in setting.items():
     found = config.get(name, BEFORE_FLAG.get(name))
     if found != value:
-      raise CheckError(f'{path}: --{name}={found} but PFLlib\'s {partition} '
-                       f'setting has --{name}={value}')
+      raise CheckError(
+        f"{path}: --{name}={found} but PFLlib's {partition} setting has --{name}={value}"
+      )
 
 
 def read_run(workdir: str, partition: str) -> dict[str, Any] | None:
   """Best and final METRIC of one run folder, or None if it has no evaluated round yet."""
-  config_path = os.path.join(workdir, 'config.json')
-  with open(config_path) as f:
-    config = json.load(f)
-  check_setting(config, partition, config_path)
-  metrics_path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(metrics_path):
-    return None
-  with open(metrics_path) as f:
-    rows = [json.loads(line) for line in f if line.strip()]
+  config = run_folder.read_config_values(workdir)
+  check_setting(config, partition, os.path.join(workdir, run_folder.CONFIG))
+  rows = run_folder.read_metrics(workdir)
   evaluated = [(r[METRIC], r['round']) for r in rows if r.get(METRIC) is not None]
   if not evaluated:
     return None
   best, best_round = max(evaluated)
-  return {'algorithm': config['algorithm'], 'seed': config['seed'], 'workdir': workdir,
-          'metrics': rows,
-          'best': best, 'best_round': best_round, 'final': evaluated[-1][0],
-          'rounds': rows[-1]['round'], 'planned_rounds': config['num_rounds']}
+  return {
+    'algorithm': config['algorithm'],
+    'seed': config['seed'],
+    'workdir': workdir,
+    'metrics': rows,
+    'best': best,
+    'best_round': best_round,
+    'final': evaluated[-1][0],
+    'rounds': rows[-1]['round'],
+    'planned_rounds': config['num_rounds'],
+  }
 
 
 def collect(partition: str, folder: str) -> list[dict[str, Any]]:
@@ -152,14 +188,17 @@ def collect(partition: str, folder: str) -> list[dict[str, Any]]:
 
 def report(pairs: list[tuple[str, str]]) -> str:
   """The Markdown table of every published number and our runs beside it."""
-  lines = ['| partition | method | PFLlib (published, %) | ours: best (%) | best at round '
-           '| ours: final (%) | rounds run | seeds |',
-           '|---|---|---|---|---|---|---|---|']
+  lines = [
+    '| partition | method | PFLlib (published, %) | ours: best (%) | best at round '
+    '| ours: final (%) | rounds run | seeds |',
+    '|---|---|---|---|---|---|---|---|',
+  ]
   for partition, folder in pairs:
     runs = collect(partition, folder)
     labels = []
     for algorithm in list(PUBLISHED[partition]) + sorted(
-        {r['algorithm'] for r in runs} - set(PUBLISHED[partition])):
+      {r['algorithm'] for r in runs} - set(PUBLISHED[partition])
+    ):
       labels += sorted({r['label'] for r in runs if r['algorithm'] == algorithm}) or [algorithm]
     for label in labels:
       mine = [r for r in runs if r['label'] == label]
@@ -169,11 +208,13 @@ def report(pairs: list[tuple[str, str]]) -> str:
         best = np.array([r['best'] for r in mine]) * 100
         final = np.array([r['final'] for r in mine]) * 100
         spread = (lambda v: f' ± {v.std():.2f}') if len(mine) > 1 else (lambda v: '')
-        cells += [f'{best.mean():.2f}{spread(best)}',
-                  ', '.join(str(r['best_round']) for r in mine),
-                  f'{final.mean():.2f}{spread(final)}',
-                  ', '.join(f'{r["rounds"]}/{r["planned_rounds"]}' for r in mine),
-                  ','.join(str(r['seed']) for r in mine)]
+        cells += [
+          f'{best.mean():.2f}{spread(best)}',
+          ', '.join(str(r['best_round']) for r in mine),
+          f'{final.mean():.2f}{spread(final)}',
+          ', '.join(f'{r["rounds"]}/{r["planned_rounds"]}' for r in mine),
+          ','.join(str(r['seed']) for r in mine),
+        ]
       else:
         cells += ['not run', '', '', '', '']
       lines.append('| ' + ' | '.join(cells) + ' |')
@@ -182,9 +223,17 @@ def report(pairs: list[tuple[str, str]]) -> str:
 
 def plot_against_published(partition: str, folder: str, path: str) -> bool:
   """Our METRIC vs round per method, PFLlib's published accuracy dashed."""
-  runs = [plots.Run(r['algorithm'], r['label'][len(r['algorithm']):].strip(), r['seed'],
-                    r['workdir'], {}, r['metrics'])
-          for r in collect(partition, folder)]
+  runs = [
+    results.Run(
+      r['algorithm'],
+      r['label'][len(r['algorithm']) :].strip(),
+      r['seed'],
+      r['workdir'],
+      {},
+      r['metrics'],
+    )
+    for r in collect(partition, folder)
+  ]
   references = {name: value / 100 for name, value in PUBLISHED[partition].items()}
   return plots.plot_accuracy_vs_round(runs, path, metric=METRIC, references=references)
 
@@ -198,8 +247,9 @@ def write_report(pairs: list[tuple[str, str]], path: str, command: str) -> None:
     if plot_against_published(partition, runs_folder, os.path.join(folder, name)):
       figures.append(f'![{partition}: weighted accuracy vs round, PFLlib dashed]({name})')
   with open(path, 'w') as f:
-    f.write('\n'.join(HEADER + ['', f'- Command: `{command}`', '', report(pairs), '',
-                                 *figures, '']))
+    f.write(
+      '\n'.join(HEADER + ['', f'- Command: `{command}`', '', report(pairs), '', *figures, ''])
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -209,7 +259,7 @@ def main(argv: list[str]) -> int:
     print(report(pairs))
     if flags.FLAGS.report:
       write_report(pairs, flags.FLAGS.report, shlex.join(['python', *sys.argv]))
-  except CheckError as e:
+  except (CheckError, UserError) as e:
     sys.exit(f'error: {e}')
   return 0
 

@@ -1,6 +1,7 @@
 """Accuracy against virtual time for sync and async runs, and the staleness histogram.
 
-  python experiments/plot_async.py --runs=docs/results/async/runs/sync,docs/results/async/runs/fedbuff \
+  python experiments/plot_async.py \
+      --runs=docs/results/async/runs/sync,docs/results/async/runs/fedbuff \
       --out=docs/results/async --target=0.8
 
 Reads each workdir's metrics.jsonl (which logs every applied update's staleness in async
@@ -9,16 +10,12 @@ accuracy_vs_virtual_time.png, staleness_histogram.png and summary.md with the vi
 time to --target accuracy and the accuracy of each run at the shortest run's final time.
 """
 
-import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-
-from apfl_jax import plots  # noqa: E402
+from apfl_jax import plots, run_folder
 
 flags.DEFINE_string('runs', None, 'Comma-separated workdirs.')
 flags.DEFINE_string('out', None, 'Output folder.')
@@ -28,11 +25,10 @@ FLAGS = flags.FLAGS
 
 
 def read_rows(workdir):
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    sys.exit(f'error: --runs: {path} not found')
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  rows = run_folder.read_metrics(workdir)
+  if not rows:
+    sys.exit(f'error: --runs: {os.path.join(workdir, run_folder.METRICS)} not found or empty')
+  return rows
 
 
 def main(argv):
@@ -43,23 +39,28 @@ def main(argv):
   series, staleness, lines = {}, [], []
   for workdir in FLAGS.runs.split(','):
     rows = read_rows(workdir)
-    with open(os.path.join(workdir, 'config.json')) as f:
-      server = json.load(f)['server']
+    server = run_folder.read_config_values(workdir)['server']
     label = f'{os.path.basename(workdir.rstrip("/"))} ({server})'
     series[label] = ([r['virtual_time'] for r in rows], [r[FLAGS.metric] for r in rows])
     for r in rows:
       staleness.extend(r.get('staleness', []))
   budget = min(times[-1] for times, _ in series.values())
-  lines += [f'| run | final virtual time | {FLAGS.metric} at time {budget:.0f} | '
-            f'time to {FLAGS.target:g} |', '|---|---|---|---|']
+  lines += [
+    f'| run | final virtual time | {FLAGS.metric} at time {budget:.0f} | '
+    f'time to {FLAGS.target:g} |',
+    '|---|---|---|---|',
+  ]
   for label, (times, values) in series.items():
     at_budget = [v for t, v in zip(times, values) if t <= budget]
     reached = plots.virtual_time_to_target(times, values, FLAGS.target)
-    lines.append(f'| {label} | {times[-1]:.0f} | '
-                 f'{at_budget[-1] if at_budget else float("nan"):.4f} | '
-                 f'{"not reached" if reached is None else f"{reached:.0f}"} |')
+    lines.append(
+      f'| {label} | {times[-1]:.0f} | '
+      f'{at_budget[-1] if at_budget else float("nan"):.4f} | '
+      f'{"not reached" if reached is None else f"{reached:.0f}"} |'
+    )
   plots.plot_accuracy_vs_virtual_time(
-      series, os.path.join(FLAGS.out, 'accuracy_vs_virtual_time.png'), FLAGS.metric)
+    series, os.path.join(FLAGS.out, 'accuracy_vs_virtual_time.png'), FLAGS.metric
+  )
   if staleness:
     plots.plot_staleness_histogram(staleness, os.path.join(FLAGS.out, 'staleness_histogram.png'))
   with open(os.path.join(FLAGS.out, 'summary.md'), 'w') as f:

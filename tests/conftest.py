@@ -4,18 +4,39 @@ import dataclasses
 
 import flax.linen as nn
 import jax
+from jax.experimental.compilation_cache import compilation_cache
 import numpy as np
 import optax
 import pytest
 
+from apfl_jax import results
 from apfl_jax.algorithms.fedavg import FedAvg
-
 from apfl_jax.data import client_data
 from apfl_jax.data import partition as partition_lib
 
 
+@pytest.fixture(scope='session', autouse=True)
+def shared_compilation_cache(tmp_path_factory):
+  """One persistent compilation cache for the session: the many tiny runs that build equal
+  computations (each `train_and_evaluate` jits afresh) compile them once."""
+  settings = {
+    'jax_compilation_cache_dir': str(tmp_path_factory.mktemp('jax_cache')),
+    'jax_persistent_cache_min_compile_time_secs': 0.0,
+    'jax_persistent_cache_min_entry_size_bytes': 0,
+  }
+  saved = {name: getattr(jax.config, name) for name in settings}
+  for name, value in settings.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()
+  yield
+  for name, value in saved.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()
+
+
 class TinyModel(nn.Module):
   """A 2-layer MLP with the body/head contract of apfl_jax.models."""
+
   num_classes: int = 4
 
   def setup(self):
@@ -39,6 +60,7 @@ class TinyModel(nn.Module):
 @dataclasses.dataclass(frozen=True)
 class SyntheticDataset:
   """Just the fields of apfl_jax.data.datasets.Dataset that the library reads."""
+
   name: str
   train_images: np.ndarray
   train_labels: np.ndarray
@@ -70,10 +92,16 @@ def make_synthetic_dataset(num_classes=4, per_class=30, shape=(6, 6, 1), seed=0)
 
   train_x, train_y = draw(per_class)
   test_x, test_y = draw(per_class // 3)
-  return SyntheticDataset('synthetic', train_x, train_y, test_x, test_y,
-                          tuple(f'class{k}' for k in range(num_classes)),
-                          np.full((shape[-1],), 0.5, np.float32),
-                          np.full((shape[-1],), 0.25, np.float32))
+  return SyntheticDataset(
+    'synthetic',
+    train_x,
+    train_y,
+    test_x,
+    test_y,
+    tuple(f'class{k}' for k in range(num_classes)),
+    np.full((shape[-1],), 0.5, np.float32),
+    np.full((shape[-1],), 0.25, np.float32),
+  )
 
 
 @pytest.fixture
@@ -93,8 +121,15 @@ def synthetic_federation():
   """(dataset, partition, FederatedData) with 4 uneven clients."""
   dataset = make_synthetic_dataset()
   partition = partition_lib.partition_dataset(
-      dataset.train_labels, dataset.test_labels, num_clients=4, scheme='dirichlet', seed=0,
-      num_classes=dataset.num_classes, dirichlet_alpha=0.5, min_samples=5)
+    dataset.train_labels,
+    dataset.test_labels,
+    num_clients=4,
+    scheme='dirichlet',
+    seed=0,
+    num_classes=dataset.num_classes,
+    dirichlet_alpha=0.5,
+    min_samples=5,
+  )
   data = client_data.build_federated_data(dataset, partition, test_multiple=8)
   return dataset, partition, data
 
@@ -106,8 +141,9 @@ def fedavg_reference_round(schedule, data, cohort, seed=0, round_seed=5):
     (new state, round metrics), the reference that FedAvg-like algorithms reduce to.
   """
   fedavg = FedAvg(TinyModel(), (6, 6, 1), schedule, optax.sgd(0.1), optax.sgd(1.0))
-  return jax.jit(fedavg.run_round)(fedavg.init(jax.random.key(seed)), cohort,
-                                   jax.random.key(round_seed), data)
+  return jax.jit(fedavg.run_round)(
+    fedavg.init(jax.random.key(seed)), cohort, jax.random.key(round_seed), data
+  )
 
 
 def run_two_rounds_compiling_once(algorithm, data):
@@ -122,3 +158,40 @@ def run_two_rounds_compiling_once(algorithm, data):
   state, metrics = run_round(state, np.array([0, 2], np.int32), jax.random.key(2), data)
   assert run_round._cache_size() == 1  # pylint: disable=protected-access
   return state, metrics
+
+
+def make_run(algorithm, seed, final, best=None, setting='', error='', **extra):
+  """A finished run whose summary has `final` (and `best`) personalized accuracies."""
+  if error:
+    return results.Run(
+      algorithm, setting, seed, f'/runs/{algorithm}/seed{seed}', {}, [], error=error
+    )
+  summary = {
+    'final_personalized_acc': final,
+    'best_personalized_acc': best or final,
+    'best_personalized_acc_round': 2,
+    **extra,
+  }
+  metrics = [
+    {'round': 1, 'personalized_acc': final / 2, 'client_personalized_acc': [0.1, None]},
+    {'round': 2, 'personalized_acc': final, 'client_personalized_acc': [final, None]},
+  ]
+  return results.Run(
+    algorithm,
+    setting,
+    seed,
+    f'/runs/{algorithm}/seed{seed}',
+    summary,
+    metrics,
+    dropout_clients=(1,),
+  )
+
+
+@pytest.fixture
+def runs():
+  return [
+    make_run('fedavg', 0, 0.5, 0.6, final_global_acc=0.4, best_global_acc=0.45),
+    make_run('fedavg', 1, 0.7, 0.8, final_global_acc=0.6, best_global_acc=0.65),
+    make_run('local', 0, 0.9, final_global_acc=None),
+    make_run('local', 1, 0.0, error='NaN/Inf in training at round 1, client 2'),
+  ]

@@ -1,20 +1,20 @@
 """Tests of apfl_jax.algorithms.apfl."""
 
+from apfl_fixtures import make_apfl, schedule_for
+from conftest import TinyModel, make_synthetic_dataset
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from apfl_jax import local_training
 from apfl_jax import generator as generator_lib
+from apfl_jax import local_training
 from apfl_jax.algorithms import apfl as apfl_lib
 from apfl_jax.algorithms import knowledge_transfer
 from apfl_jax.algorithms.local import LocalOnly
 from apfl_jax.config import Config
 from apfl_jax.data import client_data
 from apfl_jax.data import partition as partition_lib
-from apfl_fixtures import make_apfl, schedule_for
-from conftest import TinyModel, make_synthetic_dataset
 
 
 def assert_trees_equal(a, b):
@@ -38,8 +38,7 @@ def row(tree, i):
 
 
 def test_interpolate_is_convex_combination():
-  mixed = apfl_lib.interpolate({'w': jnp.array([0.0, 10.0])}, {'w': jnp.array([10.0, 0.0])},
-                               0.25)
+  mixed = apfl_lib.interpolate({'w': jnp.array([0.0, 10.0])}, {'w': jnp.array([10.0, 0.0])}, 0.25)
   np.testing.assert_allclose(mixed['w'], [7.5, 2.5])  # 0.25 * local + 0.75 * friend
 
 
@@ -47,15 +46,16 @@ def test_beta_one_is_the_local_model_and_beta_zero_the_friend(synthetic_federati
   _, partition, data = synthetic_federation
   local_only = make_apfl(data, partition, beta=1.0)
   state = run_rounds(local_only, data, [(0, 1, 2)])
-  assert_trees_equal(local_only.personalized_params(state, data),
-                     local_only.local_models(state))
+  assert_trees_equal(local_only.personalized_params(state, data), local_only.local_models(state))
   friend_only = make_apfl(data, partition, beta=0.0)
   personalized = friend_only.personalized_params(state, data)
-  friends = friend_only.friend_models(state, jnp.arange(4),
-                                      jnp.asarray(partition.train_counts, jnp.float32))
+  friends = friend_only.friend_models(
+    state, jnp.arange(4), jnp.asarray(partition.train_counts, jnp.float32)
+  )
   assert_trees_equal(personalized, friends)
-  assert not np.allclose(personalized['head']['kernel'],
-                         friend_only.local_models(state)['head']['kernel'])
+  assert not np.allclose(
+    personalized['head']['kernel'], friend_only.local_models(state)['head']['kernel']
+  )
 
 
 def test_persistent_local_model_is_the_local_only_model(synthetic_federation):
@@ -69,12 +69,14 @@ def test_persistent_local_model_is_the_local_only_model(synthetic_federation):
   local_state = local.init(jax.random.split(jax.random.key(0))[0])
   run_local = jax.jit(local.run_round)
   for r, cohort in enumerate(cohorts):
-    local_state, _ = run_local(local_state, jnp.asarray(cohort, jnp.int32),
-                               jax.random.key(r + 1), data)
+    local_state, _ = run_local(
+      local_state, jnp.asarray(cohort, jnp.int32), jax.random.key(r + 1), data
+    )
   assert_trees_close(alg.local_models(state), local_state.clients.params)
   for c in range(4):
-    assert not np.allclose(row(alg.local_models(state), c)['head']['kernel'],
-                           state.server.params['head']['kernel'])
+    assert not np.allclose(
+      row(alg.local_models(state), c)['head']['kernel'], state.server.params['head']['kernel']
+    )
 
 
 def test_persistent_local_model_survives_rounds_it_skips(synthetic_federation):
@@ -82,16 +84,22 @@ def test_persistent_local_model_survives_rounds_it_skips(synthetic_federation):
   alg = make_apfl(data, partition)
   after_1 = run_rounds(alg, data, [(0, 1)])
   after_2 = run_rounds(alg, data, [(2, 3)], state=after_1)
-  assert_trees_equal(row(after_2.clients.local_params, 0),
-                     row(after_1.clients.local_params, 0))
+  assert_trees_equal(row(after_2.clients.local_params, 0), row(after_1.clients.local_params, 0))
   # Joining again, client 0 trains on from its own local model, not the global one.
   run_round = jax.jit(alg.run_round)
   key = jax.random.key(7)
   after_3, _ = run_round(after_2, jnp.array([0, 1], jnp.int32), key, data)
   client_key = jax.random.fold_in(jax.random.split(key)[0], 0)
   expected, _ = local_training.train_client(
-      row(after_2.clients.local_params, 0), alg.loss_fn, alg.client_optimizer, data,
-      data.train_index[0], data.train_count[0], client_key, alg.schedule)
+    row(after_2.clients.local_params, 0),
+    alg.loss_fn,
+    alg.client_optimizer,
+    data,
+    data.train_index[0],
+    data.train_count[0],
+    client_key,
+    alg.schedule,
+  )
   assert_trees_close(row(after_3.clients.local_params, 0), expected)
 
 
@@ -109,13 +117,17 @@ def test_client_that_never_trained_uses_the_global_model(synthetic_federation):
   state = run_rounds(alg, data, [(0, 1, 2)])
   local = alg.local_models(state)
   assert list(np.asarray(state.clients.has_local)) == [True, True, True, False]
-  jax.tree.map(lambda l, g: np.testing.assert_array_equal(l[3], g), local, state.server.params)
-  jax.tree.map(lambda l, g: np.testing.assert_array_equal(l[0], g[0]),
-               local, state.clients.local_params)
+  jax.tree.map(
+    lambda loc, glob: np.testing.assert_array_equal(loc[3], glob), local, state.server.params
+  )
+  jax.tree.map(
+    lambda loc, own: np.testing.assert_array_equal(loc[0], own[0]),
+    local,
+    state.clients.local_params,
+  )
 
 
-def test_round_trains_the_generator_keeps_the_memory_and_does_not_recompile(
-    synthetic_federation):
+def test_round_trains_the_generator_keeps_the_memory_and_does_not_recompile(synthetic_federation):
   _, partition, data = synthetic_federation
   alg = make_apfl(data, partition)
   run_round = jax.jit(alg.run_round)
@@ -126,8 +138,11 @@ def test_round_trains_the_generator_keeps_the_memory_and_does_not_recompile(
   assert run_round._cache_size() == 1
   assert int(new_state.server.round) == 2
   np.testing.assert_array_equal(new_state.server.seen_counts, partition.train_counts.sum(0))
-  changed = jax.tree.map(lambda a, b: not np.allclose(a, b), state.server.generator.params,
-                         new_state.server.generator.params)
+  changed = jax.tree.map(
+    lambda a, b: not np.allclose(a, b),
+    state.server.generator.params,
+    new_state.server.generator.params,
+  )
   assert all(jax.tree.leaves(changed))
   assert bool(np.all(metrics.finite))
 
@@ -150,10 +165,15 @@ def test_friend_learns_a_class_no_client_holds(synthetic_federation):
   server = state.server.replace(seen_counts=jnp.array([5.0, 5.0, 5.0, 0.0]))
   only_class_3 = jnp.array([0.0, 0.0, 0.0, 1.0])
   friend = alg.train_friend(server, state.server.params, only_class_3, jax.random.key(4))
-  samples = generator_lib.generate(alg.setup.generator, server.generator.params,
-                                   jax.random.key(5), jnp.full((32,), 3), alg.setup.noise_dim,
-                                   alg.setup.noise_distribution,
-                                   reference_labels=jnp.array([0, 1, 2] * 8))
+  samples = generator_lib.generate(
+    alg.setup.generator,
+    server.generator.params,
+    jax.random.key(5),
+    jnp.full((32,), 3),
+    alg.setup.noise_dim,
+    alg.setup.noise_distribution,
+    reference_labels=jnp.array([0, 1, 2] * 8),
+  )
   logits = alg.model.apply({'params': friend}, samples, method='head_logits')
   assert np.mean(np.argmax(logits, -1) == 3) > 0.9
   assert np.all(np.isfinite(logits))
@@ -184,17 +204,35 @@ def test_unseen_class_probe_is_finite(synthetic_federation):
 def test_image_generator_trains_whole_friend_models():
   dataset = make_synthetic_dataset(shape=(8, 8, 1))
   partition = partition_lib.partition_dataset(
-      dataset.train_labels, dataset.test_labels, num_clients=3, scheme='iid', seed=0,
-      num_classes=4)
+    dataset.train_labels, dataset.test_labels, num_clients=3, scheme='iid', seed=0, num_classes=4
+  )
   data = client_data.build_federated_data(dataset, partition, test_multiple=8)
   setup = knowledge_transfer.create_setup(
-      Config(generator='image', noise_dim=8, generator_steps=3, generator_batch_size=8,
-             global_teacher_weight=1.0),
-      TinyModel(), dataset, np.eye(4, dtype=np.float32))
-  friend = apfl_lib.FriendSetup(steps=3, batch_size=8, learning_rate=0.1, init='local',
-                                labels='all', beta=0.5)
-  alg = apfl_lib.APFL(TinyModel(), (8, 8, 1), schedule_for(data), optax.sgd(0.1),
-                      optax.sgd(1.0), setup, friend, partition.train_counts, seed=0)
+    Config(
+      generator='image',
+      noise_dim=8,
+      generator_steps=3,
+      generator_batch_size=8,
+      global_teacher_weight=1.0,
+    ),
+    TinyModel(),
+    dataset,
+    np.eye(4, dtype=np.float32),
+  )
+  friend = apfl_lib.FriendSetup(
+    steps=3, batch_size=8, learning_rate=0.1, init='local', labels='all', beta=0.5
+  )
+  alg = apfl_lib.APFL(
+    TinyModel(),
+    (8, 8, 1),
+    schedule_for(data),
+    optax.sgd(0.1),
+    optax.sgd(1.0),
+    setup,
+    friend,
+    partition.train_counts,
+    seed=0,
+  )
   state = run_rounds(alg, data, [(0, 1, 2)])
   personalized = alg.personalized_params(state, data)
   local = alg.local_models(state)

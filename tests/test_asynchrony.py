@@ -2,19 +2,18 @@
 
 import collections
 
+from apfl_fixtures import make_apfl
+from conftest import TinyModel
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from apfl_jax import asynchrony
-from apfl_jax import local_training
+from apfl_jax import asynchrony, local_training
 from apfl_jax.algorithms.fedavg import FedAvg
 from apfl_jax.config import Config
 from apfl_jax.errors import ConfigError
-from apfl_fixtures import make_apfl
-from conftest import TinyModel
 
 
 def make_fedavg(data):
@@ -24,9 +23,17 @@ def make_fedavg(data):
 
 
 def async_config(**changes):
-  config = Config(num_clients=4, server='fedbuff', buffer_size=4, concurrency=4,
-                  speed_distribution='constant', staleness_function='polynomial',
-                  staleness_exponent=0.5, max_staleness=4, seed=0)
+  config = Config(
+    num_clients=4,
+    server='fedbuff',
+    buffer_size=4,
+    concurrency=4,
+    speed_distribution='constant',
+    staleness_function='polynomial',
+    staleness_exponent=0.5,
+    max_staleness=4,
+    seed=0,
+  )
   return config.replace(**changes)
 
 
@@ -44,8 +51,7 @@ def test_fedbuff_without_staleness_equals_sync_fedavg(synthetic_federation):
   _, _, data = synthetic_federation
   alg = make_fedavg(data)
   state = alg.init(jax.random.key(0))
-  sim = asynchrony.AsyncSimulator(alg, async_config(fedbuff_weighting='examples'), 4,
-                                  np.full(4, 2))
+  sim = asynchrony.AsyncSimulator(alg, async_config(fedbuff_weighting='examples'), 4, np.full(4, 2))
   async_state = sim.init(state)
   run_round = jax.jit(alg.run_round)
   for r in (1, 2):
@@ -54,8 +60,9 @@ def test_fedbuff_without_staleness_equals_sync_fedavg(synthetic_federation):
     state, sync_metrics = run_round(state, jnp.arange(4, dtype=jnp.int32), rng, data)
     assert metrics['staleness'] == [0, 0, 0, 0] and sorted(metrics['clients']) == [0, 1, 2, 3]
     assert metrics['virtual_time'] == 2.0 * r and metrics['server_version'] == r
-    np.testing.assert_allclose(metrics['loss'][np.argsort(metrics['clients'])],
-                               sync_metrics.loss, rtol=1e-5)
+    np.testing.assert_allclose(
+      metrics['loss'][np.argsort(metrics['clients'])], sync_metrics.loss, rtol=1e-5
+    )
   assert_trees_close(sim.algorithm_state(async_state).server.params, state.server.params)
 
 
@@ -64,8 +71,7 @@ def test_apfl_fedbuff_without_staleness_equals_sync_round(synthetic_federation):
   _, partition, data = synthetic_federation
   alg = make_apfl(data, partition)
   state = alg.init(jax.random.key(0))
-  sim = asynchrony.AsyncSimulator(alg, async_config(fedbuff_weighting='examples'), 4,
-                                  np.full(4, 2))
+  sim = asynchrony.AsyncSimulator(alg, async_config(fedbuff_weighting='examples'), 4, np.full(4, 2))
   rng = jax.random.key(7)
   async_state, metrics = sim.server_step(sim.init(state), rng, data)
   state, _ = jax.jit(alg.run_round)(state, jnp.arange(4, dtype=jnp.int32), rng, data)
@@ -90,22 +96,25 @@ def test_fedasync_mixes_each_client_model_from_its_start_version(synthetic_feder
     async_state, metrics = sim.server_step(async_state, rng, data)
     assert metrics['staleness'] == [tau] and metrics['virtual_time'] == 1.0
     # With one client and server sgd(1), a sync round from x0 gives x_client = x0 + delta.
-    client_model = run_round(state, jnp.asarray(metrics['clients'], jnp.int32), rng,
-                             data)[0].server.params
+    client_model = run_round(state, jnp.asarray(metrics['clients'], jnp.int32), rng, data)[
+      0
+    ].server.params
     a = 0.5 * (tau + 1.0) ** -0.5
     expected = jax.tree.map(lambda x, c: (1 - a) * x + a * c, expected, client_model)
   assert_trees_close(sim.algorithm_state(async_state).server.params, expected)
 
 
-@pytest.mark.parametrize('function,formula', [
+@pytest.mark.parametrize(
+  'function,formula',
+  [
     ('constant', lambda t: np.ones_like(t)),
     ('polynomial', lambda t: (t + 1.0) ** -0.5),
     ('hinge', lambda t: np.asarray([1.0 if x <= 4 else 1 / (0.5 * (x - 4) + 1) for x in t])),
-])
+  ],
+)
 def test_staleness_functions_match_their_formulas(function, formula):
   tau = np.asarray([0, 1, 2, 4, 5, 10, 30], np.float64)
-  np.testing.assert_allclose(asynchrony.staleness_weight(tau, function, 0.5, 4.0),
-                             formula(tau))
+  np.testing.assert_allclose(asynchrony.staleness_weight(tau, function, 0.5, 4.0), formula(tau))
   assert asynchrony.staleness_weight([7], 'hinge', 2.0, 3.0)[0] == pytest.approx(1 / 9)
 
 
@@ -113,8 +122,9 @@ def run_until(sim, async_state, data, time, max_steps=200):
   """Server steps (keys fold_in(key(0), step)) until the clock passes `time`."""
   history = []
   for step in range(1, max_steps + 1):
-    async_state, metrics = sim.server_step(async_state, jax.random.fold_in(
-        jax.random.key(0), step), data)
+    async_state, metrics = sim.server_step(
+      async_state, jax.random.fold_in(jax.random.key(0), step), data
+    )
     history.append(metrics)
     if metrics['virtual_time'] > time:
       break
@@ -122,19 +132,32 @@ def run_until(sim, async_state, data, time, max_steps=200):
 
 
 @pytest.mark.parametrize('dropout_time,dropout_round', [(6.0, 0), (-1.0, 5)])
-def test_dropped_client_never_contributes_after_its_dropout(synthetic_federation,
-                                                             dropout_time, dropout_round):
+def test_dropped_client_never_contributes_after_its_dropout(
+  synthetic_federation, dropout_time, dropout_round
+):
   _, _, data = synthetic_federation
   alg = make_fedavg(data)
-  config = async_config(buffer_size=2, availability='bernoulli', availability_p=0.8,
-                        dropout_time=dropout_time, dropout_round=dropout_round,
-                        rejoin_time=20.0)
+  config = async_config(
+    buffer_size=2,
+    availability='bernoulli',
+    availability_p=0.8,
+    dropout_time=dropout_time,
+    dropout_round=dropout_round,
+    rejoin_time=20.0,
+  )
   sim = asynchrony.AsyncSimulator(alg, config, 4, np.ones(4), dropout_clients=(0,))
   _, history = run_until(sim, sim.init(alg.init(jax.random.key(0))), data, 25.0)
-  arrivals = [(t, m['server_version'] - 1 - tau) for m in history
-              for c, t, tau in zip(m['clients'], m['arrival_times'], m['staleness']) if c == 0]
-  gone_at = dropout_time if dropout_time >= 0 else next(
-      m['virtual_time'] for m in history if m['server_version'] == dropout_round)
+  arrivals = [
+    (t, m['server_version'] - 1 - tau)
+    for m in history
+    for c, t, tau in zip(m['clients'], m['arrival_times'], m['staleness'])
+    if c == 0
+  ]
+  gone_at = (
+    dropout_time
+    if dropout_time >= 0
+    else next(m['virtual_time'] for m in history if m['server_version'] == dropout_round)
+  )
   assert any(t <= gone_at for t, _ in arrivals) and any(t > 20.0 for t, _ in arrivals)
   for t, start_version in arrivals:
     if dropout_time >= 0:
@@ -147,9 +170,15 @@ def test_same_seed_same_events_and_params_also_after_resume(synthetic_federation
   _, _, data = synthetic_federation
   alg = make_fedavg(data)
   state = alg.init(jax.random.key(0))
-  config = async_config(speed_distribution='lognormal', speed_spread=1.0, buffer_size=2,
-                        concurrency=3, availability='markov', availability_p=0.7,
-                        availability_switch_p=0.2)
+  config = async_config(
+    speed_distribution='lognormal',
+    speed_spread=1.0,
+    buffer_size=2,
+    concurrency=3,
+    availability='markov',
+    availability_p=0.7,
+    availability_switch_p=0.2,
+  )
   steps = asynchrony.client_step_counts(alg.schedule, data.train_count)
   runs = []
   for resume in (False, True):
@@ -158,23 +187,24 @@ def test_same_seed_same_events_and_params_also_after_resume(synthetic_federation
     for step in range(1, 5):
       if resume and step == 3:  # the clock goes through JSON, as in a resumed run
         async_state = asynchrony.AsyncState(
-            device=async_state.device,
-            clock=asynchrony.Clock.from_json(async_state.clock.to_json()))
+          device=async_state.device, clock=asynchrony.Clock.from_json(async_state.clock.to_json())
+        )
       async_state, metrics = sim.server_step(
-          async_state, jax.random.fold_in(jax.random.key(1), step), data)
+        async_state, jax.random.fold_in(jax.random.key(1), step), data
+      )
       history.append([metrics[k] for k in ('clients', 'arrival_times', 'staleness')])
     runs.append((history, sim.algorithm_state(async_state).server.params))
   assert runs[0][0] == runs[1][0]
   jax.tree.map(np.testing.assert_array_equal, runs[0][1], runs[1][1])
 
 
-def test_different_speeds_give_staleness_and_fastest_client_most(synthetic_federation,
-                                                                 tmp_path):
+def test_different_speeds_give_staleness_and_fastest_client_most(synthetic_federation, tmp_path):
   _, _, data = synthetic_federation
   alg = make_fedavg(data)
   path = write_trace(tmp_path, 'client,duration\n0,0.5\n1,1\n2,2\n3,8\n')
-  config = async_config(speed_distribution='trace', speed_trace=path, buffer_size=2,
-                        max_staleness=3)
+  config = async_config(
+    speed_distribution='trace', speed_trace=path, buffer_size=2, max_staleness=3
+  )
   sim = asynchrony.AsyncSimulator(alg, config, 4, np.ones(4))
   async_state, history = run_until(sim, sim.init(alg.init(jax.random.key(0))), data, 9.0)
   staleness = [tau for m in history for tau in m['staleness']]
@@ -187,7 +217,9 @@ def test_different_speeds_give_staleness_and_fastest_client_most(synthetic_feder
   assert sim._step._cache_size() == 1  # pylint: disable=protected-access
 
 
-@pytest.mark.parametrize('text,message', [
+@pytest.mark.parametrize(
+  'text,message',
+  [
     ('client,speed\n0,1\n1,1\n2,1\n3,1\n', 'header'),
     ('client,duration\n0,1\n1,1\n2,1\n', r'no row for client\(s\) \[3\]'),
     ('client,duration\n0,1\n1,1\n1,1\n2,1\n3,1\n', 'appears twice'),
@@ -195,7 +227,8 @@ def test_different_speeds_give_staleness_and_fastest_client_most(synthetic_feder
     ('client,duration\n0,fast\n1,1\n2,1\n3,1\n', 'line 2'),
     ('client,duration\n0,1,2\n1,1\n2,1\n3,1\n', 'line 2'),
     ('client,duration\n0,1\n1,1\n2,1\n4,1\n', r'client 4 is not in \[0, 4\)'),
-])
+  ],
+)
 def test_bad_speed_trace_names_the_flag(tmp_path, text, message):
   path = write_trace(tmp_path, text)
   with pytest.raises(ConfigError, match=f'--speed_trace.*{message}'):

@@ -24,8 +24,9 @@ def _check_record(record):
 
 def test_jax_backend_tiny(tmp_path, capsys):
   out = tmp_path / 'bench.json'
-  _load_benchmark().main(['--preset=tiny', '--backends=jax_vmap', '--rounds=2',
-                          '--device=cpu', f'--json={out}'])
+  _load_benchmark().main(
+    ['--preset=tiny', '--backends=jax_vmap', '--rounds=2', '--device=cpu', f'--json={out}']
+  )
   report = json.loads(out.read_text())
   assert report['device']['jax'].startswith('cpu')
   _check_record(report['backends']['jax_vmap'])
@@ -33,38 +34,59 @@ def test_jax_backend_tiny(tmp_path, capsys):
   assert '| jax_vmap |' in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not _HAS_TORCH,
-                    reason='torch is not installed (pip install -r requirements-bench.txt)')
+@pytest.mark.skipif(
+  not _HAS_TORCH, reason='torch is not installed (pip install -r requirements-bench.txt)'
+)
 def test_torch_backends_tiny(tmp_path):
   out = tmp_path / 'bench.json'
-  _load_benchmark().main(['--preset=tiny', '--backends=jax_vmap,torch_loop,torch_func',
-                          '--rounds=1', '--device=cpu', f'--json={out}'])
+  _load_benchmark().main(
+    [
+      '--preset=tiny',
+      '--backends=jax_vmap,torch_loop,torch_func',
+      '--rounds=1',
+      '--device=cpu',
+      f'--json={out}',
+    ]
+  )
   backends = json.loads(out.read_text())['backends']
   for name in ('torch_loop', 'torch_func'):
     _check_record(backends[name])
     assert backends[name]['time_vs_jax_vmap'] > 0
 
 
-@pytest.mark.skipif(not _HAS_TORCH,
-                    reason='torch is not installed (pip install -r requirements-bench.txt)')
+@pytest.mark.skipif(
+  not _HAS_TORCH, reason='torch is not installed (pip install -r requirements-bench.txt)'
+)
 def test_torch_model_matches_jax_parameter_count():
   """The PyTorch model is FedAvgCNN: the same number of parameters as apfl_jax's."""
   import jax  # pylint: disable=import-outside-toplevel
+
   from apfl_jax.algorithms.base import init_model_params  # pylint: disable=import-outside-toplevel
   from apfl_jax.models import create_model  # pylint: disable=import-outside-toplevel
+
   benchmark = _load_benchmark()
   for config in (benchmark.PRESETS['small'][0], benchmark.PRESETS['pfl_cifar10'][0]):
     model = benchmark._torch_setup(config, 'cpu')[1]  # pylint: disable=protected-access
-    params = init_model_params(create_model('cnn', benchmark.NUM_CLASSES), jax.random.key(0),
-                               config.image_shape)
+    params = init_model_params(
+      create_model('cnn', benchmark.NUM_CLASSES), jax.random.key(0), config.image_shape
+    )
     assert sum(p.numel() for p in model.parameters()) == sum(
-        x.size for x in jax.tree.leaves(params))
+      x.size for x in jax.tree.leaves(params)
+    )
 
 
 def test_jax_backend_chunked_records_flops(tmp_path):
   out = tmp_path / 'bench.json'
-  _load_benchmark().main(['--preset=tiny', '--backends=jax_vmap', '--rounds=1',
-                          '--device=cpu', '--client_chunk_size=2', f'--json={out}'])
+  _load_benchmark().main(
+    [
+      '--preset=tiny',
+      '--backends=jax_vmap',
+      '--rounds=1',
+      '--device=cpu',
+      '--client_chunk_size=2',
+      f'--json={out}',
+    ]
+  )
   record = json.loads(out.read_text())['backends']['jax_vmap']
   assert record['model_flops_per_s'] > 0
   assert record['peak_flops_per_s'] is None  # no published peak for a CPU

@@ -11,20 +11,18 @@ import pathlib
 import subprocess
 import sys
 
+from conftest import TinyModel, make_synthetic_dataset
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from apfl_jax import local_training
+from apfl_jax import asynchrony, local_training, sharding
 from apfl_jax.algorithms.fedavg import FedAvg
 from apfl_jax.cohort import ClientMap
-from apfl_jax import asynchrony
-from apfl_jax import sharding
 from apfl_jax.config import Config
 from apfl_jax.data import client_data
 from apfl_jax.data import partition as partition_lib
-from conftest import TinyModel, make_synthetic_dataset
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 _NUM_DEVICES = 4
@@ -42,10 +40,15 @@ def test_chunks_pad_and_keep_order():
 
 
 def test_multi_device_backends_equal_one_call():
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=f'{_REPO}:{_REPO / "tests"}',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={_NUM_DEVICES}')
-  result = subprocess.run([sys.executable, __file__], env=env, cwd=_REPO,
-                          capture_output=True, text=True, timeout=300)
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS='cpu',
+    PYTHONPATH=f'{_REPO}:{_REPO / "tests"}',
+    XLA_FLAGS=f'--xla_force_host_platform_device_count={_NUM_DEVICES}',
+  )
+  result = subprocess.run(
+    [sys.executable, __file__], env=env, cwd=_REPO, capture_output=True, text=True, timeout=300
+  )
   assert result.returncode == 0, result.stdout + result.stderr
   assert 'client map backends OK' in result.stdout
 
@@ -53,14 +56,26 @@ def test_multi_device_backends_equal_one_call():
 def _federation(num_clients):
   dataset = make_synthetic_dataset()
   partition = partition_lib.partition_dataset(
-      dataset.train_labels, dataset.test_labels, num_clients=num_clients,
-      scheme='dirichlet', seed=0, num_classes=dataset.num_classes, dirichlet_alpha=0.5,
-      min_samples=5)
+    dataset.train_labels,
+    dataset.test_labels,
+    num_clients=num_clients,
+    scheme='dirichlet',
+    seed=0,
+    num_classes=dataset.num_classes,
+    dirichlet_alpha=0.5,
+    min_samples=5,
+  )
   data = client_data.build_federated_data(dataset, partition)
   counts = np.asarray(data.train_count)
   schedule = local_training.Schedule.create(
-      batch_size=4, local_epochs=1, local_steps=0, min_count=int(counts.min()),
-      max_count=int(counts.max()), client_counts=tuple(counts.tolist()), max_buckets=3)
+    batch_size=4,
+    local_epochs=1,
+    local_steps=0,
+    min_count=int(counts.min()),
+    max_count=int(counts.max()),
+    client_counts=tuple(counts.tolist()),
+    max_buckets=3,
+  )
   return dataset, data, schedule
 
 
@@ -73,23 +88,27 @@ def _check_backends():
   """Two rounds of every backend against the one-call round; raises on a mismatch."""
   assert jax.device_count() == _NUM_DEVICES, jax.devices()
   dataset, data, schedule = _federation(10)
-  grouped = FedAvg(TinyModel(), dataset.image_shape, schedule, optax.sgd(0.1),
-                   optax.sgd(1.0))
+  grouped = FedAvg(TinyModel(), dataset.image_shape, schedule, optax.sgd(0.1), optax.sgd(1.0))
   assert len(schedule.buckets(7)) > 1
   one_group = grouped.with_schedule(
-      local_training.Schedule.create(4, 1, 0, int(np.min(data.train_count)),
-                                     int(np.max(data.train_count))))
+    local_training.Schedule.create(
+      4, 1, 0, int(np.min(data.train_count)), int(np.max(data.train_count))
+    )
+  )
   mesh = sharding.client_mesh()
   backends = {
-      'size groups': grouped,
-      'chunks of 2': one_group.with_client_map(ClientMap(chunk_size=2)),
-      'sharded over 4 devices': one_group.with_client_map(ClientMap(mesh=mesh)),
-      'sharded size groups in chunks of 1': grouped.with_client_map(
-          ClientMap(chunk_size=1, mesh=mesh)),
+    'size groups': grouped,
+    'chunks of 2': one_group.with_client_map(ClientMap(chunk_size=2)),
+    'sharded over 4 devices': one_group.with_client_map(ClientMap(mesh=mesh)),
+    'sharded size groups in chunks of 1': grouped.with_client_map(
+      ClientMap(chunk_size=1, mesh=mesh)
+    ),
   }
   # 7 clients: not a multiple of the 4 devices nor of a chunk (padding is dropped).
-  cohorts = [jnp.array([7, 0, 3, 9, 2, 5, 1], jnp.int32),
-             jnp.array([8, 1, 4, 6, 2, 0, 9], jnp.int32)]
+  cohorts = [
+    jnp.array([7, 0, 3, 9, 2, 5, 1], jnp.int32),
+    jnp.array([8, 1, 4, 6, 2, 0, 9], jnp.int32),
+  ]
   init = one_group.init(jax.random.key(0))
   reference_round = jax.jit(one_group.run_round)
   reference, ref_metrics = init, []
@@ -103,15 +122,20 @@ def _check_backends():
     placed = sharding.replicate(data, algorithm.client_map.mesh)
     for r, cohort in enumerate(cohorts):
       state, metrics = run_round(state, cohort, jax.random.key(100 + r), placed)
-      np.testing.assert_allclose(metrics.loss, ref_metrics[r].loss, **_TOLERANCE,
-                                 err_msg=name)
+      np.testing.assert_allclose(metrics.loss, ref_metrics[r].loss, **_TOLERANCE, err_msg=name)
     _assert_states_close(state.server.params, reference.server.params)
     assert run_round._cache_size() == 1, name  # pylint: disable=protected-access
-    flops[name] = run_round.lower(state, cohorts[0], jax.random.key(0), placed).compile(
-        ).cost_analysis()['flops']
+    flops[name] = (
+      run_round.lower(state, cohorts[0], jax.random.key(0), placed)
+      .compile()
+      .cost_analysis()['flops']
+    )
   # Each device's program trains 2 of the 7 clients (padded to 8), the others all 7.
-  one_call = reference_round.lower(reference, cohorts[0], jax.random.key(0), data).compile(
-      ).cost_analysis()['flops']
+  one_call = (
+    reference_round.lower(reference, cohorts[0], jax.random.key(0), data)
+    .compile()
+    .cost_analysis()['flops']
+  )
   assert flops['sharded over 4 devices'] < 0.4 * one_call, (flops, one_call)
   print('client map backends OK')
 
@@ -119,18 +143,32 @@ def _check_backends():
 def test_async_buffer_trains_in_size_groups():
   """FedBuff's buffer in size groups equals the lockstep buffer; repeats fall back."""
   dataset, data, schedule = _federation(6)
-  algorithm = FedAvg(TinyModel(), dataset.image_shape, schedule, optax.sgd(0.1),
-                     optax.sgd(1.0))
+  algorithm = FedAvg(TinyModel(), dataset.image_shape, schedule, optax.sgd(0.1), optax.sgd(1.0))
   assert len(schedule.buckets(6)) > 1
-  config = Config(num_clients=6, server='fedbuff', buffer_size=6, concurrency=6,
-                  speed_distribution='constant', max_client_buckets=3)
+  config = Config(
+    num_clients=6,
+    server='fedbuff',
+    buffer_size=6,
+    concurrency=6,
+    speed_distribution='constant',
+    max_client_buckets=3,
+  )
   counts = np.asarray(data.train_count)
-  sim = asynchrony.AsyncSimulator(algorithm, config, 6,
-                                  asynchrony.client_step_counts(schedule, counts))
+  sim = asynchrony.AsyncSimulator(
+    algorithm, config, 6, asynchrony.client_step_counts(schedule, counts)
+  )
   state = sim.init(algorithm.init(jax.random.key(0)))
   ids = np.arange(6, dtype=np.int32)
-  args = (state.device, ids, ids, ids, np.zeros(6, np.int32), np.ones(6, np.float32),
-          jax.random.key(3), data)
+  args = (
+    state.device,
+    ids,
+    ids,
+    ids,
+    np.zeros(6, np.int32),
+    np.ones(6, np.float32),
+    jax.random.key(3),
+    data,
+  )
   with jax.default_matmul_precision('highest'):
     grouped, grouped_metrics = sim._step(*args, size_groups=True)  # pylint: disable=protected-access
     lockstep, lockstep_metrics = sim._step(*args, size_groups=False)  # pylint: disable=protected-access

@@ -5,24 +5,32 @@ import importlib.util
 import json
 import os
 
-import jax
-from jax.experimental.compilation_cache import compilation_cache
+from conftest import make_synthetic_dataset
 import numpy as np
 import pytest
 
-from apfl_jax import plots
-from apfl_jax import train
-from conftest import make_synthetic_dataset
+from apfl_jax import plots, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SPEC = importlib.util.spec_from_file_location(
-    'compare', os.path.join(REPO, 'experiments', 'compare.py'))
+  'compare', os.path.join(REPO, 'experiments', 'compare.py')
+)
 compare = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(compare)
 
-TINY = ['--dataset=mnist', '--model=cnn', '--num_clients=4', '--min_samples_per_client=5',
-        '--num_rounds=2', '--batch_size=8', '--local_epochs=0', '--local_steps=2',
-        '--learning_rate=0.05', '--checkpoint_every=2', '--noverbose']
+TINY = [
+  '--dataset=mnist',
+  '--model=cnn',
+  '--num_clients=4',
+  '--min_samples_per_client=5',
+  '--num_rounds=2',
+  '--batch_size=8',
+  '--local_epochs=0',
+  '--local_steps=2',
+  '--learning_rate=0.05',
+  '--checkpoint_every=2',
+  '--noverbose',
+]
 
 
 @pytest.fixture
@@ -30,22 +38,6 @@ def synthetic_data(monkeypatch):
   dataset = make_synthetic_dataset(num_classes=4, per_class=20, shape=(28, 28, 1))
   monkeypatch.setattr(train.datasets, 'load_dataset', lambda name, data_dir=None: dataset)
   return dataset
-
-
-@pytest.fixture
-def compile_once(tmp_path):
-  """A persistent compilation cache: runs whose computations are equal compile once."""
-  settings = {'jax_compilation_cache_dir': str(tmp_path / 'jax_cache'),
-              'jax_persistent_cache_min_compile_time_secs': 0.0,
-              'jax_persistent_cache_min_entry_size_bytes': 0}
-  saved = {name: getattr(jax.config, name) for name in settings}
-  for name, value in settings.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
-  yield
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
 
 
 def read_csv(out):
@@ -59,11 +51,17 @@ def summary_of(out, algorithm, seed):
     return json.load(f)
 
 
-def test_two_algorithms_two_seeds(tmp_path, synthetic_data, compile_once, monkeypatch):
+def test_two_algorithms_two_seeds(tmp_path, synthetic_data, monkeypatch):
   # An iid split gives every seed the same shapes, so each algorithm compiles once.
   out = str(tmp_path / 'cmp')
-  argv = ['compare.py', *TINY, '--partition=iid',
-          '--algorithms=fedavg,local', '--seeds=0,1', f'--out={out}']
+  argv = [
+    'compare.py',
+    *TINY,
+    '--partition=iid',
+    '--algorithms=fedavg,local',
+    '--seeds=0,1',
+    f'--out={out}',
+  ]
   assert compare.main(argv) == 0
 
   columns, rows = read_csv(out)
@@ -72,8 +70,12 @@ def test_two_algorithms_two_seeds(tmp_path, synthetic_data, compile_once, monkey
   for row in rows:
     assert row['seeds'] == '0;1' and row['num_failed'] == '0'
     summaries = [summary_of(out, row['algorithm'], seed) for seed in (0, 1)]
-    for key in ('final_personalized_acc', 'best_personalized_acc', 'final_global_acc',
-                'best_global_acc'):
+    for key in (
+      'final_personalized_acc',
+      'best_personalized_acc',
+      'final_global_acc',
+      'best_global_acc',
+    ):
       values = [s.get(key) for s in summaries]
       if None in values:
         assert row['algorithm'] == 'local' and 'global' in key
@@ -85,8 +87,8 @@ def test_two_algorithms_two_seeds(tmp_path, synthetic_data, compile_once, monkey
 
   # Same seed, same partition, whatever the algorithm.
   def partition(algorithm, seed):
-    return (tmp_path / 'cmp' / 'runs' / algorithm / f'seed{seed}' / 'partition.json'
-            ).read_text()
+    return (tmp_path / 'cmp' / 'runs' / algorithm / f'seed{seed}' / 'partition.json').read_text()
+
   assert partition('fedavg', 0) == partition('local', 0)
   assert partition('fedavg', 1) == partition('local', 1)
   assert partition('fedavg', 0) != partition('fedavg', 1)
@@ -106,22 +108,38 @@ def test_two_algorithms_two_seeds(tmp_path, synthetic_data, compile_once, monkey
 def test_sweep_rows_failed_run_and_generated_samples(tmp_path, synthetic_data):
   # Client 3 owns class 3 alone and drops out before round 1: class 3 is unseen.
   out = str(tmp_path / 'sweep')
-  argv = ['compare.py', *TINY, '--partition=monopoly', '--classes_per_client=2',
-          '--monopoly_clients=1', '--monopoly_classes_per_client=1',
-          '--dropout_clients=monopoly', '--dropout_round=0', '--algorithms=apfl',
-          '--generator=image', '--embedding=onehot', '--generator_steps=2',
-          '--generator_batch_size=8', '--synthetic_per_class=4', '--friend_batch_size=8',
-          '--seeds=0', '--sweep=batch_size:8,0', f'--out={out}']
+  argv = [
+    'compare.py',
+    *TINY,
+    '--partition=monopoly',
+    '--classes_per_client=2',
+    '--monopoly_clients=1',
+    '--monopoly_classes_per_client=1',
+    '--dropout_clients=monopoly',
+    '--dropout_round=0',
+    '--algorithms=apfl',
+    '--generator=image',
+    '--embedding=onehot',
+    '--generator_steps=2',
+    '--generator_batch_size=8',
+    '--synthetic_per_class=4',
+    '--friend_batch_size=8',
+    '--seeds=0',
+    '--sweep=batch_size:8,0',
+    f'--out={out}',
+  ]
   assert compare.main(argv) == 0
 
   _, rows = read_csv(out)
   assert [r['method'] for r in rows] == ['apfl batch_size=8', 'apfl batch_size=0']
   finished, failed = rows
-  summary = json.loads((tmp_path / 'sweep' / 'runs' / 'apfl' / 'batch_size=8' / 'seed0' /
-                        'summary.json').read_text())
+  summary = json.loads(
+    (tmp_path / 'sweep' / 'runs' / 'apfl' / 'batch_size=8' / 'seed0' / 'summary.json').read_text()
+  )
   for metric in ('personalized_acc', 'dropout_personalized_acc', 'unseen_class_acc'):
     assert float(finished[f'final_{metric}_mean']) == pytest.approx(
-        summary[f'final_{metric}'], abs=1e-6)
+      summary[f'final_{metric}'], abs=1e-6
+    )
     assert float(finished[f'final_{metric}_std']) == 0.0
   assert failed['seeds'] == '' and failed['num_failed'] == '1'
   assert failed['errors'].startswith('seed 0 failed: --batch_size')

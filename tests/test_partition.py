@@ -12,8 +12,9 @@ TEST = np.repeat(np.arange(NUM_CLASSES), 20)
 
 
 def split(scheme, seed=0, num_clients=10, **kw):
-  return partition_lib.partition_dataset(TRAIN, TEST, num_clients=num_clients, scheme=scheme,
-                                         seed=seed, num_classes=NUM_CLASSES, **kw)
+  return partition_lib.partition_dataset(
+    TRAIN, TEST, num_clients=num_clients, scheme=scheme, seed=seed, num_classes=NUM_CLASSES, **kw
+  )
 
 
 def assert_disjoint_cover(indices, total):
@@ -62,8 +63,7 @@ def test_pathological_gives_k_classes_per_client():
 
 
 def test_monopoly_classes_are_held_by_nobody_else():
-  p = split('monopoly', monopoly_clients=2, monopoly_classes_per_client=2,
-            classes_per_client=2)
+  p = split('monopoly', monopoly_clients=2, monopoly_classes_per_client=2, classes_per_client=2)
   assert p.monopoly_clients == (8, 9)
   assert len(p.monopoly_classes) == 4
   others = [c for c in range(10) if c not in p.monopoly_clients]
@@ -103,9 +103,16 @@ POOL = np.concatenate([TRAIN, TEST])
 
 @pytest.mark.parametrize('scheme', ['dirichlet', 'pathological'])
 def test_pooled_split_cuts_each_client_share_into_train_and_test(scheme):
-  p = partition_lib.partition_dataset(POOL, POOL, num_clients=10, scheme=scheme, seed=0,
-                                      num_classes=NUM_CLASSES, test_split='pooled',
-                                      client_train_fraction=0.75)
+  p = partition_lib.partition_dataset(
+    POOL,
+    POOL,
+    num_clients=10,
+    scheme=scheme,
+    seed=0,
+    num_classes=NUM_CLASSES,
+    test_split='pooled',
+    client_train_fraction=0.75,
+  )
   assert_disjoint_cover(p.train_indices + p.test_indices, len(POOL))
   for train, test in zip(p.train_indices, p.test_indices):
     share = len(train) + len(test)
@@ -116,9 +123,9 @@ def test_pooled_split_cuts_each_client_share_into_train_and_test(scheme):
   if scheme == 'pathological':
     assert sum(len(a) + len(b) for a, b in zip(p.train_indices, p.test_indices)) == len(POOL)
   # Each client's share (train + test) is exactly what the scheme alone gives it.
-  scheme_only = partition_lib.partition_dataset(POOL, POOL[:10], num_clients=10,
-                                                scheme=scheme, seed=0,
-                                                num_classes=NUM_CLASSES)
+  scheme_only = partition_lib.partition_dataset(
+    POOL, POOL[:10], num_clients=10, scheme=scheme, seed=0, num_classes=NUM_CLASSES
+  )
   for train, test, share in zip(p.train_indices, p.test_indices, scheme_only.train_indices):
     np.testing.assert_array_equal(np.sort(np.concatenate([train, test])), share)
 
@@ -135,6 +142,13 @@ def test_pooled_split_is_reproducible_and_differs_from_proportional():
 
 def test_pooled_split_that_leaves_a_client_no_training_example_names_the_flag():
   with pytest.raises(ConfigError, match='--client_train_fraction'):
-    partition_lib.partition_dataset(POOL, POOL, num_clients=10, scheme='iid', seed=0,
-                                    num_classes=NUM_CLASSES, test_split='pooled',
-                                    client_train_fraction=0.005)
+    partition_lib.partition_dataset(
+      POOL,
+      POOL,
+      num_clients=10,
+      scheme='iid',
+      seed=0,
+      num_classes=NUM_CLASSES,
+      test_split='pooled',
+      client_train_fraction=0.005,
+    )

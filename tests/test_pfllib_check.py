@@ -10,18 +10,21 @@ from apfl_jax.config import Config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SPEC = importlib.util.spec_from_file_location(
-    'pfllib_check', os.path.join(REPO, 'experiments', 'pfllib_check.py'))
+  'pfllib_check', os.path.join(REPO, 'experiments', 'pfllib_check.py')
+)
 pfllib_check = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(pfllib_check)
 
 
-def write_run(folder, algorithm, seed, accuracies, partition='dirichlet', setting='',
-              **changes):
+def write_run(folder, algorithm, seed, accuracies, partition='dirichlet', setting='', **changes):
   """A compare.py run folder with one metrics row per accuracy (None: not evaluated)."""
   workdir = folder / 'runs' / algorithm / setting / f'seed{seed}'
   workdir.mkdir(parents=True)
-  settings = {**pfllib_check.SETTING, **pfllib_check.PARTITION_SETTING[partition],
-              **pfllib_check.ALGORITHM_SETTING.get(algorithm, {})}
+  settings = {
+    **pfllib_check.SETTING,
+    **pfllib_check.PARTITION_SETTING[partition],
+    **pfllib_check.ALGORITHM_SETTING.get(algorithm, {}),
+  }
   config = Config(algorithm=algorithm, seed=seed, num_rounds=50, **settings).replace(**changes)
   (workdir / 'config.json').write_text(config.to_json())
   rows = [{'round': r, 'personalized_acc_weighted': a} for r, a in enumerate(accuracies, 1)]
@@ -29,9 +32,12 @@ def write_run(folder, algorithm, seed, accuracies, partition='dirichlet', settin
 
 
 def table_rows(table):
-  return {tuple(c.strip() for c in line.strip('|').split('|'))[1]:
-          [c.strip() for c in line.strip('|').split('|')]
-          for line in table.splitlines()[2:]}
+  return {
+    tuple(c.strip() for c in line.strip('|').split('|'))[1]: [
+      c.strip() for c in line.strip('|').split('|')
+    ]
+    for line in table.splitlines()[2:]
+  }
 
 
 def test_best_final_and_rounds_are_read_from_metrics(tmp_path):
@@ -48,8 +54,7 @@ def test_best_final_and_rounds_are_read_from_metrics(tmp_path):
 
 def test_swept_setting_is_its_own_row_beside_the_published_number(tmp_path):
   write_run(tmp_path, 'apfl_deng', 0, [0.5])
-  write_run(tmp_path, 'apfl_deng', 0, [0.7], setting='apfl_deng_alpha=1.0',
-            apfl_deng_alpha=1.0)
+  write_run(tmp_path, 'apfl_deng', 0, [0.7], setting='apfl_deng_alpha=1.0', apfl_deng_alpha=1.0)
   rows = table_rows(pfllib_check.report([('dirichlet', str(tmp_path))]))
   assert rows['apfl_deng'][2:4] == ['97.25', '50.00']
   assert rows['apfl_deng apfl_deng_alpha=1.0'][2:4] == ['97.25', '70.00']
@@ -61,17 +66,29 @@ def test_algorithm_without_a_published_number_is_listed_after_them(tmp_path):
   assert table.splitlines()[-1].split('|')[2:4] == [' apfl ', ' not reported ']
 
 
-@pytest.mark.parametrize('flag,value', [('batch_size', 32), ('test_split', 'proportional'),
-                                        ('dirichlet_alpha', 0.5), ('local_steps', 20)])
+@pytest.mark.parametrize(
+  'flag,value',
+  [
+    ('batch_size', 32),
+    ('test_split', 'proportional'),
+    ('dirichlet_alpha', 0.5),
+    ('local_steps', 20),
+  ],
+)
 def test_run_of_another_setting_is_refused_naming_the_flag(tmp_path, flag, value):
   write_run(tmp_path, 'fedavg', 0, [0.5], **{flag: value})
   with pytest.raises(pfllib_check.CheckError, match=f'--{flag}={value} but'):
     pfllib_check.report([('dirichlet', str(tmp_path))])
 
 
-@pytest.mark.parametrize('algorithm,flag,value', [
-    ('fedrep', 'fedrep_head_epochs', 10), ('fedgen', 'fedgen_regularizer', 'fedgen'),
-    ('fedgen', 'fedgen_generator_lr_decay', 0.98)])
+@pytest.mark.parametrize(
+  'algorithm,flag,value',
+  [
+    ('fedrep', 'fedrep_head_epochs', 10),
+    ('fedgen', 'fedgen_regularizer', 'fedgen'),
+    ('fedgen', 'fedgen_generator_lr_decay', 0.98),
+  ],
+)
 def test_paper_defaults_are_refused_as_not_pfllibs_setting(tmp_path, algorithm, flag, value):
   write_run(tmp_path, algorithm, 0, [0.5], **{flag: value})
   with pytest.raises(pfllib_check.CheckError, match=f'--{flag}={value} but'):

@@ -14,6 +14,7 @@ decoded), 3 clients, 4 rounds of 2 local steps, with a shared persistent jax com
 cache so that only the first subprocess compiles.
 """
 
+from concurrent import futures
 import math
 import os
 import shutil
@@ -22,28 +23,35 @@ import subprocess
 import sys
 import time
 import types
-from concurrent import futures
 
+from conftest import make_synthetic_dataset
 import jax
 import numpy as np
 import pytest
+from test_train import read_rows
 
-from apfl_jax import models
-from apfl_jax import train
-from apfl_jax import preflight
+from apfl_jax import models, preflight, train
 from apfl_jax.config import Config
 from apfl_jax.data import datasets
 from apfl_jax.errors import ConfigError, TrainingDivergedError, UserError
-from conftest import make_synthetic_dataset
-from test_train import read_rows
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(REPO, 'experiments', 'main.py')
 ROUNDS = 4
-SMALL_RUN = ('--dataset=fashion_mnist', '--num_clients=3', '--partition=dirichlet',
-             '--dirichlet_alpha=1', '--min_samples_per_client=5', f'--num_rounds={ROUNDS}',
-             '--local_epochs=0', '--local_steps=2', '--batch_size=8',
-             '--learning_rate=0.05', '--checkpoint_every=1', '--noverbose')
+SMALL_RUN = (
+  '--dataset=fashion_mnist',
+  '--num_clients=3',
+  '--partition=dirichlet',
+  '--dirichlet_alpha=1',
+  '--min_samples_per_client=5',
+  f'--num_rounds={ROUNDS}',
+  '--local_epochs=0',
+  '--local_steps=2',
+  '--batch_size=8',
+  '--learning_rate=0.05',
+  '--checkpoint_every=1',
+  '--noverbose',
+)
 
 
 def write_fake_fashion_mnist(root):
@@ -60,19 +68,27 @@ def write_fake_fashion_mnist(root):
 
   (train_x, train_y), (test_x, test_y) = draw(12), draw(4)
   (root / datasets.CACHE_DIRNAME).mkdir()
-  np.savez(root / datasets.CACHE_DIRNAME / 'fashion_mnist-3.0.1-v1.npz',
-           train_images=train_x, train_labels=train_y, test_images=test_x,
-           test_labels=test_y, class_names=np.array([f'class{k}' for k in range(10)]))
+  np.savez(
+    root / datasets.CACHE_DIRNAME / 'fashion_mnist-3.0.1-v1.npz',
+    train_images=train_x,
+    train_labels=train_y,
+    test_images=test_x,
+    test_labels=test_y,
+    class_names=np.array([f'class{k}' for k in range(10)]),
+  )
 
 
 @pytest.fixture(scope='module')
 def env(tmp_path_factory):
   root = tmp_path_factory.mktemp('reliability')
   write_fake_fashion_mnist(root / 'data')
-  variables = dict(os.environ, JAX_PLATFORMS='cpu',
-                   JAX_COMPILATION_CACHE_DIR=str(root / 'jax_cache'),
-                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  variables = dict(
+    os.environ,
+    JAX_PLATFORMS='cpu',
+    JAX_COMPILATION_CACHE_DIR=str(root / 'jax_cache'),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
+  )
   return types.SimpleNamespace(root=root, data=root / 'data', variables=variables)
 
 
@@ -81,13 +97,25 @@ def command(env, *args):
 
 
 def run(env, *args, timeout=180):
-  return subprocess.run(command(env, *args), cwd=env.root, env=env.variables,
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    command(env, *args),
+    cwd=env.root,
+    env=env.variables,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def start(env, *args):
-  return subprocess.Popen(command(env, *args), cwd=env.root, env=env.variables,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen(
+    command(env, *args),
+    cwd=env.root,
+    env=env.variables,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
 
 
 def assert_one_line_error(returncode, stderr, *names):
@@ -139,35 +167,46 @@ def largest_file(folder):
 # ---------------------------------------------------------------------------- bad inputs
 
 FLAG_CASES = [
-    ('seed', {'seed': -1}), ('seed', {'seed': 2**32}),
-    ('fedprox_mu', {'algorithm': 'fedprox', 'fedprox_mu': math.nan}),
-    ('fedprox_mu', {'fedprox_mu': -1.0}), ('ditto_lambda', {'ditto_lambda': math.nan}),
-    ('staleness_exponent', {'staleness_exponent': math.nan}),
-    ('fedgen_alpha', {'fedgen_alpha': math.nan}),
-    ('learning_rate', {'learning_rate': math.nan}), ('learning_rate', {'learning_rate': 0.0}),
-    ('server_learning_rate', {'server_learning_rate': -1.0}),
-    ('batch_size', {'batch_size': 0}), ('num_clients', {'num_clients': 0}),
-    ('num_rounds', {'num_rounds': 0}), ('eval_every', {'eval_every': 0}),
-    ('checkpoint_every', {'checkpoint_every': 0}),
-    ('classes_per_client', {'classes_per_client': 0}),
-    ('dirichlet_alpha', {'dirichlet_alpha': 0.0}),
-    ('dirichlet_alpha', {'dirichlet_alpha': math.nan}),
-    ('join_ratio', {'join_ratio': 0.0}), ('join_ratio', {'join_ratio': 1.5}),
-    ('beta', {'algorithm': 'apfl', 'beta': 2.0}), ('beta', {'beta': math.nan}),
-    ('local_epochs', {'local_epochs': -1}),
-    ('local_epochs', {'local_epochs': 0, 'local_steps': 0}),
-    ('min_samples_per_client', {'min_samples_per_client': 0}),
-    ('monopoly_clients', {'partition': 'monopoly', 'num_clients': 5, 'monopoly_clients': 5}),
-    ('dropout_clients', {'dropout_clients': '3,x'}),
-    ('dropout_clients', {'dropout_clients': '0,99'}),
-    ('dataset', {'dataset': 'imagenet'}), ('model', {'model': 'vgg'}),
-    ('algorithm', {'algorithm': 'fedfoo'}), ('partition', {'partition': 'zipf'}),
-    ('server', {'server': 'gossip'}), ('client_train_fraction', {'client_train_fraction': 1.0}),
-    ('speed_trace', {'speed_distribution': 'trace', 'speed_trace': '/nonexistent.csv'}),
-    ('max_staleness', {'max_staleness': 0}),
-    ('generator_learning_rate', {'generator_learning_rate': math.nan}),
-    ('server_mixing', {'server_mixing': 1.5}), ('concurrency', {'concurrency': -1}),
-    ('buffer_size', {'buffer_size': 0}),
+  ('seed', {'seed': -1}),
+  ('seed', {'seed': 2**32}),
+  ('fedprox_mu', {'algorithm': 'fedprox', 'fedprox_mu': math.nan}),
+  ('fedprox_mu', {'fedprox_mu': -1.0}),
+  ('ditto_lambda', {'ditto_lambda': math.nan}),
+  ('staleness_exponent', {'staleness_exponent': math.nan}),
+  ('fedgen_alpha', {'fedgen_alpha': math.nan}),
+  ('learning_rate', {'learning_rate': math.nan}),
+  ('learning_rate', {'learning_rate': 0.0}),
+  ('server_learning_rate', {'server_learning_rate': -1.0}),
+  ('batch_size', {'batch_size': 0}),
+  ('num_clients', {'num_clients': 0}),
+  ('num_rounds', {'num_rounds': 0}),
+  ('eval_every', {'eval_every': 0}),
+  ('checkpoint_every', {'checkpoint_every': 0}),
+  ('classes_per_client', {'classes_per_client': 0}),
+  ('dirichlet_alpha', {'dirichlet_alpha': 0.0}),
+  ('dirichlet_alpha', {'dirichlet_alpha': math.nan}),
+  ('join_ratio', {'join_ratio': 0.0}),
+  ('join_ratio', {'join_ratio': 1.5}),
+  ('beta', {'algorithm': 'apfl', 'beta': 2.0}),
+  ('beta', {'beta': math.nan}),
+  ('local_epochs', {'local_epochs': -1}),
+  ('local_epochs', {'local_epochs': 0, 'local_steps': 0}),
+  ('min_samples_per_client', {'min_samples_per_client': 0}),
+  ('monopoly_clients', {'partition': 'monopoly', 'num_clients': 5, 'monopoly_clients': 5}),
+  ('dropout_clients', {'dropout_clients': '3,x'}),
+  ('dropout_clients', {'dropout_clients': '0,99'}),
+  ('dataset', {'dataset': 'imagenet'}),
+  ('model', {'model': 'vgg'}),
+  ('algorithm', {'algorithm': 'fedfoo'}),
+  ('partition', {'partition': 'zipf'}),
+  ('server', {'server': 'gossip'}),
+  ('client_train_fraction', {'client_train_fraction': 1.0}),
+  ('speed_trace', {'speed_distribution': 'trace', 'speed_trace': '/nonexistent.csv'}),
+  ('max_staleness', {'max_staleness': 0}),
+  ('generator_learning_rate', {'generator_learning_rate': math.nan}),
+  ('server_mixing', {'server_mixing': 1.5}),
+  ('concurrency', {'concurrency': -1}),
+  ('buffer_size', {'buffer_size': 0}),
 ]
 
 
@@ -181,11 +220,11 @@ def test_invalid_flag_is_one_line_naming_it(flag, changes):
 # 600 training examples of 10 classes, like a small Fashion-MNIST.
 DATA_LABELS = np.repeat(np.arange(10), 60)
 DATA_CASES = [
-    ('num_clients', {'num_clients': 100000}),
-    ('num_clients', {'num_clients': 100, 'min_samples_per_client': 10}),
-    ('classes_per_client', {'partition': 'pathological', 'classes_per_client': 11}),
-    ('classes_per_client', {'partition': 'monopoly', 'classes_per_client': 9}),
-    ('batch_size', {'batch_size': 100000}),
+  ('num_clients', {'num_clients': 100000}),
+  ('num_clients', {'num_clients': 100, 'min_samples_per_client': 10}),
+  ('classes_per_client', {'partition': 'pathological', 'classes_per_client': 11}),
+  ('classes_per_client', {'partition': 'monopoly', 'classes_per_client': 9}),
+  ('batch_size', {'batch_size': 100000}),
 ]
 
 
@@ -198,8 +237,11 @@ def test_size_the_data_cannot_satisfy_is_one_line_naming_it(flag, changes):
 
 
 def test_sizes_the_data_can_satisfy_pass():
-  for changes in ({'num_clients': 60}, {'partition': 'pathological', 'classes_per_client': 10},
-                  {'batch_size': 600}):
+  for changes in (
+    {'num_clients': 60},
+    {'partition': 'pathological', 'classes_per_client': 10},
+    {'batch_size': 600},
+  ):
     preflight.check_data(Config(**changes).validate(), DATA_LABELS, 10, 'fashion_mnist')
 
 
@@ -216,8 +258,7 @@ def test_round_beyond_device_memory_names_batch_size_and_join_ratio():
   needed = 20 * 100 * per_example * 12
   preflight.check_round(config, np.full(20, 100), model, (28, 28, 1), memory_bytes=needed + 1)
   with pytest.raises(ConfigError, match='--batch_size=100 x 20 clients .*--join_ratio'):
-    preflight.check_round(config, np.full(20, 100), model, (28, 28, 1),
-                          memory_bytes=needed - 1)
+    preflight.check_round(config, np.full(20, 100), model, (28, 28, 1), memory_bytes=needed - 1)
 
 
 def test_missing_data_dir_is_refused_and_not_created(tmp_path):
@@ -228,11 +269,11 @@ def test_missing_data_dir_is_refused_and_not_created(tmp_path):
 
 # Through the real main.py, all started at once. (name, args, names the message must hold).
 MAIN_CASES = [
-    ('seed', ('--seed=-1',), ('--seed',)),
-    ('num_clients', ('--num_clients=100000',), ('--num_clients',)),
-    ('data_dir', ('--data_dir=/nonexistent/apfl_data',), ('--data_dir',)),
-    ('unknown_flag', ('--num_clientz=3',), ('num_clientz', '--help')),
-    ('cifar10_offline', ('--dataset=cifar10',), ('cifar10', 'pip install tensorflow')),
+  ('seed', ('--seed=-1',), ('--seed',)),
+  ('num_clients', ('--num_clients=100000',), ('--num_clients',)),
+  ('data_dir', ('--data_dir=/nonexistent/apfl_data',), ('--data_dir',)),
+  ('unknown_flag', ('--num_clientz=3',), ('num_clientz', '--help')),
+  ('cifar10_offline', ('--dataset=cifar10',), ('cifar10', 'pip install tensorflow')),
 ]
 HELP_CASES = [('help', ('--help',), ())]
 
@@ -240,17 +281,18 @@ HELP_CASES = [('help', ('--help',), ())]
 @pytest.fixture(scope='module')
 def main_results(env):
   """Runs every MAIN_CASES and HELP_CASES command (each with a workdir of its own) at once."""
+
   def one(case):
     name, args, _ = case
     return name, run(env, *args, f'--workdir={env.root}/bad/{name}/run', timeout=300)
+
   cases = MAIN_CASES + HELP_CASES
   with futures.ThreadPoolExecutor(len(cases)) as pool:
     return dict(pool.map(one, cases))
 
 
 @pytest.mark.parametrize('name,args,names', MAIN_CASES, ids=[c[0] for c in MAIN_CASES])
-def test_main_bad_input_is_one_line_and_leaves_no_workdir(env, main_results, name, args,
-                                                          names):
+def test_main_bad_input_is_one_line_and_leaves_no_workdir(env, main_results, name, args, names):
   del args
   result = main_results[name]
   assert_one_line_error(result.returncode, result.stderr, *names)
@@ -263,23 +305,30 @@ def test_help_lists_project_flags_by_component_and_exits_0(main_results, name):
   result = main_results[name]
   assert result.returncode == 0, result.stderr
   out = result.stdout
-  assert out.index('Data and partition:') < out.index('--num_clients') < \
-      out.index('Model and training:') < out.index('--learning_rate') < \
-      out.index('Bookkeeping:') < out.index('--workdir')
+  assert (
+    out.index('Data and partition:')
+    < out.index('--num_clients')
+    < out.index('Local training:')
+    < out.index('--learning_rate')
+    < out.index('Bookkeeping:')
+    < out.index('--workdir')
+  )
   assert '--fedprox_mu' in out and '--beta' in out
 
 
 # ---------------------------------------------------------------------------- faults
+
 
 def test_second_live_run_refused_then_kill_9_mid_round_then_resume(env, reference):
   workdir = env.root / 'kill9'
   runs = [start(env, *SMALL_RUN, f'--workdir={workdir}') for _ in range(2)]
   while all(p.poll() is None for p in runs):  # the one that finds the lock taken ends
     time.sleep(0.02)
-  refused, = [p for p in runs if p.poll() is not None]
-  winner, = [p for p in runs if p is not refused]
-  assert_one_line_error(refused.returncode, refused.stderr.read(), '--workdir', 'in use',
-                        f'pid {winner.pid}')
+  (refused,) = [p for p in runs if p.poll() is not None]
+  (winner,) = [p for p in runs if p is not refused]
+  assert_one_line_error(
+    refused.returncode, refused.stderr.read(), '--workdir', 'in use', f'pid {winner.pid}'
+  )
   wait_for_checkpoint(workdir, 1, winner)
   winner.kill()  # SIGKILL mid-round: no handler runs, the lock file stays behind
   assert winner.wait() == -signal.SIGKILL
@@ -296,8 +345,9 @@ def test_sigint_and_sigterm_end_in_one_line_and_the_run_resumes(env, reference):
     wait_for_checkpoint(workdir, step, process)
     process.send_signal(sig)
     _, stderr = process.communicate(timeout=60)
-    assert_one_line_error(process.returncode, stderr, 'interrupted in round',
-                          f'--workdir={workdir}')
+    assert_one_line_error(
+      process.returncode, stderr, 'interrupted in round', f'--workdir={workdir}'
+    )
     assert os.path.isdir(workdir / 'checkpoints' / str(step))  # nothing saved was lost
   resumed = run(env, *SMALL_RUN, f'--workdir={workdir}')
   assert resumed.returncode == 0, resumed.stderr
@@ -334,7 +384,7 @@ def test_torn_last_metrics_line_is_repaired_on_resume(env, reference):
   workdir = copy_of_reference(env, reference, 'torn_metrics', ROUNDS - 1)
   last = (reference.workdir / 'metrics.jsonl').read_text().splitlines()[-1]
   with open(workdir / 'metrics.jsonl', 'a') as f:
-    f.write(last[:len(last) // 2])  # a kill while the last row was being written
+    f.write(last[: len(last) // 2])  # a kill while the last row was being written
   resumed = run(env, *SMALL_RUN, f'--workdir={workdir}')
   assert resumed.returncode == 0, resumed.stderr
   assert 'torn last line' in resumed.stderr and len(resumed.stderr.strip().splitlines()) == 1
@@ -347,17 +397,21 @@ def test_disk_full_is_one_line_and_keeps_the_checkpoints(env, reference):
   workdir = copy_of_reference(env, reference, 'disk_full', ROUNDS - 1)
   os.symlink('/dev/full', workdir / 'metrics.jsonl.tmp')
   result = run(env, *SMALL_RUN, f'--workdir={workdir}')
-  assert_one_line_error(result.returncode, result.stderr, '--workdir',
-                        'No space left on device')
+  assert_one_line_error(result.returncode, result.stderr, '--workdir', 'No space left on device')
   assert os.path.isdir(workdir / 'checkpoints' / str(ROUNDS - 1))  # nothing saved is lost
-  assert read_rows(workdir) == reference.rows[:ROUNDS - 1]
+  assert read_rows(workdir) == reference.rows[: ROUNDS - 1]
 
 
-@pytest.mark.parametrize('failure,flag', [
+@pytest.mark.parametrize(
+  'failure,flag',
+  [
     (TrainingDivergedError('NaN/Inf in training at round 1, client 0'), 'round 1, client 0'),
-    (jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory allocating 437GB'),
-     '--batch_size'),
-])
+    (
+      jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory allocating 437GB'),
+      '--batch_size',
+    ),
+  ],
+)
 def test_failure_in_round_1_leaves_nothing_it_created(tmp_path, monkeypatch, failure, flag):
   dataset = make_synthetic_dataset(num_classes=4, per_class=20, shape=(28, 28, 1))
   monkeypatch.setattr(train.datasets, 'load_dataset', lambda name, data_dir=None: dataset)
@@ -366,8 +420,14 @@ def test_failure_in_round_1_leaves_nothing_it_created(tmp_path, monkeypatch, fai
     raise failure
 
   monkeypatch.setattr(train.SyncRounds, 'step', fail)
-  config = Config(dataset='mnist', num_clients=4, min_samples_per_client=5, batch_size=8,
-                  num_rounds=2, verbose=False)
+  config = Config(
+    dataset='mnist',
+    num_clients=4,
+    min_samples_per_client=5,
+    batch_size=8,
+    num_rounds=2,
+    verbose=False,
+  )
   with pytest.raises(UserError, match=flag):
     train.train_and_evaluate(config, str(tmp_path / 'runs' / 'first'))
   assert not (tmp_path / 'runs').exists()  # neither the workdir nor the parent made for it
@@ -386,9 +446,9 @@ def test_corrupt_data_cache_is_rebuilt_with_one_warning(tmp_path, monkeypatch, c
   good = datasets.load_dataset('fashion_mnist', tmp_path)
   raw = bytearray(cache.read_bytes())
   if damage == 'truncate':
-    raw = raw[:len(raw) // 2]  # BadZipFile
+    raw = raw[: len(raw) // 2]  # BadZipFile
   else:
-    raw[len(raw) // 2:len(raw) // 2 + 64] = bytes(64)  # Bad CRC-32
+    raw[len(raw) // 2 : len(raw) // 2 + 64] = bytes(64)  # Bad CRC-32
   cache.write_bytes(bytes(raw))
   monkeypatch.setattr(datasets, '_read_tfds', lambda *args: good)  # the rebuild's source
   with caplog.at_level('WARNING'):

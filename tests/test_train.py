@@ -5,13 +5,13 @@ import os
 import subprocess
 import sys
 
+from conftest import make_synthetic_dataset
 import numpy as np
 import pytest
 
 from apfl_jax import train
 from apfl_jax.config import Config
 from apfl_jax.errors import ConfigError, TrainingDivergedError
-from conftest import make_synthetic_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(REPO, 'experiments', 'main.py')
@@ -25,9 +25,19 @@ def synthetic_data(monkeypatch):
 
 
 def tiny_config(**changes):
-  config = Config(dataset='mnist', num_clients=4, partition='dirichlet', dirichlet_alpha=0.5,
-                  min_samples_per_client=5, num_rounds=4, batch_size=8, local_epochs=1,
-                  learning_rate=0.05, checkpoint_every=2, verbose=False)
+  config = Config(
+    dataset='mnist',
+    num_clients=4,
+    partition='dirichlet',
+    dirichlet_alpha=0.5,
+    min_samples_per_client=5,
+    num_rounds=4,
+    batch_size=8,
+    local_epochs=1,
+    learning_rate=0.05,
+    checkpoint_every=2,
+    verbose=False,
+  )
   return config.replace(**changes)
 
 
@@ -62,26 +72,38 @@ def test_pooled_test_split_trains_and_tests_on_one_device_copy(tmp_path, synthet
   pool = len(synthetic_data.train_labels) + len(synthetic_data.test_labels)
   assert experiment.data.train_images is experiment.data.test_images
   assert experiment.data.train_images.shape[0] == pool
-  counts = (np.asarray(experiment.data.train_count) + np.asarray(experiment.data.test_count))
-  assert counts.sum() == sum(len(a) + len(b) for a, b in zip(
-      experiment.partition.train_indices, experiment.partition.test_indices))
-  np.testing.assert_array_equal(np.asarray(experiment.data.train_count),
-                                np.floor(0.75 * counts).astype(np.int32))
+  counts = np.asarray(experiment.data.train_count) + np.asarray(experiment.data.test_count)
+  assert counts.sum() == sum(
+    len(a) + len(b)
+    for a, b in zip(experiment.partition.train_indices, experiment.partition.test_indices)
+  )
+  np.testing.assert_array_equal(
+    np.asarray(experiment.data.train_count), np.floor(0.75 * counts).astype(np.int32)
+  )
   summary = train.train_and_evaluate(config, str(tmp_path))
   assert 0.0 <= summary['final_personalized_acc'] <= 1.0
 
 
 # AP-FL keeps a persistent local model per client: a resume that lost it would change
 # the personalized accuracies of the rounds after the checkpoint.
-APFL_TINY = dict(algorithm='apfl', embedding='onehot', generator='feature', noise_dim=8,
-                 generator_hidden_dim=16, generator_steps=2, generator_batch_size=8,
-                 synthetic_per_class=4, friend_batch_size=8)
+APFL_TINY = dict(
+  algorithm='apfl',
+  embedding='onehot',
+  generator='feature',
+  noise_dim=8,
+  generator_hidden_dim=16,
+  generator_steps=2,
+  generator_batch_size=8,
+  synthetic_per_class=4,
+  friend_batch_size=8,
+)
 
 
 @pytest.mark.parametrize('changes', [{}, APFL_TINY], ids=['fedavg', 'apfl'])
 def test_resumed_run_equals_uninterrupted_run(tmp_path, synthetic_data, monkeypatch, changes):
-  config = tiny_config(join_ratio=0.5, server_optimizer='momentum', server_learning_rate=0.5,
-                       **changes).validate()
+  config = tiny_config(
+    join_ratio=0.5, server_optimizer='momentum', server_learning_rate=0.5, **changes
+  ).validate()
   train.train_and_evaluate(config, str(tmp_path / 'straight'))
 
   original = train.cohort_for_round
@@ -127,20 +149,39 @@ def test_cohort_is_deterministic_and_sized_by_join_ratio():
 
 
 def run_main(*args, cwd=REPO):
-  return subprocess.run([sys.executable, MAIN, *args], cwd=cwd, capture_output=True,
-                        text=True, timeout=120)
+  return subprocess.run(
+    [sys.executable, MAIN, *args], cwd=cwd, capture_output=True, text=True, timeout=120
+  )
 
 
-@pytest.mark.parametrize('flag,value', [
-    ('dirichlet_alpha', 0.0), ('dirichlet_alpha', -1.0), ('batch_size', 0),
-    ('dataset', 'imagenet'), ('model', 'vgg'), ('algorithm', 'fedfoo'),
-    ('partition', 'zipf'), ('num_clients', 0), ('join_ratio', 1.5), ('beta', 2.0),
-    ('server', 'gossip'), ('dropout_clients', '3,x'), ('dropout_clients', '0,99'),
-    ('learning_rate', 0.0), ('embedding', 'word2vec'), ('test_split', 'random'),
-    ('client_train_fraction', 1.0), ('fedbuff_weighting', 'sum'),
-    ('fedgen_regularizer', 'fedprox'), ('fedrep_head_epochs', 0), ('fedgen_beta', -1.0),
-    ('fedgen_generator_lr_decay', 0.0), ('fedasync_rho', 0.1),  # needs --server=fedasync
-])
+@pytest.mark.parametrize(
+  'flag,value',
+  [
+    ('dirichlet_alpha', 0.0),
+    ('dirichlet_alpha', -1.0),
+    ('batch_size', 0),
+    ('dataset', 'imagenet'),
+    ('model', 'vgg'),
+    ('algorithm', 'fedfoo'),
+    ('partition', 'zipf'),
+    ('num_clients', 0),
+    ('join_ratio', 1.5),
+    ('beta', 2.0),
+    ('server', 'gossip'),
+    ('dropout_clients', '3,x'),
+    ('dropout_clients', '0,99'),
+    ('learning_rate', 0.0),
+    ('embedding', 'word2vec'),
+    ('test_split', 'random'),
+    ('client_train_fraction', 1.0),
+    ('fedbuff_weighting', 'sum'),
+    ('fedgen_regularizer', 'fedprox'),
+    ('fedrep_head_epochs', 0),
+    ('fedgen_beta', -1.0),
+    ('fedgen_generator_lr_decay', 0.0),
+    ('fedasync_rho', 0.1),  # needs --server=fedasync
+  ],
+)
 def test_invalid_value_names_its_flag(flag, value):
   with pytest.raises(ConfigError, match=f'--{flag}') as error:
     Config(**{flag: value}).validate()
@@ -173,17 +214,25 @@ def test_unwritable_workdir_is_refused(tmp_path):
 
 def test_missing_dataset_fails_fast_with_one_line(tmp_path):
   # A bare flagfile name is found in experiments/ from any working directory.
-  result = run_main('--flagfile=cifar10.flags', f'--data_dir={tmp_path}',
-                    f'--workdir={tmp_path}/run', cwd=str(tmp_path))
+  result = run_main(
+    '--flagfile=cifar10.flags',
+    f'--data_dir={tmp_path}',
+    f'--workdir={tmp_path}/run',
+    cwd=str(tmp_path),
+  )
   assert result.returncode != 0
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and 'cifar10' in lines[0], result.stderr
 
 
-def test_async_run_resumes_exactly_and_logs_virtual_time(tmp_path, synthetic_data,
-                                                         monkeypatch):
-  config = tiny_config(server='fedbuff', buffer_size=2, speed_distribution='lognormal',
-                       speed_spread=1.0, join_ratio=0.75)
+def test_async_run_resumes_exactly_and_logs_virtual_time(tmp_path, synthetic_data, monkeypatch):
+  config = tiny_config(
+    server='fedbuff',
+    buffer_size=2,
+    speed_distribution='lognormal',
+    speed_spread=1.0,
+    join_ratio=0.75,
+  )
   train.train_and_evaluate(config, str(tmp_path / 'straight'))
   rows = read_rows(tmp_path / 'straight')
   assert [r['round'] for r in rows] == [1, 2, 3, 4]
@@ -209,3 +258,18 @@ def test_async_run_resumes_exactly_and_logs_virtual_time(tmp_path, synthetic_dat
 def test_all_clients_dropping_out_is_refused():
   with pytest.raises(ConfigError, match='--dropout_clients'):
     Config(num_clients=3, dropout_clients='0,1,2').validate()
+
+
+def test_summary_has_final_and_best_of_every_accuracy():
+  rows = [
+    {'round': 1, 'personalized_acc': 0.5, 'dropout_personalized_acc_no_label_prior': 0.3,
+     'client_personalized_acc': [0.5], 'train_loss': 1.0},
+    {'round': 2, 'personalized_acc': 0.4, 'dropout_personalized_acc_no_label_prior': 0.6,
+     'client_personalized_acc': [0.4], 'train_loss': 0.5},
+  ]  # fmt: skip
+  summary = train.summarize(rows)
+  assert summary['final_personalized_acc'] == 0.4
+  assert (summary['best_personalized_acc'], summary['best_personalized_acc_round']) == (0.5, 1)
+  assert summary['final_dropout_personalized_acc_no_label_prior'] == 0.6
+  assert summary['best_dropout_personalized_acc_no_label_prior_round'] == 2
+  assert not any('loss' in key or 'client_' in key for key in summary)

@@ -22,9 +22,9 @@ Per round:
 
 Friend models are a pure function of (local model, generator, key), so they are computed
 when personalized models are needed (`personalized_params`, inside the jitted
-evaluation), for every client through the client map (`Algorithm.client_map`): the result is what each client holds
-after downloading the current generator. A client that never trained (a dropout client
-with --dropout_round=0) takes the global model as its local model.
+evaluation), for every client through the client map (`Algorithm.client_map`): the
+result is what each client holds after downloading the current generator. A client that
+never trained (a dropout client with --dropout_round=0) takes the global model as its local model.
 
 With the default `--generator=image` the generator makes images and the whole friend
 model trains on them, so theta_local and theta_friend differ in every layer. With
@@ -40,6 +40,7 @@ on every class uniformly, i.e. without the knowledge of the client's own label s
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Any
@@ -51,10 +52,64 @@ import numpy as np
 import optax
 
 from apfl_jax import generator as generator_lib
-from apfl_jax import local_training
-from apfl_jax.algorithms import base
-from apfl_jax.algorithms import knowledge_transfer
+from apfl_jax import local_training, options
+from apfl_jax.algorithms import base, knowledge_transfer, registry
 from apfl_jax.algorithms.fedavg import FedAvg
+from apfl_jax.errors import ConfigError
+
+FRIEND_INITS = ('local', 'global')
+FRIEND_LABELS = ('client', 'all')
+LOCAL_MODELS = ('persistent', 'from_global')
+
+
+def _friend_learning_rate(name: str, value: float) -> None:
+  if not value >= 0:
+    raise ConfigError(f'--{name} must be >= 0 (0: --learning_rate), got {value}')
+
+
+@dataclasses.dataclass(frozen=True)
+class APFLOptions(options.Options):
+  """AP-FL's flags: friend models and interpolation (the generator's are
+  `knowledge_transfer.GeneratorOptions`)."""
+
+  TITLE = 'AP-FL friend models and interpolation'
+  beta: float = options.option(
+    0.1,
+    'AP-FL interpolation: personalized = beta*local + (1-beta)*friend.',
+    check=options.unit_interval,
+  )
+  synthetic_per_class: int = options.option(
+    600, 'AP-FL: generated samples per class for one friend-model epoch.', check=options.positive
+  )
+  friend_batch_size: int = options.option(
+    64, 'AP-FL: friend-model batch size.', check=options.positive
+  )
+  friend_learning_rate: float = options.option(
+    0.0,
+    'AP-FL: friend-model SGD learning rate (0: --learning_rate).',
+    check=_friend_learning_rate,
+  )
+  friend_init: str = options.option(
+    'local', 'AP-FL: friend model starts from the local or the global model.', choices=FRIEND_INITS
+  )
+  friend_labels: str = options.option(
+    'client',
+    "AP-FL: friend trains on generated samples of the client's own label mix (client) or of "
+    'every class uniformly (all).',
+    choices=FRIEND_LABELS,
+  )
+  apfl_local_model: str = options.option(
+    'persistent',
+    'AP-FL: persistent (each client keeps its local model and trains it on its real data '
+    'every round it joins, beside the update it sends) or from_global (the local model is '
+    "this round's update of the global model, as FedAvg's clients compute it).",
+    choices=LOCAL_MODELS,
+  )
+
+  def resolve(self, config: Any) -> dict[str, Any]:
+    if self.friend_learning_rate == 0:
+      return {'friend_learning_rate': config.learning_rate}
+    return {}
 
 
 @flax.struct.dataclass
@@ -65,6 +120,7 @@ class APFLServer:
     seen_counts: float [num_classes] labels the server has learned from, summed over
       every round: the classes the generator memorizes.
   """
+
   params: Any
   opt_state: Any
   generator: generator_lib.GeneratorState
@@ -75,6 +131,7 @@ class APFLServer:
 @flax.struct.dataclass
 class APFLClient:
   """Per-client local model (stacked) and whether the client has trained yet."""
+
   local_params: Any
   has_local: jax.Array
 
@@ -91,6 +148,7 @@ class FriendSetup:
     labels: 'client' (the client's own label mix) or 'all' (every class uniformly).
     beta: interpolation weight of the local model.
   """
+
   steps: int
   batch_size: int
   learning_rate: float
@@ -100,65 +158,106 @@ class FriendSetup:
 
   @classmethod
   def from_config(cls, config: Any, num_classes: int) -> 'FriendSetup':
-    return cls(steps=math.ceil(config.synthetic_per_class * num_classes
-                               / config.friend_batch_size),
-               batch_size=config.friend_batch_size,
-               learning_rate=config.friend_learning_rate or config.learning_rate,
-               init=config.friend_init, labels=config.friend_labels, beta=config.beta)
+    return cls(
+      steps=math.ceil(config.synthetic_per_class * num_classes / config.friend_batch_size),
+      batch_size=config.friend_batch_size,
+      learning_rate=config.friend_learning_rate or config.learning_rate,
+      init=config.friend_init,
+      labels=config.friend_labels,
+      beta=config.beta,
+    )
 
 
 def interpolate(local: Any, friend: Any, beta: float) -> Any:
   """beta * local + (1 - beta) * friend, leaf by leaf."""
-  return jax.tree.map(lambda l, f: beta * l + (1.0 - beta) * f, local, friend)
+  return jax.tree.map(lambda loc, fr: beta * loc + (1.0 - beta) * fr, local, friend)
 
 
 def _stack(*trees: Any) -> Any:
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
+@registry.register(
+  'apfl',
+  options=APFLOptions,
+  defaults={'generator': 'image', 'global_teacher_weight': 1.0, 'embedding': 'minilm'},
+)
 class APFL(FedAvg):
   """AP-FL with a semantic generator, friend models and decoupled interpolation."""
+
   personalized_axis = 0
 
-  def __init__(self, model: Any, image_shape: tuple[int, ...],
-               schedule: local_training.Schedule,
-               client_optimizer: optax.GradientTransformation,
-               server_optimizer: optax.GradientTransformation,
-               setup: knowledge_transfer.GeneratorSetup, friend: FriendSetup,
-               label_counts: np.ndarray, seed: int, local_model: str = 'persistent'):
+  @classmethod
+  def from_config(cls, config: Any, context: registry.BuildContext) -> APFL:
+    """AP-FL with the generator, friends and local models the flags describe."""
+    return cls(
+      *context.fedavg_args(),
+      knowledge_transfer.setup_from_config(config, context.model, context.dataset),
+      FriendSetup.from_config(config, context.dataset.num_classes),
+      context.partition.train_counts,
+      config.seed,
+      config.apfl_local_model,
+    )
+
+  def __init__(
+    self,
+    model: Any,
+    image_shape: tuple[int, ...],
+    schedule: local_training.Schedule,
+    client_optimizer: optax.GradientTransformation,
+    server_optimizer: optax.GradientTransformation,
+    setup: knowledge_transfer.GeneratorSetup,
+    friend: FriendSetup,
+    label_counts: np.ndarray,
+    seed: int,
+    local_model: str = 'persistent',
+  ):
     super().__init__(model, image_shape, schedule, client_optimizer, server_optimizer)
     self.setup = setup
     self.friend = friend
     self.label_counts = np.asarray(label_counts, np.float32)
     self.num_clients, self.num_classes = self.label_counts.shape
     self.seed = seed
-    if local_model not in ('persistent', 'from_global'):
+    if local_model not in LOCAL_MODELS:
       raise ValueError(f'unknown local_model {local_model!r}')
     self.local_model = local_model
+
+  def with_beta(self, beta: float) -> APFL:
+    """A copy of this algorithm whose personalized models use `beta` (training is the same)."""
+    clone = copy.copy(self)
+    clone.friend = dataclasses.replace(self.friend, beta=beta)
+    return clone
 
   def init(self, rng: jax.Array) -> base.AlgorithmState:
     model_rng, generator_rng = jax.random.split(rng)
     fedavg = super().init(model_rng)
     params = fedavg.server.params
-    generator = generator_lib.init_generator(self.setup.generator, self.setup.optimizer,
-                                             generator_rng)
-    server = APFLServer(params=params, opt_state=fedavg.server.opt_state,
-                        generator=generator,
-                        seen_counts=jnp.zeros((self.num_classes,), jnp.float32),
-                        round=jnp.zeros((), jnp.int32))
+    generator = generator_lib.init_generator(
+      self.setup.generator, self.setup.optimizer, generator_rng
+    )
+    server = APFLServer(
+      params=params,
+      opt_state=fedavg.server.opt_state,
+      generator=generator,
+      seen_counts=jnp.zeros((self.num_classes,), jnp.float32),
+      round=jnp.zeros((), jnp.int32),
+    )
     clients = APFLClient(
-        local_params=jax.tree.map(lambda x: jnp.broadcast_to(x, (self.num_clients, *x.shape)),
-                                  params),
-        has_local=jnp.zeros((self.num_clients,), bool))
+      local_params=jax.tree.map(
+        lambda x: jnp.broadcast_to(x, (self.num_clients, *x.shape)), params
+      ),
+      has_local=jnp.zeros((self.num_clients,), bool),
+    )
     return base.AlgorithmState(server=server, clients=clients)
 
   def client_update(self, server, client, index_row, count, rng, data):
     train = lambda start: local_training.train_client(
-        start, self.loss_fn, self.client_optimizer, data, index_row, count, rng,
-        self.schedule)
+      start, self.loss_fn, self.client_optimizer, data, index_row, count, rng, self.schedule
+    )
     if self.local_model == 'persistent':
-      own = jax.tree.map(lambda l, g: jnp.where(client.has_local, l, g),
-                         client.local_params, server.params)
+      own = jax.tree.map(
+        lambda loc, glob: jnp.where(client.has_local, loc, glob), client.local_params, server.params
+      )
       trained, losses = jax.vmap(train)(_stack(server.params, own))
       update = jax.tree.map(lambda x: x[0], trained)
       local = jax.tree.map(lambda x: x[1], trained)
@@ -166,19 +265,27 @@ class APFL(FedAvg):
     else:
       update, loss = train(server.params)
       local = update
-    output = knowledge_transfer.labelled_output(update, server.params, loss, data, index_row,
-                                                count, self.num_classes)
+    output = knowledge_transfer.labelled_output(
+      update, server.params, loss, data, index_row, count, self.num_classes
+    )
     output = output.replace(finite=output.finite & base.all_finite(local))
     return APFLClient(local_params=local, has_local=jnp.asarray(True)), output
 
   def server_update(self, server, outputs, rng):
     params, opt_state, generator, seen_counts = knowledge_transfer.aggregate_and_distill(
-        self, server, outputs, rng)
-    return APFLServer(params=params, opt_state=opt_state, generator=generator,
-                      seen_counts=seen_counts, round=server.round + 1)
+      self, server, outputs, rng
+    )
+    return APFLServer(
+      params=params,
+      opt_state=opt_state,
+      generator=generator,
+      seen_counts=seen_counts,
+      round=server.round + 1,
+    )
 
-  def train_friend(self, server: APFLServer, init_params: Any, label_probs: jax.Array,
-                   rng: jax.Array) -> Any:
+  def train_friend(
+    self, server: APFLServer, init_params: Any, label_probs: jax.Array, rng: jax.Array
+  ) -> Any:
     """Trains one friend model on generated samples only.
 
     Args:
@@ -204,19 +311,27 @@ class APFL(FedAvg):
     def step(carry, key):
       weights, opt_state = carry
       label_key, reference_key, sample_key = jax.random.split(key, 3)
-      labels = jax.random.categorical(label_key, jnp.log(label_probs),
-                                      shape=(friend.batch_size,))
+      labels = jax.random.categorical(label_key, jnp.log(label_probs), shape=(friend.batch_size,))
       # BatchNorm statistics come from a batch drawn like the generator's training labels.
       reference = jax.random.categorical(reference_key, memory, shape=(setup.batch_size,))
-      samples = jax.lax.stop_gradient(generator_lib.generate(
-          setup.generator, server.generator.params, sample_key, labels, setup.noise_dim,
-          setup.noise_distribution, reference_labels=reference))
+      samples = jax.lax.stop_gradient(
+        generator_lib.generate(
+          setup.generator,
+          server.generator.params,
+          sample_key,
+          labels,
+          setup.noise_dim,
+          setup.noise_distribution,
+          reference_labels=reference,
+        )
+      )
       grads = jax.grad(loss_fn)(weights, samples, labels)
       updates, opt_state = optimizer.update(grads, opt_state, weights)
       return (optax.apply_updates(weights, updates), opt_state), None
 
-    (trained, _), _ = jax.lax.scan(step, (trainable, optimizer.init(trainable)),
-                                   jax.random.split(rng, friend.steps))
+    (trained, _), _ = jax.lax.scan(
+      step, (trainable, optimizer.init(trainable)), jax.random.split(rng, friend.steps)
+    )
     return {'body': init_params['body'], 'head': trained} if feature_space else trained
 
   def _friend_keys(self, server: APFLServer) -> jax.Array:
@@ -228,12 +343,14 @@ class APFL(FedAvg):
     """Each client's local model; the global model for clients that never trained."""
     server, clients = state.server, state.clients
     return jax.tree.map(
-        lambda local, g: jnp.where(
-            clients.has_local.reshape((-1,) + (1,) * g.ndim), local, g[None]),
-        clients.local_params, server.params)
+      lambda local, g: jnp.where(clients.has_local.reshape((-1,) + (1,) * g.ndim), local, g[None]),
+      clients.local_params,
+      server.params,
+    )
 
-  def friend_models(self, state: base.AlgorithmState, client_ids: jax.Array,
-                    label_probs: jax.Array) -> Any:
+  def friend_models(
+    self, state: base.AlgorithmState, client_ids: jax.Array, label_probs: jax.Array
+  ) -> Any:
     """Friend models of some clients, trained through the client map (one vmapped call,
     chunks of clients or a mesh).
 
@@ -249,14 +366,15 @@ class APFL(FedAvg):
     if self.friend.init == 'local':
       start = base.gather_clients(self.local_models(state), client_ids)
     else:
-      start = jax.tree.map(lambda g: jnp.broadcast_to(g, (client_ids.shape[0], *g.shape)),
-                           server.params)
+      start = jax.tree.map(
+        lambda g: jnp.broadcast_to(g, (client_ids.shape[0], *g.shape)), server.params
+      )
     keys = self._friend_keys(server)[client_ids]
-    return self.client_map(self.train_friend, (None, 0, 0, 0), server, start, label_probs,
-                           keys)
+    return self.client_map(self.train_friend, (None, 0, 0, 0), server, start, label_probs, keys)
 
-  def _personalize(self, state: base.AlgorithmState, client_ids: jax.Array,
-                   label_probs: jax.Array) -> Any:
+  def _personalize(
+    self, state: base.AlgorithmState, client_ids: jax.Array, label_probs: jax.Array
+  ) -> Any:
     friends = self.friend_models(state, client_ids, label_probs)
     local = base.gather_clients(self.local_models(state), client_ids)
     return interpolate(local, friends, self.friend.beta)
@@ -275,6 +393,9 @@ class APFL(FedAvg):
 
   def unseen_class_params(self, state, data):
     server = state.server
-    return self.train_friend(server, server.params,
-                             jnp.ones((self.num_classes,), jnp.float32),
-                             self._friend_keys(server)[self.num_clients])
+    return self.train_friend(
+      server,
+      server.params,
+      jnp.ones((self.num_classes,), jnp.float32),
+      self._friend_keys(server)[self.num_clients],
+    )

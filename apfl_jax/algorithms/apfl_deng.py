@@ -24,6 +24,7 @@ averaged model). PFLlib instead evaluates the mix with the client's own last loc
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.struct
@@ -32,14 +33,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from apfl_jax import local_training
-from apfl_jax.algorithms import base
+from apfl_jax import local_training, options
+from apfl_jax.algorithms import base, registry
 from apfl_jax.algorithms.fedavg import FedAvg
 
 
 @flax.struct.dataclass
 class APFLDengClient:
   """Per-client personal model v_k and mixing weight alpha_k (stacked over clients)."""
+
   params: Any
   alpha: jax.Array
 
@@ -47,6 +49,7 @@ class APFLDengClient:
 @flax.struct.dataclass
 class _StepState:
   """Carry of the joint local-training scan."""
+
   w: Any
   v: Any
   alpha: jax.Array
@@ -61,15 +64,35 @@ def mix(v: base.Params, w: base.Params, alpha: jax.Array) -> base.Params:
   return jax.tree.map(lambda a, b: alpha * a + (1.0 - alpha) * b, v, w)
 
 
+@dataclasses.dataclass(frozen=True)
+class APFLDengOptions(options.Options):
+  """APFL (Deng et al.)'s flags."""
+
+  TITLE = 'APFL (Deng et al. 2020)'
+  apfl_deng_alpha: float = options.option(
+    0.5,
+    'APFL (Deng et al.): initial mixing weight alpha of each client.',
+    check=options.unit_interval,
+  )
+
+
+@registry.register('apfl_deng', options=APFLDengOptions)
 class APFLDeng(FedAvg):
   """FedAvg plus a personal model per client mixed with the global one by a learned alpha."""
+
   personalized_axis = 0
 
-  def __init__(self, model: Any, image_shape: tuple[int, ...],
-               schedule: local_training.Schedule,
-               client_optimizer: optax.GradientTransformation,
-               server_optimizer: optax.GradientTransformation, alpha: float,
-               alpha_learning_rate: float, num_clients: int):
+  def __init__(
+    self,
+    model: Any,
+    image_shape: tuple[int, ...],
+    schedule: local_training.Schedule,
+    client_optimizer: optax.GradientTransformation,
+    server_optimizer: optax.GradientTransformation,
+    alpha: float,
+    alpha_learning_rate: float,
+    num_clients: int,
+  ):
     super().__init__(model, image_shape, schedule, client_optimizer, server_optimizer)
     # v's own handle on the optimizer, so that a wrapper of w's `client_optimizer`
     # (FedAsync's proximal term) leaves it alone.
@@ -79,53 +102,72 @@ class APFLDeng(FedAvg):
     self.num_clients = num_clients
 
   @classmethod
-  def from_config(cls, config: Any, model: Any, dataset: Any, partition: Any,
-                  schedule: local_training.Schedule,
-                  client_optimizer: optax.GradientTransformation,
-                  server_optimizer: optax.GradientTransformation) -> 'APFLDeng':
+  def from_config(cls, config: Any, context: registry.BuildContext) -> APFLDeng:
     """APFL with alpha_k initially config.apfl_deng_alpha, learned at config.learning_rate."""
-    return cls(model, dataset.image_shape, schedule, client_optimizer, server_optimizer,
-               config.apfl_deng_alpha, config.learning_rate,
-               np.asarray(partition.train_counts).shape[0])
+    return cls(
+      *context.fedavg_args(),
+      config.apfl_deng_alpha,
+      config.learning_rate,
+      np.asarray(context.partition.train_counts).shape[0],
+    )
 
   def init(self, rng: jax.Array) -> base.AlgorithmState:
     fedavg = super().init(rng)
-    personal = jax.tree.map(lambda x: jnp.broadcast_to(x, (self.num_clients, *x.shape)),
-                            fedavg.server.params)
+    personal = jax.tree.map(
+      lambda x: jnp.broadcast_to(x, (self.num_clients, *x.shape)), fedavg.server.params
+    )
     return base.AlgorithmState(
-        server=fedavg.server,
-        clients=APFLDengClient(params=personal,
-                               alpha=jnp.full((self.num_clients,), self.alpha, jnp.float32)))
+      server=fedavg.server,
+      clients=APFLDengClient(
+        params=personal, alpha=jnp.full((self.num_clients,), self.alpha, jnp.float32)
+      ),
+    )
 
   def _step(self, state: _StepState, images, labels, example_mask, rng) -> _StepState:
     """One joint step of (w, v, alpha)."""
+
     def objective(w, v, alpha):
       global_loss = self.loss_fn(w, images, labels, example_mask, rng)
       mixed = mix(v, jax.lax.stop_gradient(w), alpha)
       return global_loss + self.loss_fn(mixed, images, labels, example_mask, rng), global_loss
 
     (_, loss), (w_grad, v_grad, alpha_grad) = jax.value_and_grad(
-        objective, argnums=(0, 1, 2), has_aux=True)(state.w, state.v, state.alpha)
+      objective, argnums=(0, 1, 2), has_aux=True
+    )(state.w, state.v, state.alpha)
     w_updates, w_opt = self.client_optimizer.update(w_grad, state.w_opt, state.w)
     v_updates, v_opt = self.personal_optimizer.update(v_grad, state.v_opt, state.v)
     return _StepState(
-        w=optax.apply_updates(state.w, w_updates), v=optax.apply_updates(state.v, v_updates),
-        alpha=jnp.clip(state.alpha - self.alpha_learning_rate * alpha_grad, 0.0, 1.0),
-        w_opt=w_opt, v_opt=v_opt, loss_sum=state.loss_sum + loss, steps=state.steps + 1)
+      w=optax.apply_updates(state.w, w_updates),
+      v=optax.apply_updates(state.v, v_updates),
+      alpha=jnp.clip(state.alpha - self.alpha_learning_rate * alpha_grad, 0.0, 1.0),
+      w_opt=w_opt,
+      v_opt=v_opt,
+      loss_sum=state.loss_sum + loss,
+      steps=state.steps + 1,
+    )
 
   def client_update(self, server, client, index_row, count, rng, data):
-    start = _StepState(w=server.params, v=client.params, alpha=client.alpha,
-                       w_opt=self.client_optimizer.init(server.params),
-                       v_opt=self.personal_optimizer.init(client.params),
-                       loss_sum=jnp.zeros((), jnp.float32), steps=jnp.zeros((), jnp.int32))
-    state = local_training.run_local_steps(start, self._step, data, index_row, count, rng,
-                                           self.schedule)
+    start = _StepState(
+      w=server.params,
+      v=client.params,
+      alpha=client.alpha,
+      w_opt=self.client_optimizer.init(server.params),
+      v_opt=self.personal_optimizer.init(client.params),
+      loss_sum=jnp.zeros((), jnp.float32),
+      steps=jnp.zeros((), jnp.int32),
+    )
+    state = local_training.run_local_steps(
+      start, self._step, data, index_row, count, rng, self.schedule
+    )
     loss = state.loss_sum / jnp.maximum(state.steps, 1)
     return APFLDengClient(params=state.v, alpha=state.alpha), base.ClientOutput(
-        update=jax.tree.map(jnp.subtract, state.w, server.params),
-        num_examples=count.astype(jnp.float32), loss=loss,
-        finite=base.all_finite(state.w, state.v, state.alpha, loss))
+      update=jax.tree.map(jnp.subtract, state.w, server.params),
+      num_examples=count.astype(jnp.float32),
+      loss=loss,
+      finite=base.all_finite(state.w, state.v, state.alpha, loss),
+    )
 
   def personalized_params(self, state, data):
-    return self.client_map(mix, (0, None, 0), state.clients.params, state.server.params,
-                           state.clients.alpha)
+    return self.client_map(
+      mix, (0, None, 0), state.clients.params, state.server.params, state.clients.alpha
+    )

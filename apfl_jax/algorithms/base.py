@@ -47,6 +47,7 @@ class AlgorithmState:
     clients: a pytree whose leaves have a leading [num_clients] axis (per-client
       persistent state; an empty tuple when clients keep nothing between rounds).
   """
+
   server: Any
   clients: Any
 
@@ -61,6 +62,7 @@ class ClientOutput:
     loss: mean local training loss.
     finite: False when the client's loss or params hold NaN or Inf.
   """
+
   update: Params
   num_examples: jax.Array
   loss: jax.Array
@@ -70,6 +72,7 @@ class ClientOutput:
 @flax.struct.dataclass
 class RoundMetrics:
   """Per-cohort-client diagnostics of one round (leading axis: cohort)."""
+
   loss: jax.Array
   finite: jax.Array
 
@@ -103,14 +106,28 @@ class Algorithm:
     client_map: how per-client functions run over a cohort (vmap, chunks, a mesh);
       see `apfl_jax.cohort`. Set with `with_client_map`.
   """
+
   personalized_axis: int | None = None
   client_map: ClientMap = ClientMap()
+  schedule: Any = None
+
+  @classmethod
+  def from_config(cls, config: Any, context: Any) -> Algorithm:
+    """Builds the algorithm from the config and a `registry.BuildContext`."""
+    raise NotImplementedError
 
   def init(self, rng: jax.Array) -> AlgorithmState:
     raise NotImplementedError
 
-  def client_update(self, server: Any, client: Any, index_row: jax.Array, count: jax.Array,
-                    rng: jax.Array, data: FederatedData) -> tuple[Any, ClientOutput]:
+  def client_update(
+    self,
+    server: Any,
+    client: Any,
+    index_row: jax.Array,
+    count: jax.Array,
+    rng: jax.Array,
+    data: FederatedData,
+  ) -> tuple[Any, ClientOutput]:
     raise NotImplementedError
 
   def server_update(self, server: Any, outputs: ClientOutput, rng: jax.Array) -> Any:
@@ -125,13 +142,15 @@ class Algorithm:
   def unseen_class_params(self, state: AlgorithmState, data: FederatedData) -> Params | None:
     return self.global_params(state)
 
-  def label_prior_free_params(self, state: AlgorithmState, data: FederatedData,
-                              client_ids: jax.Array) -> Params | None:
+  def label_prior_free_params(
+    self, state: AlgorithmState, data: FederatedData, client_ids: jax.Array
+  ) -> Params | None:
     del state, data, client_ids
     return None
 
-  def train_cohort(self, server: Any, clients: Any, cohort: jax.Array, rng: jax.Array,
-                   data: FederatedData) -> tuple[Any, ClientOutput]:
+  def train_cohort(
+    self, server: Any, clients: Any, cohort: jax.Array, rng: jax.Array, data: FederatedData
+  ) -> tuple[Any, ClientOutput]:
     """Runs `client_update` for the cohort from one server state.
 
     Each client's key is `fold_in(rng, client_id)`, so a client's training does not
@@ -141,12 +160,20 @@ class Algorithm:
       (the cohort's new client states, their outputs), stacked over the cohort.
     """
     keys = jax.vmap(lambda c: jax.random.fold_in(rng, c))(cohort)
-    return self.map_client_updates(server, None, gather_clients(clients, cohort), cohort,
-                                   keys, data)
+    return self.map_client_updates(
+      server, None, gather_clients(clients, cohort), cohort, keys, data
+    )
 
-  def map_client_updates(self, server: Any, server_axis: int | None, clients: Any,
-                         ids: jax.Array, keys: jax.Array, data: FederatedData,
-                         size_groups: bool = True) -> tuple[Any, ClientOutput]:
+  def map_client_updates(
+    self,
+    server: Any,
+    server_axis: int | None,
+    clients: Any,
+    ids: jax.Array,
+    keys: jax.Array,
+    data: FederatedData,
+    size_groups: bool = True,
+  ) -> tuple[Any, ClientOutput]:
     """`client_update` of every client in `ids`, through `self.client_map`.
 
     With `schedule.buckets` giving several groups (epoch mode, uneven clients) and
@@ -169,10 +196,18 @@ class Algorithm:
     Returns:
       (the new client states, their outputs), stacked in the order of `ids`.
     """
+
     def train(algorithm, servers, states, group_ids, group_keys):
-      return self.client_map(algorithm.client_update, (server_axis, 0, 0, 0, 0, None),
-                             servers, states, data.train_index[group_ids],
-                             data.train_count[group_ids], group_keys, data)
+      return self.client_map(
+        algorithm.client_update,
+        (server_axis, 0, 0, 0, 0, None),
+        servers,
+        states,
+        data.train_index[group_ids],
+        data.train_count[group_ids],
+        group_keys,
+        data,
+      )
 
     buckets = self.schedule.buckets(ids.shape[0])
     if len(buckets) == 1 or not size_groups:
@@ -182,8 +217,15 @@ class Algorithm:
     for start, end, schedule in buckets:
       part = order[start:end]
       servers = server if server_axis is None else gather_clients(server, part)
-      parts.append(train(self.with_schedule(schedule), servers,
-                         gather_clients(clients, part), ids[part], keys[part]))
+      parts.append(
+        train(
+          self.with_schedule(schedule),
+          servers,
+          gather_clients(clients, part),
+          ids[part],
+          keys[part],
+        )
+      )
     joined = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
     return jax.tree.map(lambda x: x[jnp.argsort(order)], joined)
 
@@ -199,8 +241,9 @@ class Algorithm:
     clone.schedule = schedule
     return clone
 
-  def run_round(self, state: AlgorithmState, cohort: jax.Array, rng: jax.Array,
-                data: FederatedData) -> tuple[AlgorithmState, RoundMetrics]:
+  def run_round(
+    self, state: AlgorithmState, cohort: jax.Array, rng: jax.Array, data: FederatedData
+  ) -> tuple[AlgorithmState, RoundMetrics]:
     """One synchronous round: the cohort trains (`train_cohort`), then the server.
 
     Args:
@@ -213,12 +256,12 @@ class Algorithm:
       (new state, per-cohort-client metrics).
     """
     client_rng, server_rng = jax.random.split(rng)
-    new_clients, outputs = self.train_cohort(state.server, state.clients, cohort, client_rng,
-                                             data)
+    new_clients, outputs = self.train_cohort(state.server, state.clients, cohort, client_rng, data)
     server = self.server_update(state.server, outputs, server_rng)
     clients = scatter_clients(state.clients, cohort, new_clients)
     return AlgorithmState(server=server, clients=clients), RoundMetrics(
-        loss=outputs.loss, finite=outputs.finite)
+      loss=outputs.loss, finite=outputs.finite
+    )
 
 
 def init_model_params(model: Any, rng: jax.Array, image_shape: tuple[int, ...]) -> Params:
@@ -228,8 +271,10 @@ def init_model_params(model: Any, rng: jax.Array, image_shape: tuple[int, ...]) 
 
 def classification_loss(model: Any):
   """The masked cross-entropy loss of `model`, in the LossFn signature of local training."""
+
   def loss_fn(params, images, labels, example_mask, rng):
     del rng
     logits = model.apply({'params': params}, images)
     return masked_cross_entropy(logits, labels, example_mask)
+
   return loss_fn

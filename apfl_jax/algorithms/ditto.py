@@ -17,6 +17,7 @@ are.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.struct
@@ -25,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from apfl_jax import local_training
-from apfl_jax.algorithms import base
+from apfl_jax import local_training, options
+from apfl_jax.algorithms import base, registry
 from apfl_jax.algorithms.fedavg import FedAvg
 from apfl_jax.algorithms.fedprox import proximal_loss
 
@@ -34,6 +35,7 @@ from apfl_jax.algorithms.fedprox import proximal_loss
 @flax.struct.dataclass
 class DittoClient:
   """Per-client personal model v_k (leaves stacked over clients)."""
+
   params: Any
 
 
@@ -42,15 +44,34 @@ def personal_key(rng: jax.Array) -> jax.Array:
   return jax.random.fold_in(rng, 1)
 
 
+@dataclasses.dataclass(frozen=True)
+class DittoOptions(options.Options):
+  """Ditto's flags."""
+
+  TITLE = 'Ditto'
+  ditto_lambda: float = options.option(
+    0.1,
+    "Ditto: weight lambda of the personal model's pull to the global model.",
+    check=options.non_negative,
+  )
+
+
+@registry.register('ditto', options=DittoOptions)
 class Ditto(FedAvg):
   """FedAvg plus a personal model per client pulled towards the global model."""
+
   personalized_axis = 0
 
-  def __init__(self, model: Any, image_shape: tuple[int, ...],
-               schedule: local_training.Schedule,
-               client_optimizer: optax.GradientTransformation,
-               server_optimizer: optax.GradientTransformation, lam: float,
-               num_clients: int):
+  def __init__(
+    self,
+    model: Any,
+    image_shape: tuple[int, ...],
+    schedule: local_training.Schedule,
+    client_optimizer: optax.GradientTransformation,
+    server_optimizer: optax.GradientTransformation,
+    lam: float,
+    num_clients: int,
+  ):
     super().__init__(model, image_shape, schedule, client_optimizer, server_optimizer)
     # The personal model's own handle on the optimizer, so that a wrapper of the
     # global copy's `client_optimizer` (FedAsync's proximal term) leaves it alone.
@@ -59,27 +80,36 @@ class Ditto(FedAvg):
     self.num_clients = num_clients
 
   @classmethod
-  def from_config(cls, config: Any, model: Any, dataset: Any, partition: Any,
-                  schedule: local_training.Schedule,
-                  client_optimizer: optax.GradientTransformation,
-                  server_optimizer: optax.GradientTransformation) -> 'Ditto':
+  def from_config(cls, config: Any, context: registry.BuildContext) -> Ditto:
     """Ditto with lambda = config.ditto_lambda, one personal model per partition client."""
-    return cls(model, dataset.image_shape, schedule, client_optimizer, server_optimizer,
-               config.ditto_lambda, np.asarray(partition.train_counts).shape[0])
+    return cls(
+      *context.fedavg_args(),
+      config.ditto_lambda,
+      np.asarray(context.partition.train_counts).shape[0],
+    )
 
   def init(self, rng: jax.Array) -> base.AlgorithmState:
     fedavg = super().init(rng)
-    personal = jax.tree.map(lambda x: jnp.broadcast_to(x, (self.num_clients, *x.shape)),
-                            fedavg.server.params)
+    personal = jax.tree.map(
+      lambda x: jnp.broadcast_to(x, (self.num_clients, *x.shape)), fedavg.server.params
+    )
     return base.AlgorithmState(server=fedavg.server, clients=DittoClient(params=personal))
 
   def client_update(self, server, client, index_row, count, rng, data):
     _, output = super().client_update(server, (), index_row, count, rng, data)
     personal, personal_loss = local_training.train_client(
-        client.params, proximal_loss(self.loss_fn, server.params, self.lam),
-        self.personal_optimizer, data, index_row, count, personal_key(rng), self.schedule)
+      client.params,
+      proximal_loss(self.loss_fn, server.params, self.lam),
+      self.personal_optimizer,
+      data,
+      index_row,
+      count,
+      personal_key(rng),
+      self.schedule,
+    )
     return DittoClient(params=personal), output.replace(
-        finite=output.finite & base.all_finite(personal, personal_loss))
+      finite=output.finite & base.all_finite(personal, personal_loss)
+    )
 
   def personalized_params(self, state, data):
     return state.clients.params

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from apfl_jax import local_training
-from apfl_jax.algorithms import base
+from apfl_jax.algorithms import base, registry
 
 
 @flax.struct.dataclass
@@ -27,13 +27,24 @@ class FedAvgServer:
   opt_state: Any
 
 
+@registry.register('fedavg')
 class FedAvg(base.Algorithm):
   """Sample-weighted federated averaging."""
 
-  def __init__(self, model: Any, image_shape: tuple[int, ...],
-               schedule: local_training.Schedule,
-               client_optimizer: optax.GradientTransformation,
-               server_optimizer: optax.GradientTransformation):
+  @classmethod
+  def from_config(cls, config: Any, context: registry.BuildContext) -> FedAvg:
+    """FedAvg with the context's optimizers."""
+    del config
+    return cls(*context.fedavg_args())
+
+  def __init__(
+    self,
+    model: Any,
+    image_shape: tuple[int, ...],
+    schedule: local_training.Schedule,
+    client_optimizer: optax.GradientTransformation,
+    server_optimizer: optax.GradientTransformation,
+  ):
     self.model = model
     self.image_shape = image_shape
     self.schedule = schedule
@@ -44,21 +55,26 @@ class FedAvg(base.Algorithm):
   def init(self, rng: jax.Array) -> base.AlgorithmState:
     params = base.init_model_params(self.model, rng, self.image_shape)
     return base.AlgorithmState(
-        server=FedAvgServer(params=params, opt_state=self.server_optimizer.init(params)),
-        clients=())
+      server=FedAvgServer(params=params, opt_state=self.server_optimizer.init(params)), clients=()
+    )
 
   def client_update(self, server, client, index_row, count, rng, data):
     params, loss = local_training.train_client(
-        server.params, self.loss_fn, self.client_optimizer, data, index_row, count, rng,
-        self.schedule)
+      server.params, self.loss_fn, self.client_optimizer, data, index_row, count, rng, self.schedule
+    )
     delta = jax.tree.map(jnp.subtract, params, server.params)
-    return client, base.ClientOutput(update=delta, num_examples=count.astype(jnp.float32),
-                                     loss=loss, finite=base.all_finite(params, loss))
+    return client, base.ClientOutput(
+      update=delta,
+      num_examples=count.astype(jnp.float32),
+      loss=loss,
+      finite=base.all_finite(params, loss),
+    )
 
   def server_update(self, server, outputs, rng):
     del rng
-    params, opt_state = self.apply_mean_update(server.params, server.opt_state,
-                                               outputs.update, outputs.num_examples)
+    params, opt_state = self.apply_mean_update(
+      server.params, server.opt_state, outputs.update, outputs.num_examples
+    )
     return FedAvgServer(params=params, opt_state=opt_state)
 
   def apply_mean_update(self, params, opt_state, deltas, weights):

@@ -12,6 +12,7 @@ the personalized models are a deterministic function of the state. With
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.struct
@@ -20,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from apfl_jax import local_training
-from apfl_jax.algorithms import base
+from apfl_jax import local_training, options
+from apfl_jax.algorithms import base, registry
 from apfl_jax.algorithms.fedavg import FedAvg
 
 # Folded into key(seed) so that the fine-tuning keys differ from the runner's round keys
@@ -32,19 +33,38 @@ FINETUNE_STREAM = 2**31 - 1
 @flax.struct.dataclass
 class FedAvgFTServer:
   """Global model, its optimizer state and the number of rounds done."""
+
   params: Any
   opt_state: Any
   round: jax.Array
 
 
+@dataclasses.dataclass(frozen=True)
+class FedAvgFTOptions(options.Options):
+  """FedAvg+FT's flags."""
+
+  TITLE = 'FedAvg+FT'
+  finetune_epochs: int = options.option(
+    1,
+    'FedAvg+FT: local epochs of fine-tuning before evaluation.',
+    check=options.non_negative,
+  )
+
+
+@registry.register('fedavg_ft', options=FedAvgFTOptions)
 class FedAvgFT(FedAvg):
   """FedAvg whose personalized models are the global model fine-tuned on each client."""
 
-  def __init__(self, model: Any, image_shape: tuple[int, ...],
-               schedule: local_training.Schedule,
-               client_optimizer: optax.GradientTransformation,
-               server_optimizer: optax.GradientTransformation,
-               finetune_schedule: local_training.Schedule | None, seed: int):
+  def __init__(
+    self,
+    model: Any,
+    image_shape: tuple[int, ...],
+    schedule: local_training.Schedule,
+    client_optimizer: optax.GradientTransformation,
+    server_optimizer: optax.GradientTransformation,
+    finetune_schedule: local_training.Schedule | None,
+    seed: int,
+  ):
     """Builds the algorithm.
 
     Args:
@@ -63,36 +83,43 @@ class FedAvgFT(FedAvg):
     self.personalized_axis = None if finetune_schedule is None else 0
 
   @classmethod
-  def from_config(cls, config: Any, model: Any, dataset: Any, partition: Any,
-                  schedule: local_training.Schedule,
-                  client_optimizer: optax.GradientTransformation,
-                  server_optimizer: optax.GradientTransformation) -> 'FedAvgFT':
+  def from_config(cls, config: Any, context: registry.BuildContext) -> FedAvgFT:
     """FedAvg-FT fine-tuning for config.finetune_epochs epochs of config.batch_size."""
     finetune_schedule = None
     if config.finetune_epochs > 0:
-      counts = np.asarray(partition.train_counts).sum(1)
+      counts = np.asarray(context.partition.train_counts).sum(1)
       finetune_schedule = local_training.Schedule.create(
-          config.batch_size, config.finetune_epochs, 0, int(counts.min()), int(counts.max()))
-    return cls(model, dataset.image_shape, schedule, client_optimizer, server_optimizer,
-               finetune_schedule, config.seed)
+        config.batch_size, config.finetune_epochs, 0, int(counts.min()), int(counts.max())
+      )
+    return cls(
+      *context.fedavg_args(),
+      finetune_schedule,
+      config.seed,
+    )
 
   def init(self, rng: jax.Array) -> base.AlgorithmState:
     fedavg = super().init(rng)
     return base.AlgorithmState(
-        server=FedAvgFTServer(params=fedavg.server.params, opt_state=fedavg.server.opt_state,
-                              round=jnp.zeros((), jnp.int32)),
-        clients=fedavg.clients)
+      server=FedAvgFTServer(
+        params=fedavg.server.params,
+        opt_state=fedavg.server.opt_state,
+        round=jnp.zeros((), jnp.int32),
+      ),
+      clients=fedavg.clients,
+    )
 
   def server_update(self, server, outputs, rng):
     del rng
-    params, opt_state = self.apply_mean_update(server.params, server.opt_state,
-                                               outputs.update, outputs.num_examples)
+    params, opt_state = self.apply_mean_update(
+      server.params, server.opt_state, outputs.update, outputs.num_examples
+    )
     return FedAvgFTServer(params=params, opt_state=opt_state, round=server.round + 1)
 
   def finetune_key(self, server: FedAvgFTServer) -> jax.Array:
     """The key of this state's fine-tuning; client k uses fold_in(key, k)."""
     return jax.random.fold_in(
-        jax.random.fold_in(jax.random.key(self.seed), FINETUNE_STREAM), server.round)
+      jax.random.fold_in(jax.random.key(self.seed), FINETUNE_STREAM), server.round
+    )
 
   def personalized_params(self, state, data):
     server = state.server
@@ -103,7 +130,15 @@ class FedAvgFT(FedAvg):
 
     def finetune(index_row, count, key):
       params, _ = local_training.train_client(
-          server.params, self.loss_fn, self.client_optimizer, data, index_row, count, key,
-          self.finetune_schedule)
+        server.params,
+        self.loss_fn,
+        self.client_optimizer,
+        data,
+        index_row,
+        count,
+        key,
+        self.finetune_schedule,
+      )
       return params
+
     return self.client_map(finetune, (0, 0, 0), data.train_index, data.train_count, keys)

@@ -28,6 +28,7 @@ model's, as for FedAvg.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.struct
@@ -36,12 +37,12 @@ import jax.numpy as jnp
 import optax
 
 from apfl_jax import generator as generator_lib
-from apfl_jax import local_training
-from apfl_jax.algorithms import base
-from apfl_jax.algorithms import knowledge_transfer
+from apfl_jax import local_training, options
+from apfl_jax.algorithms import base, knowledge_transfer, registry
 from apfl_jax.algorithms.fedavg import FedAvg
-from apfl_jax.config import FEDGEN_REGULARIZERS
+from apfl_jax.errors import ConfigError
 
+FEDGEN_REGULARIZERS = ('fedgen', 'pfllib')
 
 # The official code's per-round decay of alpha_t and beta_t (`exp_lr_scheduler`) and floor.
 WEIGHT_DECAY_RATE = 0.98
@@ -56,6 +57,7 @@ class FedGenServer:
     seen_counts: float [num_classes] labels the server has learned from, summed over
       every round (`knowledge_transfer.aggregate_and_distill`).
   """
+
   params: Any
   opt_state: Any
   generator: generator_lib.GeneratorState
@@ -63,8 +65,9 @@ class FedGenServer:
   round: jax.Array
 
 
-def generator_optimizer(learning_rate: float, weight_decay: float, lr_decay: float,
-                        steps_per_round: int) -> optax.GradientTransformation:
+def generator_optimizer(
+  learning_rate: float, weight_decay: float, lr_decay: float, steps_per_round: int
+) -> optax.GradientTransformation:
   """The official FedGen generator optimizer.
 
   torch.optim.Adam(lr, betas=(0.9, 0.999), eps=1e-8, weight_decay) (L2: the decay is
@@ -81,28 +84,114 @@ def generator_optimizer(learning_rate: float, weight_decay: float, lr_decay: flo
   Returns:
     The optax optimizer.
   """
-  schedule = optax.exponential_decay(learning_rate, transition_steps=steps_per_round,
-                                     decay_rate=lr_decay, staircase=True)
-  return optax.chain(optax.add_decayed_weights(weight_decay),
-                     optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
-                     optax.scale_by_learning_rate(schedule))
+  schedule = optax.exponential_decay(
+    learning_rate, transition_steps=steps_per_round, decay_rate=lr_decay, staircase=True
+  )
+  return optax.chain(
+    optax.add_decayed_weights(weight_decay),
+    optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
+    optax.scale_by_learning_rate(schedule),
+  )
 
 
 def round_weight(initial: float, round_index: jax.Array) -> jax.Array:
   """max(1e-4, initial * 0.98^t): alpha_t and beta_t of the official client loss."""
-  return jnp.maximum(WEIGHT_FLOOR,
-                     initial * WEIGHT_DECAY_RATE ** round_index.astype(jnp.float32))
+  return jnp.maximum(WEIGHT_FLOOR, initial * WEIGHT_DECAY_RATE ** round_index.astype(jnp.float32))
 
 
+def _lr_decay(name: str, value: float) -> None:
+  if not 0.0 < value <= 1.0:
+    raise ConfigError(f'--{name} must be in (0, 1], got {value}')
+
+
+@dataclasses.dataclass(frozen=True)
+class FedGenOptions(options.Options):
+  """FedGen's flags (the generator's own are `knowledge_transfer.GeneratorOptions`)."""
+
+  TITLE = 'FedGen'
+  fedgen_alpha: float = options.option(
+    10.0,
+    'FedGen: weight of the cross-entropy on generated features in the client loss (fedgen: '
+    'alpha_0 of alpha_t = alpha_0 * 0.98^t).',
+    check=options.non_negative,
+  )
+  fedgen_regularizer: str = options.option(
+    'fedgen',
+    'FedGen client regulariser: fedgen (official code: alpha_t and beta_t decay by 0.98 a '
+    'round, latent KL term, none in round 0) or pfllib (constant alpha, no KL term, from '
+    'round 0).',
+    choices=FEDGEN_REGULARIZERS,
+  )
+  fedgen_beta: float = options.option(
+    10.0,
+    'FedGen (--fedgen_regularizer=fedgen): beta_0 of the latent KL term '
+    'beta_t KL(p(.|G(z, y)) || p(.|x)) on the real batch.',
+    check=options.non_negative,
+  )
+  fedgen_generator_weight_decay: float = options.option(
+    1e-2,
+    "FedGen: L2 weight decay of the generator's Adam (official code: 1e-2; PFLlib: 0).",
+    check=options.non_negative,
+  )
+  fedgen_generator_lr_decay: float = options.option(
+    0.98,
+    "FedGen: the generator's learning rate is multiplied by this after every round "
+    '(official code: 0.98; 1: none).',
+    check=_lr_decay,
+  )
+
+
+@registry.register(
+  'fedgen',
+  options=FedGenOptions,
+  defaults={'generator': 'feature', 'global_teacher_weight': 0.0, 'embedding': 'onehot'},
+)
 class FedGen(FedAvg):
   """FedAvg whose clients also fit generated features of the global label space."""
 
-  def __init__(self, model: Any, image_shape: tuple[int, ...],
-               schedule: local_training.Schedule,
-               client_optimizer: optax.GradientTransformation,
-               server_optimizer: optax.GradientTransformation,
-               setup: knowledge_transfer.GeneratorSetup, alpha: float, num_classes: int,
-               regularizer: str, beta: float):
+  @classmethod
+  def from_config(cls, config: Any, context: registry.BuildContext) -> FedGen:
+    """FedGen with the official generator optimizer and the --fedgen_* client loss.
+
+    Raises:
+      ConfigError: --generator=image (FedGen's generator makes head inputs).
+    """
+    if config.generator != 'feature':
+      raise ConfigError(
+        '--generator=image is not FedGen: --algorithm=fedgen needs --generator=feature'
+      )
+    setup = knowledge_transfer.setup_from_config(config, context.model, context.dataset)
+    setup = dataclasses.replace(
+      setup,
+      optimizer=generator_optimizer(
+        config.generator_learning_rate,
+        config.fedgen_generator_weight_decay,
+        config.fedgen_generator_lr_decay,
+        config.generator_steps,
+      ),
+    )
+    return cls(
+      *context.fedavg_args(),
+      setup,
+      config.fedgen_alpha,
+      context.dataset.num_classes,
+      config.fedgen_regularizer,
+      config.fedgen_beta,
+    )
+
+  def __init__(
+    self,
+    model: Any,
+    image_shape: tuple[int, ...],
+    schedule: local_training.Schedule,
+    client_optimizer: optax.GradientTransformation,
+    server_optimizer: optax.GradientTransformation,
+    setup: knowledge_transfer.GeneratorSetup,
+    alpha: float,
+    num_classes: int,
+    regularizer: str,
+    beta: float,
+  ):
     """Builds FedGen.
 
     Args:
@@ -132,56 +221,89 @@ class FedGen(FedAvg):
   def init(self, rng: jax.Array) -> base.AlgorithmState:
     model_rng, generator_rng = jax.random.split(rng)
     fedavg = super().init(model_rng)
-    generator = generator_lib.init_generator(self.setup.generator, self.setup.optimizer,
-                                             generator_rng)
+    generator = generator_lib.init_generator(
+      self.setup.generator, self.setup.optimizer, generator_rng
+    )
     return base.AlgorithmState(
-        server=FedGenServer(params=fedavg.server.params, opt_state=fedavg.server.opt_state,
-                            generator=generator,
-                            seen_counts=jnp.zeros((self.num_classes,), jnp.float32),
-                            round=jnp.zeros((), jnp.int32)),
-        clients=())
+      server=FedGenServer(
+        params=fedavg.server.params,
+        opt_state=fedavg.server.opt_state,
+        generator=generator,
+        seen_counts=jnp.zeros((self.num_classes,), jnp.float32),
+        round=jnp.zeros((), jnp.int32),
+      ),
+      clients=(),
+    )
 
   def client_loss(self, server: FedGenServer) -> local_training.LossFn:
     """The client's local loss at the server state it started from (module docstring)."""
     setup, model = self.setup, self.model
 
     def generate(key, labels):
-      return jax.lax.stop_gradient(generator_lib.generate(
-          setup.generator, server.generator.params, key, labels, setup.noise_dim,
-          setup.noise_distribution))
+      return jax.lax.stop_gradient(
+        generator_lib.generate(
+          setup.generator,
+          server.generator.params,
+          key,
+          labels,
+          setup.noise_dim,
+          setup.noise_distribution,
+        )
+      )
 
     def loss_fn(params, images, labels, example_mask, key):
       real_logits = model.apply({'params': params}, images)
       real = local_training.masked_cross_entropy(real_logits, labels, example_mask)
       label_key, noise_key = jax.random.split(key)
       sampled = jax.random.categorical(
-          label_key, jnp.log(knowledge_transfer.memory_label_probs(server.seen_counts)),
-          shape=labels.shape)
-      logits = model.apply({'params': params}, generate(noise_key, sampled),
-                           method='head_logits')
+        label_key,
+        jnp.log(knowledge_transfer.memory_label_probs(server.seen_counts)),
+        shape=labels.shape,
+      )
+      logits = model.apply({'params': params}, generate(noise_key, sampled), method='head_logits')
       teacher = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, sampled))
       if self.regularizer == 'pfllib':
         return real + self.alpha * teacher
-      target = jax.lax.stop_gradient(jax.nn.log_softmax(model.apply(
-          {'params': params}, generate(jax.random.fold_in(key, 2), labels),
-          method='head_logits')))
+      target = jax.lax.stop_gradient(
+        jax.nn.log_softmax(
+          model.apply(
+            {'params': params}, generate(jax.random.fold_in(key, 2), labels), method='head_logits'
+          )
+        )
+      )
       kl = jnp.sum(jnp.exp(target) * (target - jax.nn.log_softmax(real_logits)), axis=-1)
       latent = jnp.sum(kl * example_mask) / jnp.maximum(jnp.sum(example_mask), 1.0)
-      regularizer = (round_weight(self.alpha, server.round) * teacher
-                     + round_weight(self.beta, server.round) * latent)
+      regularizer = (
+        round_weight(self.alpha, server.round) * teacher
+        + round_weight(self.beta, server.round) * latent
+      )
       return real + jnp.where(server.round > 0, regularizer, 0.0)
 
     return loss_fn
 
   def client_update(self, server, client, index_row, count, rng, data):
     params, loss = local_training.train_client(
-        server.params, self.client_loss(server), self.client_optimizer, data, index_row,
-        count, rng, self.schedule)
-    return client, knowledge_transfer.labelled_output(params, server.params, loss, data,
-                                                      index_row, count, self.num_classes)
+      server.params,
+      self.client_loss(server),
+      self.client_optimizer,
+      data,
+      index_row,
+      count,
+      rng,
+      self.schedule,
+    )
+    return client, knowledge_transfer.labelled_output(
+      params, server.params, loss, data, index_row, count, self.num_classes
+    )
 
   def server_update(self, server, outputs, rng):
     params, opt_state, generator, seen_counts = knowledge_transfer.aggregate_and_distill(
-        self, server, outputs, rng)
-    return FedGenServer(params=params, opt_state=opt_state, generator=generator,
-                        seen_counts=seen_counts, round=server.round + 1)
+      self, server, outputs, rng
+    )
+    return FedGenServer(
+      params=params,
+      opt_state=opt_state,
+      generator=generator,
+      seen_counts=seen_counts,
+      round=server.round + 1,
+    )

@@ -13,37 +13,43 @@ is exactly FedAvg. Aggregation is FedAvg's, and the personalized model is the gl
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from apfl_jax import local_training
-from apfl_jax.algorithms import base
+from apfl_jax import local_training, options
+from apfl_jax.algorithms import base, registry
 from apfl_jax.algorithms.fedavg import FedAvg
 
 
 def proximal_term(params: base.Params, anchor: base.Params, strength: float) -> jax.Array:
   """strength / 2 * ||params - anchor||^2 over all leaves."""
-  squares = [jnp.sum(jnp.square(p - a))
-             for p, a in zip(jax.tree.leaves(params), jax.tree.leaves(anchor))]
-  return 0.5 * strength * sum(squares)
+  squares = [
+    jnp.sum(jnp.square(p - a)) for p, a in zip(jax.tree.leaves(params), jax.tree.leaves(anchor))
+  ]
+  return 0.5 * strength * sum(squares, jnp.zeros(()))
 
 
-def proximal_loss(loss_fn: local_training.LossFn, anchor: base.Params,
-                  strength: float) -> local_training.LossFn:
+def proximal_loss(
+  loss_fn: local_training.LossFn, anchor: base.Params, strength: float
+) -> local_training.LossFn:
   """loss_fn plus strength / 2 * ||params - anchor||^2 (the anchor gets no gradient)."""
   anchor = jax.lax.stop_gradient(anchor)
 
   def loss(params, images, labels, example_mask, rng):
-    return (loss_fn(params, images, labels, example_mask, rng)
-            + proximal_term(params, anchor, strength))
+    return loss_fn(params, images, labels, example_mask, rng) + proximal_term(
+      params, anchor, strength
+    )
+
   return loss
 
 
 class ProximalState(NamedTuple):
   """State of `proximal_gradient`: the parameters the optimizer was initialised at."""
+
   anchor: base.Params
 
 
@@ -61,39 +67,69 @@ def proximal_gradient(strength: float) -> optax.GradientTransformation:
   Returns:
     The transformation.
   """
+
   def init(params):
     return ProximalState(anchor=params)
 
   def update(updates, state, params):
-    return jax.tree.map(lambda g, p, a: g + strength * (p - a), updates, params,
-                        state.anchor), state
+    return jax.tree.map(
+      lambda g, p, a: g + strength * (p - a), updates, params, state.anchor
+    ), state
+
   return optax.GradientTransformation(init, update)
 
 
+@dataclasses.dataclass(frozen=True)
+class FedProxOptions(options.Options):
+  """FedProx's flags."""
+
+  TITLE = 'FedProx'
+  fedprox_mu: float = options.option(
+    0.01,
+    'FedProx: weight mu of the proximal term mu/2 ||w - w_global||^2.',
+    check=options.non_negative,
+  )
+
+
+@registry.register('fedprox', options=FedProxOptions)
 class FedProx(FedAvg):
   """FedAvg with a proximal term on the clients' loss."""
 
-  def __init__(self, model: Any, image_shape: tuple[int, ...],
-               schedule: local_training.Schedule,
-               client_optimizer: optax.GradientTransformation,
-               server_optimizer: optax.GradientTransformation, mu: float):
+  def __init__(
+    self,
+    model: Any,
+    image_shape: tuple[int, ...],
+    schedule: local_training.Schedule,
+    client_optimizer: optax.GradientTransformation,
+    server_optimizer: optax.GradientTransformation,
+    mu: float,
+  ):
     super().__init__(model, image_shape, schedule, client_optimizer, server_optimizer)
     self.mu = mu
 
   @classmethod
-  def from_config(cls, config: Any, model: Any, dataset: Any, partition: Any,
-                  schedule: local_training.Schedule,
-                  client_optimizer: optax.GradientTransformation,
-                  server_optimizer: optax.GradientTransformation) -> 'FedProx':
+  def from_config(cls, config: Any, context: registry.BuildContext) -> FedProx:
     """FedProx with mu = config.fedprox_mu."""
-    del partition
-    return cls(model, dataset.image_shape, schedule, client_optimizer, server_optimizer,
-               config.fedprox_mu)
+    return cls(
+      *context.fedavg_args(),
+      config.fedprox_mu,
+    )
 
   def client_update(self, server, client, index_row, count, rng, data):
     params, loss = local_training.train_client(
-        server.params, proximal_loss(self.loss_fn, server.params, self.mu),
-        self.client_optimizer, data, index_row, count, rng, self.schedule)
+      server.params,
+      proximal_loss(self.loss_fn, server.params, self.mu),
+      self.client_optimizer,
+      data,
+      index_row,
+      count,
+      rng,
+      self.schedule,
+    )
     delta = jax.tree.map(jnp.subtract, params, server.params)
-    return client, base.ClientOutput(update=delta, num_examples=count.astype(jnp.float32),
-                                     loss=loss, finite=base.all_finite(params, loss))
+    return client, base.ClientOutput(
+      update=delta,
+      num_examples=count.astype(jnp.float32),
+      loss=loss,
+      finite=base.all_finite(params, loss),
+    )

@@ -25,7 +25,7 @@ A(c) (zero-shot).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, cast
 
 import flax.linen as nn
 import jax
@@ -33,8 +33,82 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from apfl_jax import embeddings, options
 from apfl_jax import generator as generator_lib
 from apfl_jax.algorithms import base
+from apfl_jax.errors import ConfigError
+
+
+def _teacher_weight(name: str, value: float) -> None:
+  if not (0.0 <= value <= 1.0 or value == -1.0):
+    raise ConfigError(f"--{name} must be in [0, 1] (or -1: the algorithm's default), got {value}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratorOptions(options.Options):
+  """The server-side generator's flags (FedGen, AP-FL).
+
+  '' (and -1 for --global_teacher_weight) mean the algorithm's default
+  (`registry.register(..., defaults=...)`); for an algorithm without one, a feature
+  generator taught by the round's clients.
+  """
+
+  TITLE = 'Generator (FedGen, AP-FL)'
+  embedding: str = options.option(
+    '',
+    'Class-name embedding A(c) of the generator: minilm (offline), clip (needs the hub) or '
+    "onehot; empty = the algorithm's default (apfl: minilm, fedgen: onehot).",
+    choices=embeddings.EMBEDDINGS,
+  )
+  embedding_template: str = options.option(
+    '{}', 'Text template of a class name, with one {} for the name.'
+  )
+  embedding_model: str = options.option(
+    '', 'Hugging Face id or folder of the CLIP model (--embedding=clip).'
+  )
+  generator: str = options.option(
+    '',
+    "Generator output: feature (the head's input, FedGen) or image (DCGAN); empty = the "
+    "algorithm's default (apfl: image, fedgen: feature).",
+    choices=generator_lib.GENERATORS,
+  )
+  noise_dim: int = options.option(32, 'Width of the generator noise z.', check=options.positive)
+  noise_distribution: str = options.option(
+    'uniform',
+    'Distribution of z: uniform U[0,1) (FedGen) or normal.',
+    choices=generator_lib.NOISE_DISTRIBUTIONS,
+  )
+  generator_hidden_dim: int = options.option(
+    256, 'Hidden width of the feature generator.', check=options.positive
+  )
+  generator_steps: int = options.option(
+    50, 'Generator optimizer steps per round on the server.', check=options.positive
+  )
+  generator_batch_size: int = options.option(
+    64, 'Generated samples per generator step.', check=options.positive
+  )
+  generator_learning_rate: float = options.option(
+    3e-4, 'Adam learning rate of the generator.', check=options.positive
+  )
+  generator_ce_weight: float = options.option(
+    0.5, 'lambda in L_G = lambda*L_CE + (1-lambda)*L_div.', check=options.unit_interval
+  )
+  global_teacher_weight: float = options.option(
+    -1.0,
+    "g: share of each label's teacher weight given to the global model (the rest goes to "
+    "the round's clients holding the label; memorized labels nobody holds this round: the "
+    "global model alone); -1 = the algorithm's default (apfl: 1, fedgen: 0).",
+    check=_teacher_weight,
+  )
+
+  def resolve(self, config: Any) -> dict[str, Any]:
+    del config
+    changes: dict[str, Any] = {}
+    if not self.generator:
+      changes['generator'] = 'feature'
+    if self.global_teacher_weight < 0:
+      changes['global_teacher_weight'] = 0.0
+    return changes
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -53,6 +127,7 @@ class GeneratorSetup:
     global_teacher_weight: g, the share of each label's teacher weight given to the
       global model (1: the global model is the only teacher).
   """
+
   generator: nn.Module
   optimizer: optax.GradientTransformation
   kind: str
@@ -64,9 +139,14 @@ class GeneratorSetup:
   global_teacher_weight: float
 
 
-def create_setup(config: Any, model: nn.Module, dataset: Any,
-                 embedding_table: np.ndarray, kind: str | None = None,
-                 global_teacher_weight: float | None = None) -> GeneratorSetup:
+def create_setup(
+  config: Any,
+  model: nn.Module,
+  dataset: Any,
+  embedding_table: np.ndarray,
+  kind: str | None = None,
+  global_teacher_weight: float | None = None,
+) -> GeneratorSetup:
   """Builds the generator for `model` and `dataset`.
 
   Args:
@@ -84,22 +164,44 @@ def create_setup(config: Any, model: nn.Module, dataset: Any,
   if global_teacher_weight is None:
     global_teacher_weight = config.global_teacher_weight
   generator = generator_lib.create_generator(
-      kind, embedding_table, config.noise_dim, config.generator_hidden_dim,
-      model.feature_dim, dataset.image_shape, tuple(np.asarray(dataset.mean).tolist()),
-      tuple(np.asarray(dataset.std).tolist()))
+    kind,
+    embedding_table,
+    config.noise_dim,
+    config.generator_hidden_dim,
+    model.feature_dim,
+    dataset.image_shape,
+    tuple(np.asarray(dataset.mean).tolist()),
+    tuple(np.asarray(dataset.std).tolist()),
+  )
   return GeneratorSetup(
-      generator=generator, optimizer=optax.adam(config.generator_learning_rate),
-      kind=kind, noise_dim=config.noise_dim,
-      noise_distribution=config.noise_distribution, steps=config.generator_steps,
-      batch_size=config.generator_batch_size, ce_weight=config.generator_ce_weight,
-      global_teacher_weight=global_teacher_weight)
+    generator=generator,
+    optimizer=optax.adam(config.generator_learning_rate),
+    kind=kind,
+    noise_dim=config.noise_dim,
+    noise_distribution=config.noise_distribution,
+    steps=config.generator_steps,
+    batch_size=config.generator_batch_size,
+    ce_weight=config.generator_ce_weight,
+    global_teacher_weight=global_teacher_weight,
+  )
+
+
+def setup_from_config(config: Any, model: nn.Module, dataset: Any) -> GeneratorSetup:
+  """The generator of --generator conditioned on the --embedding of the class names."""
+  table = embeddings.class_embeddings(
+    dataset.class_names,
+    config.embedding,
+    config.embedding_template,
+    model_name=config.embedding_model or None,
+  )
+  return create_setup(config, model, dataset, table)
 
 
 def sample_logits(model: nn.Module, kind: str, params: Any, samples: jax.Array) -> jax.Array:
   """Logits of `model` on generated samples (head inputs or images)."""
   if kind == 'feature':
-    return model.apply({'params': params}, samples, method='head_logits')
-  return model.apply({'params': params}, samples)
+    return cast(jax.Array, model.apply({'params': params}, samples, method='head_logits'))
+  return cast(jax.Array, model.apply({'params': params}, samples))
 
 
 def memory_label_probs(seen_counts: jax.Array) -> jax.Array:
@@ -108,8 +210,9 @@ def memory_label_probs(seen_counts: jax.Array) -> jax.Array:
   return jnp.where(jnp.any(memorized > 0), memorized, jnp.ones_like(memorized))
 
 
-def memory_teacher_weights(label_counts: jax.Array, seen_counts: jax.Array,
-                           global_teacher_weight: float) -> jax.Array:
+def memory_teacher_weights(
+  label_counts: jax.Array, seen_counts: jax.Array, global_teacher_weight: float
+) -> jax.Array:
   """Teacher weights of the round's clients and the global model, per label.
 
   Args:
@@ -131,10 +234,16 @@ def memory_teacher_weights(label_counts: jax.Array, seen_counts: jax.Array,
   return jnp.concatenate([clients, global_row[None]]).astype(jnp.float32)
 
 
-def train_on_teachers(setup: GeneratorSetup, model: nn.Module,
-                      state: generator_lib.GeneratorState, teacher_params: Any | None,
-                      label_counts: jax.Array, global_params: Any, seen_counts: jax.Array,
-                      rng: jax.Array):
+def train_on_teachers(
+  setup: GeneratorSetup,
+  model: nn.Module,
+  state: generator_lib.GeneratorState,
+  teacher_params: Any | None,
+  label_counts: jax.Array,
+  global_params: Any,
+  seen_counts: jax.Array,
+  rng: jax.Array,
+):
   """One round of generator training on the round's clients and the global model.
 
   Args:
@@ -156,34 +265,59 @@ def train_on_teachers(setup: GeneratorSetup, model: nn.Module,
     teacher_params = jax.tree.map(lambda g: g[None], global_params)
     weights = memorized[None]
   else:
-    teacher_params = jax.tree.map(lambda t, g: jnp.concatenate([t, g[None]]),
-                                  teacher_params, global_params)
+    teacher_params = jax.tree.map(
+      lambda t, g: jnp.concatenate([t, g[None]]), teacher_params, global_params
+    )
     weights = memory_teacher_weights(label_counts, seen_counts, setup.global_teacher_weight)
 
   def teacher_logits_fn(samples):
     return jax.vmap(lambda p: sample_logits(model, setup.kind, p, samples))(teacher_params)
 
   return generator_lib.train_generator(
-      setup.generator, state, setup.optimizer, teacher_logits_fn, memorized, weights, rng,
-      num_steps=setup.steps, batch_size=setup.batch_size, ce_weight=setup.ce_weight,
-      noise_dim=setup.noise_dim, noise_distribution=setup.noise_distribution)
+    setup.generator,
+    state,
+    setup.optimizer,
+    teacher_logits_fn,
+    memorized,
+    weights,
+    rng,
+    num_steps=setup.steps,
+    batch_size=setup.batch_size,
+    ce_weight=setup.ce_weight,
+    noise_dim=setup.noise_dim,
+    noise_distribution=setup.noise_distribution,
+  )
 
 
-def client_label_counts(data: Any, index_row: jax.Array, count: jax.Array,
-                        num_classes: int) -> jax.Array:
+def client_label_counts(
+  data: Any, index_row: jax.Array, count: jax.Array, num_classes: int
+) -> jax.Array:
   """float32 [num_classes] label counts of one client's training examples."""
   valid = (jnp.arange(index_row.shape[0]) < count).astype(jnp.float32)
   labels = data.train_labels[index_row]
   return jnp.zeros((num_classes,), jnp.float32).at[labels].add(valid)
 
 
-def labelled_output(params: Any, start: Any, loss: jax.Array, data: Any,
-                    index_row: jax.Array, count: jax.Array, num_classes: int):
+def labelled_output(
+  params: Any,
+  start: Any,
+  loss: jax.Array,
+  data: Any,
+  index_row: jax.Array,
+  count: jax.Array,
+  num_classes: int,
+):
   """A ClientOutput whose update carries the parameter change and the label counts."""
-  update = {'delta': jax.tree.map(jnp.subtract, params, start),
-            'label_counts': client_label_counts(data, index_row, count, num_classes)}
-  return base.ClientOutput(update=update, num_examples=count.astype(jnp.float32), loss=loss,
-                           finite=base.all_finite(params, loss))
+  update = {
+    'delta': jax.tree.map(jnp.subtract, params, start),
+    'label_counts': client_label_counts(data, index_row, count, num_classes),
+  }
+  return base.ClientOutput(
+    update=update,
+    num_examples=count.astype(jnp.float32),
+    loss=loss,
+    finite=base.all_finite(params, loss),
+  )
 
 
 def aggregate_and_distill(algorithm: Any, server: Any, outputs: Any, rng: jax.Array):
@@ -200,13 +334,15 @@ def aggregate_and_distill(algorithm: Any, server: Any, outputs: Any, rng: jax.Ar
     label counts added.
   """
   deltas, counts = outputs.update['delta'], outputs.update['label_counts']
-  params, opt_state = algorithm.apply_mean_update(server.params, server.opt_state, deltas,
-                                                  outputs.num_examples)
+  params, opt_state = algorithm.apply_mean_update(
+    server.params, server.opt_state, deltas, outputs.num_examples
+  )
   seen_counts = server.seen_counts + jnp.sum(counts, 0)
   if algorithm.setup.global_teacher_weight >= 1.0:
     teachers = None
   else:
     teachers = jax.tree.map(lambda p, d: p[None] + d, server.params, deltas)
-  generator, _ = train_on_teachers(algorithm.setup, algorithm.model, server.generator,
-                                   teachers, counts, params, seen_counts, rng)
+  generator, _ = train_on_teachers(
+    algorithm.setup, algorithm.model, server.generator, teachers, counts, params, seen_counts, rng
+  )
   return params, opt_state, generator, seen_counts

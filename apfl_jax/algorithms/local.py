@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from apfl_jax import local_training
-from apfl_jax.algorithms import base
+from apfl_jax.algorithms import base, registry
 
 
 @flax.struct.dataclass
@@ -22,13 +22,31 @@ class LocalClient:
   params: Any
 
 
+@registry.register('local')
 class LocalOnly(base.Algorithm):
   """Each client's model is trained on its own data alone."""
+
   personalized_axis = 0
 
-  def __init__(self, model: Any, image_shape: tuple[int, ...],
-               schedule: local_training.Schedule,
-               client_optimizer: optax.GradientTransformation, num_clients: int):
+  @classmethod
+  def from_config(cls, config: Any, context: registry.BuildContext) -> LocalOnly:
+    """One model per client of --num_clients."""
+    return cls(
+      context.model,
+      context.dataset.image_shape,
+      context.schedule,
+      context.client_optimizer,
+      config.num_clients,
+    )
+
+  def __init__(
+    self,
+    model: Any,
+    image_shape: tuple[int, ...],
+    schedule: local_training.Schedule,
+    client_optimizer: optax.GradientTransformation,
+    num_clients: int,
+  ):
     self.model = model
     self.image_shape = image_shape
     self.schedule = schedule
@@ -43,11 +61,14 @@ class LocalOnly(base.Algorithm):
 
   def client_update(self, server, client, index_row, count, rng, data):
     params, loss = local_training.train_client(
-        client.params, self.loss_fn, self.client_optimizer, data, index_row, count, rng,
-        self.schedule)
+      client.params, self.loss_fn, self.client_optimizer, data, index_row, count, rng, self.schedule
+    )
     return LocalClient(params=params), base.ClientOutput(
-        update=(), num_examples=count.astype(jnp.float32), loss=loss,
-        finite=base.all_finite(params, loss))
+      update=(),
+      num_examples=count.astype(jnp.float32),
+      loss=loss,
+      finite=base.all_finite(params, loss),
+    )
 
   def server_update(self, server, outputs, rng):
     del rng

@@ -34,6 +34,7 @@ class FederatedData:
     mean: float32 [C] per-channel mean of the training pixels in [0, 1].
     std: float32 [C] per-channel standard deviation.
   """
+
   train_images: jax.Array
   train_labels: jax.Array
   test_images: jax.Array
@@ -62,12 +63,11 @@ def _pad_rows(rows: tuple[np.ndarray, ...], multiple: int = 1) -> tuple[np.ndarr
   width = -(-width // multiple) * multiple
   index = np.zeros((len(rows), width), np.int32)
   for c, r in enumerate(rows):
-    index[c, :len(r)] = r
+    index[c, : len(r)] = r
   return index, counts
 
 
-def build_federated_data(dataset, partition: Partition,
-                         test_multiple: int = 1) -> FederatedData:
+def build_federated_data(dataset, partition: Partition, test_multiple: int = 1) -> FederatedData:
   """Moves a data set and its partition onto the default device.
 
   Args:
@@ -85,9 +85,9 @@ def build_federated_data(dataset, partition: Partition,
   owner = np.repeat(np.arange(len(partition.test_indices)), test_count).astype(np.int32)
   padded = -(-max(len(union), 1) // test_multiple) * test_multiple
   union_index = np.zeros((padded,), np.int32)
-  union_index[:len(union)] = union
+  union_index[: len(union)] = union
   union_client = np.full((padded,), len(partition.test_indices), np.int32)
-  union_client[:len(union)] = owner
+  union_client[: len(union)] = owner
   train_images = jnp.asarray(dataset.train_images)
   train_labels = jnp.asarray(dataset.train_labels, jnp.int32)
   if dataset.test_images is dataset.train_images:  # a pooled data set: one device copy
@@ -96,9 +96,16 @@ def build_federated_data(dataset, partition: Partition,
     test_images = jnp.asarray(dataset.test_images)
     test_labels = jnp.asarray(dataset.test_labels, jnp.int32)
   return FederatedData(
-      train_images=train_images, train_labels=train_labels,
-      test_images=test_images, test_labels=test_labels,
-      train_index=jnp.asarray(train_index), train_count=jnp.asarray(train_count),
-      test_index=jnp.asarray(test_index), test_count=jnp.asarray(test_count),
-      union_test_index=jnp.asarray(union_index), union_test_client=jnp.asarray(union_client),
-      mean=jnp.asarray(dataset.mean, jnp.float32), std=jnp.asarray(dataset.std, jnp.float32))
+    train_images=train_images,
+    train_labels=train_labels,
+    test_images=test_images,
+    test_labels=test_labels,
+    train_index=jnp.asarray(train_index),
+    train_count=jnp.asarray(train_count),
+    test_index=jnp.asarray(test_index),
+    test_count=jnp.asarray(test_count),
+    union_test_index=jnp.asarray(union_index),
+    union_test_client=jnp.asarray(union_client),
+    mean=jnp.asarray(dataset.mean, jnp.float32),
+    std=jnp.asarray(dataset.std, jnp.float32),
+  )

@@ -39,18 +39,20 @@ from absl import logging as absl_logging
 import numpy as np
 import tensorflow_datasets as tfds
 
+from apfl_jax import options
 from apfl_jax.data import fashion_mnist_debian
+from apfl_jax.data import partition as partition_lib
 from apfl_jax.errors import ConfigError, DataUnavailableError
 
 # apfl_jax name -> tfds name ('dataset[/config]').
 _TFDS_NAMES = {
-    'cifar10': 'cifar10',
-    'cifar100': 'cifar100',
-    'fashion_mnist': 'fashion_mnist',
-    'mnist': 'mnist',
-    'emnist_balanced': 'emnist/balanced',
-    'emnist_letters': 'emnist/letters',
-    'emnist_digits': 'emnist/digits',
+  'cifar10': 'cifar10',
+  'cifar100': 'cifar100',
+  'fashion_mnist': 'fashion_mnist',
+  'mnist': 'mnist',
+  'emnist_balanced': 'emnist/balanced',
+  'emnist_letters': 'emnist/letters',
+  'emnist_digits': 'emnist/digits',
 }
 DATASETS = tuple(_TFDS_NAMES)
 
@@ -58,12 +60,11 @@ DATASETS = tuple(_TFDS_NAMES)
 # files (balanced merges the lowercase letters that look like their capitals;
 # letters merges each capital with its lowercase letter).
 _EMNIST_CLASS_NAMES = {
-    'emnist_balanced': tuple(
-        string.digits + string.ascii_uppercase + 'abdefghnqrt'),
-    'emnist_letters': tuple(
-        f'{upper}/{lower}' for upper, lower in
-        zip(string.ascii_uppercase, string.ascii_lowercase)),
-    'emnist_digits': tuple(string.digits),
+  'emnist_balanced': tuple(string.digits + string.ascii_uppercase + 'abdefghnqrt'),
+  'emnist_letters': tuple(
+    f'{upper}/{lower}' for upper, lower in zip(string.ascii_uppercase, string.ascii_lowercase)
+  ),
+  'emnist_digits': tuple(string.digits),
 }
 # tfds emnist/letters labels start at 1 (for 'A/a').
 _LABEL_OFFSETS = {'emnist_letters': 1}
@@ -129,8 +130,7 @@ class Dataset:
     values = np.arange(256, dtype=np.float64) / 255
     means, stds = [], []
     for channel in range(self.train_images.shape[-1]):
-      counts = np.bincount(
-          self.train_images[..., channel].ravel(), minlength=256)
+      counts = np.bincount(self.train_images[..., channel].ravel(), minlength=256)
       mean = counts @ values / counts.sum()
       means.append(mean)
       stds.append(np.sqrt(counts @ (values - mean) ** 2 / counts.sum()))
@@ -147,14 +147,19 @@ def pooled(dataset: Dataset) -> Dataset:
   """
   images = np.concatenate([dataset.train_images, dataset.test_images])
   labels = np.concatenate([dataset.train_labels, dataset.test_labels])
-  return Dataset(name=dataset.name, train_images=images, train_labels=labels,
-                 test_images=images, test_labels=labels, class_names=dataset.class_names)
+  return Dataset(
+    name=dataset.name,
+    train_images=images,
+    train_labels=labels,
+    test_images=images,
+    test_labels=labels,
+    class_names=dataset.class_names,
+  )
 
 
 def default_data_dir() -> pathlib.Path:
   """Returns $TFDS_DATA_DIR, or ~/tensorflow_datasets when it is not set."""
-  return pathlib.Path(
-      os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets').expanduser()
+  return pathlib.Path(os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets').expanduser()
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Dataset:
@@ -178,20 +183,24 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Datase
       array_record format); the one-line message says how to get it.
   """
   if name not in _TFDS_NAMES:
-    raise ConfigError(
-        f'unknown dataset {name!r}: expected one of {", ".join(DATASETS)}')
+    raise ConfigError(f'unknown dataset {name!r}: expected one of {", ".join(DATASETS)}')
   root = pathlib.Path(data_dir).expanduser() if data_dir else default_data_dir()
   if data_dir and not root.is_dir():
     raise ConfigError(f'--data_dir: folder {root} does not exist')
   tfds_name, version = _locate(name, root)
-  cache_path = (root / CACHE_DIRNAME /
-                f'{tfds_name.replace("/", "-")}-{version}-v{_CACHE_FORMAT}.npz')
+  cache_path = (
+    root / CACHE_DIRNAME / f'{tfds_name.replace("/", "-")}-{version}-v{_CACHE_FORMAT}.npz'
+  )
   if cache_path.is_file():
     try:
       return _read_cache(name, cache_path)
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-      _log.warning('Data cache %s is unreadable (%s: %s); rebuilding it', cache_path,
-                   type(e).__name__, str(e).splitlines()[0] if str(e) else '')
+      _log.warning(
+        'Data cache %s is unreadable (%s: %s); rebuilding it',
+        cache_path,
+        type(e).__name__,
+        str(e).splitlines()[0] if str(e) else '',
+      )
       cache_path.unlink(missing_ok=True)
   dataset = _read_tfds(name, tfds_name, version, root)
   _write_cache(dataset, cache_path)
@@ -213,13 +222,13 @@ def _locate(name: str, root: pathlib.Path) -> tuple[str, str]:
   if version:
     return tfds_name, version
   build_hint = (
-      f'on a machine with internet run `pip install tensorflow tensorflow-datasets && '
-      f'tfds build {tfds_name} --file_format=array_record --data_dir=DIR` (tfds build '
-      f'needs TensorFlow) and copy DIR/{tfds_name.split("/")[0]} into {root}, or pass '
-      '--data_dir')
+    f'on a machine with internet run `pip install tensorflow tensorflow-datasets && '
+    f'tfds build {tfds_name} --file_format=array_record --data_dir=DIR` (tfds build '
+    f'needs TensorFlow) and copy DIR/{tfds_name.split("/")[0]} into {root}, or pass '
+    '--data_dir'
+  )
   if name != 'fashion_mnist':
-    raise DataUnavailableError(
-        f'dataset {name!r} is not prepared in {root}: {build_hint}')
+    raise DataUnavailableError(f'dataset {name!r} is not prepared in {root}: {build_hint}')
   debian_name = fashion_mnist_debian.FashionMnistDebian.name
   version = _prepared_version(name, debian_name, root)
   if version:
@@ -227,9 +236,10 @@ def _locate(name: str, root: pathlib.Path) -> tuple[str, str]:
   source = fashion_mnist_debian.source_dir()
   if fashion_mnist_debian.missing_source_files(source):
     raise DataUnavailableError(
-        f'dataset {name!r} is not prepared in {root} and its Debian files are '
-        f'not in {source}: `apt-get install -y dataset-fashion-mnist` (or set '
-        f'${fashion_mnist_debian.SOURCE_DIR_ENV}), or {build_hint}')
+      f'dataset {name!r} is not prepared in {root} and its Debian files are '
+      f'not in {source}: `apt-get install -y dataset-fashion-mnist` (or set '
+      f'${fashion_mnist_debian.SOURCE_DIR_ENV}), or {build_hint}'
+    )
   return debian_name, _build_debian_fashion_mnist(source, root)
 
 
@@ -247,20 +257,24 @@ def _prepared_version(name: str, tfds_name: str, root: pathlib.Path) -> str | No
   if not folder.is_dir():
     return None
   prepared = sorted(
-      (path for path in folder.iterdir()
-       if _VERSION_DIR.fullmatch(path.name)
-       and (path / 'dataset_info.json').is_file()),
-      key=lambda path: tuple(int(part) for part in path.name.split('.')),
-      reverse=True)
+    (
+      path
+      for path in folder.iterdir()
+      if _VERSION_DIR.fullmatch(path.name) and (path / 'dataset_info.json').is_file()
+    ),
+    key=lambda path: tuple(int(part) for part in path.name.split('.')),
+    reverse=True,
+  )
   for path in prepared:
     if any(path.glob('*.array_record-*')):
       return path.name
   if prepared:
     raise DataUnavailableError(
-        f'dataset {name!r} is prepared in {prepared[0]} but not as array_record: '
-        f'run `tfds build {tfds_name} --file_format=array_record '
-        f'--data_dir={root}` (it needs internet and TensorFlow: `pip install tensorflow`), '
-        'or pass --data_dir')
+      f'dataset {name!r} is prepared in {prepared[0]} but not as array_record: '
+      f'run `tfds build {tfds_name} --file_format=array_record '
+      f'--data_dir={root}` (it needs internet and TensorFlow: `pip install tensorflow`), '
+      'or pass --data_dir'
+    )
   return None
 
 
@@ -270,9 +284,10 @@ def _build_debian_fashion_mnist(source: pathlib.Path, root: pathlib.Path) -> str
   builder = fashion_mnist_debian.FashionMnistDebian(data_dir=root, source=source)
   with tempfile.TemporaryDirectory() as download_dir, _quiet_tfds():  # Stays empty.
     builder.download_and_prepare(
-        download_dir=download_dir,
-        file_format='array_record',
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+      download_dir=download_dir,
+      file_format='array_record',
+      download_config=tfds.download.DownloadConfig(try_download_gcs=False),
+    )
   return str(builder.version)
 
 
@@ -301,24 +316,24 @@ def _read_tfds(name: str, tfds_name: str, version: str, root: pathlib.Path) -> D
   sources = builder.as_data_source(split=['train', 'test'])
   with _quiet_tfds():
     (train_images, train_labels), (test_images, test_labels) = (
-        _read_split(source) for source in sources)
+      _read_split(source) for source in sources
+    )
   offset = _LABEL_OFFSETS.get(name, 0)
-  class_names = _EMNIST_CLASS_NAMES.get(
-      name, tuple(builder.info.features['label'].names))
+  class_names = _EMNIST_CLASS_NAMES.get(name, tuple(builder.info.features['label'].names))
   for labels in (train_labels, test_labels):
     labels -= offset
     if labels.min() < 0 or labels.max() >= len(class_names):
       raise ValueError(
-          f'{tfds_name}:{version} has labels in [{labels.min() + offset}, '
-          f'{labels.max() + offset}], expected [{offset}, '
-          f'{len(class_names) + offset})')
+        f'{tfds_name}:{version} has labels in [{labels.min() + offset}, '
+        f'{labels.max() + offset}], expected [{offset}, '
+        f'{len(class_names) + offset})'
+      )
   if name.startswith('emnist_'):
     # tfds EMNIST images are transposed, as in the original files.
     train_images, test_images = (
-        np.ascontiguousarray(images.transpose(0, 2, 1, 3))
-        for images in (train_images, test_images))
-  return Dataset(name, train_images, train_labels, test_images, test_labels,
-                 class_names)
+      np.ascontiguousarray(images.transpose(0, 2, 1, 3)) for images in (train_images, test_images)
+    )
+  return Dataset(name, train_images, train_labels, test_images, test_labels, class_names)
 
 
 def _read_split(source: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
@@ -335,8 +350,8 @@ def _read_split(source: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarra
   labels = np.empty((size,), np.int32)
   for start in range(0, size, _READ_CHUNK):
     stop = min(start + _READ_CHUNK, size)
-    for index, record in enumerate(
-        source.__getitems__(list(range(start, stop))), start):
+    records = source.__getitems__(list(range(start, stop)))  # type: ignore[attr-defined]
+    for index, record in enumerate(records, start):
       images[index] = record['image']
       labels[index] = record['label']
   return images, labels
@@ -346,12 +361,13 @@ def _read_cache(name: str, path: pathlib.Path) -> Dataset:
   """Reads a `Dataset` written by `_write_cache`."""
   with np.load(path) as arrays:
     return Dataset(
-        name=name,
-        train_images=arrays['train_images'],
-        train_labels=arrays['train_labels'],
-        test_images=arrays['test_images'],
-        test_labels=arrays['test_labels'],
-        class_names=tuple(str(c) for c in arrays['class_names']))
+      name=name,
+      train_images=arrays['train_images'],
+      train_labels=arrays['train_labels'],
+      test_images=arrays['test_images'],
+      test_labels=arrays['test_labels'],
+      class_names=tuple(str(c) for c in arrays['class_names']),
+    )
 
 
 def _write_cache(dataset: Dataset, path: pathlib.Path) -> None:
@@ -359,17 +375,17 @@ def _write_cache(dataset: Dataset, path: pathlib.Path) -> None:
   tmp_name = None
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(
-        dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     os.chmod(tmp_name, 0o644)  # mkstemp makes it private.
     with os.fdopen(fd, 'wb') as f:
       np.savez(
-          f,
-          train_images=dataset.train_images,
-          train_labels=dataset.train_labels,
-          test_images=dataset.test_images,
-          test_labels=dataset.test_labels,
-          class_names=np.array(dataset.class_names, dtype=np.str_))
+        f,
+        train_images=dataset.train_images,
+        train_labels=dataset.train_labels,
+        test_images=dataset.test_images,
+        test_labels=dataset.test_labels,
+        class_names=np.array(dataset.class_names, dtype=np.str_),
+      )
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp_name, path)
@@ -378,3 +394,82 @@ def _write_cache(dataset: Dataset, path: pathlib.Path) -> None:
   finally:
     if tmp_name and os.path.exists(tmp_name):
       os.unlink(tmp_name)
+
+
+def _at_least_one(name: str, value: int) -> None:
+  if value < 1:
+    raise ConfigError(f'--{name} must be >= 1, got {value}')
+
+
+def _open_unit(name: str, value: float) -> None:
+  if not 0.0 < value < 1.0:
+    raise ConfigError(f'--{name} must be in (0, 1), got {value}')
+
+
+@dataclasses.dataclass(frozen=True)
+class DataOptions(options.Options):
+  """The data set and how it is split among clients."""
+
+  TITLE = 'Data and partition'
+  dataset: str = options.option(
+    'fashion_mnist',
+    'Data set name.',
+    choices=DATASETS,
+  )
+  data_dir: str = options.option(
+    '',
+    'tfds data directory (default: $TFDS_DATA_DIR or ~/tensorflow_datasets).',
+  )
+  num_clients: int = options.option(
+    20,
+    'Number of clients the data is split among.',
+    check=options.positive,
+  )
+  partition: str = options.option(
+    'dirichlet',
+    'How the training data is split among clients.',
+    choices=partition_lib.PARTITIONS,
+  )
+  dirichlet_alpha: float = options.option(
+    0.1,
+    'Concentration of the per-class Dirichlet split (smaller = more skew).',
+    check=options.positive,
+  )
+  classes_per_client: int = options.option(
+    2,
+    'Classes per client for --partition=pathological/monopoly.',
+    check=options.positive,
+  )
+  min_samples_per_client: int = options.option(
+    10,
+    'Dirichlet split is redrawn until every client has this many.',
+    check=_at_least_one,
+  )
+  monopoly_clients: int = options.option(
+    1,
+    'With --partition=monopoly: the last N clients own classes nobody else has.',
+  )
+  monopoly_classes_per_client: int = options.option(
+    2,
+    'With --partition=monopoly: classes each monopoly client owns.',
+    check=options.positive,
+  )
+  test_split: str = options.option(
+    'proportional',
+    'proportional: client test sets are drawn from the test split in proportion to each '
+    "client's label mix; pooled: train and test splits are pooled, partitioned, and each "
+    "client's share is split --client_train_fraction / rest (PFLlib).",
+    choices=partition_lib.TEST_SPLITS,
+  )
+  client_train_fraction: float = options.option(
+    0.75,
+    "With --test_split=pooled: the training fraction of each client's share.",
+    check=_open_unit,
+  )
+
+  def check(self, config: Any) -> None:
+    if self.partition == 'monopoly' and not 1 <= self.monopoly_clients < self.num_clients:
+      raise ConfigError(
+        f'--monopoly_clients must be in [1, --num_clients={self.num_clients}), '
+        f'got {self.monopoly_clients}'
+      )

@@ -11,10 +11,10 @@ disabled, so the records keep the order of the IDX files.
 Importing this module registers the builder with tfds. No TensorFlow needed.
 """
 
+from collections.abc import Iterator
 import gzip
 import os
 import pathlib
-from collections.abc import Iterator
 
 import numpy as np
 import PIL.Image
@@ -24,12 +24,20 @@ SOURCE_DIR_ENV = 'APFL_FASHION_MNIST_DIR'
 DEFAULT_SOURCE_DIR = '/usr/share/datasets/fashion-mnist'
 # Split name -> (images file, labels file), as named upstream and by Debian.
 SOURCE_FILES = {
-    'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
-    'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'),
+  'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
+  'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'),
 }
 CLASS_NAMES = (
-    'T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat',
-    'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot',
+  'T-shirt/top',
+  'Trouser',
+  'Pullover',
+  'Dress',
+  'Coat',
+  'Sandal',
+  'Shirt',
+  'Sneaker',
+  'Bag',
+  'Ankle boot',
 )
 _IMAGES_MAGIC = 0x00000803  # IDX: unsigned bytes, 3 dimensions.
 _LABELS_MAGIC = 0x00000801  # IDX: unsigned bytes, 1 dimension.
@@ -42,10 +50,7 @@ def source_dir() -> pathlib.Path:
 
 def missing_source_files(folder: pathlib.Path) -> list[str]:
   """Returns the names of the four IDX files that are not in `folder`."""
-  return [
-      name for pair in SOURCE_FILES.values() for name in pair
-      if not (folder / name).is_file()
-  ]
+  return [name for pair in SOURCE_FILES.values() for name in pair if not (folder / name).is_file()]
 
 
 def read_idx(path: pathlib.Path, magic: int) -> np.ndarray:
@@ -67,8 +72,7 @@ def read_idx(path: pathlib.Path, magic: int) -> np.ndarray:
   if found != magic:
     raise ValueError(f'{path}: IDX magic number {found:#x}, expected {magic:#x}')
   ndim = magic & 0xFF
-  shape = tuple(
-      int.from_bytes(data[4 + 4 * i:8 + 4 * i], 'big') for i in range(ndim))
+  shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], 'big') for i in range(ndim))
   body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
   if body.size != np.prod(shape):
     raise ValueError(f'{path}: {body.size} bytes of data for shape {shape}')
@@ -94,38 +98,40 @@ class FashionMnistDebian(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     """The features of tfds `fashion_mnist`, unshuffled."""
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=(
-            'Fashion-MNIST (Zalando article images, 28x28 grayscale, 10 '
-            'classes), read from the IDX files of the Debian package '
-            'dataset-fashion-mnist, in their original order.'),
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(28, 28, 1)),
-            'label': tfds.features.ClassLabel(names=CLASS_NAMES),
-        }),
-        supervised_keys=('image', 'label'),
-        disable_shuffling=True,
-        homepage='https://github.com/zalandoresearch/fashion-mnist',
+      builder=self,
+      description=(
+        'Fashion-MNIST (Zalando article images, 28x28 grayscale, 10 '
+        'classes), read from the IDX files of the Debian package '
+        'dataset-fashion-mnist, in their original order.'
+      ),
+      features=tfds.features.FeaturesDict(
+        {
+          'image': tfds.features.Image(shape=(28, 28, 1)),
+          'label': tfds.features.ClassLabel(names=CLASS_NAMES),
+        }
+      ),
+      supervised_keys=('image', 'label'),
+      disable_shuffling=True,
+      homepage='https://github.com/zalandoresearch/fashion-mnist',
     )
 
   def _split_generators(
-      self, dl_manager: tfds.download.DownloadManager
+    self, dl_manager: tfds.download.DownloadManager
   ) -> dict[str, Iterator[tuple[int, dict[str, PIL.Image.Image | int]]]]:
     """Returns the example generators of the 'train' and 'test' splits."""
     del dl_manager  # Everything is on disk already.
     missing = missing_source_files(self._source)
     if missing:
       raise FileNotFoundError(
-          f'{self._source} lacks {", ".join(missing)}: '
-          'apt-get install -y dataset-fashion-mnist')
+        f'{self._source} lacks {", ".join(missing)}: apt-get install -y dataset-fashion-mnist'
+      )
     return {
-        split: self._generate_examples(
-            self._source / images, self._source / labels)
-        for split, (images, labels) in SOURCE_FILES.items()
+      split: self._generate_examples(self._source / images, self._source / labels)
+      for split, (images, labels) in SOURCE_FILES.items()
     }
 
   def _generate_examples(
-      self, images_path: pathlib.Path, labels_path: pathlib.Path
+    self, images_path: pathlib.Path, labels_path: pathlib.Path
   ) -> Iterator[tuple[int, dict[str, PIL.Image.Image | int]]]:
     """Yields (index, {'image': 28x28 grayscale image, 'label': int}).
 
@@ -136,7 +142,7 @@ class FashionMnistDebian(tfds.core.GeneratorBasedBuilder):
     labels = read_idx(labels_path, _LABELS_MAGIC)
     if len(images) != len(labels):
       raise ValueError(
-          f'{len(images)} images in {images_path} but {len(labels)} labels '
-          f'in {labels_path}')
+        f'{len(images)} images in {images_path} but {len(labels)} labels in {labels_path}'
+      )
     for index, (image, label) in enumerate(zip(images, labels)):
       yield index, {'image': PIL.Image.fromarray(image), 'label': int(label)}

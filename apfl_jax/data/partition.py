@@ -25,11 +25,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from typing import Any
 
 import numpy as np
 
 from apfl_jax.errors import ConfigError
 
+PARTITIONS = ('iid', 'dirichlet', 'pathological', 'monopoly')
+TEST_SPLITS = ('proportional', 'pooled')
 _MAX_DIRICHLET_DRAWS = 1000
 
 
@@ -46,6 +49,7 @@ class Partition:
     monopoly_clients: clients that own classes no other client holds (empty if none).
     monopoly_classes: the classes those clients own.
   """
+
   train_indices: tuple[np.ndarray, ...]
   test_indices: tuple[np.ndarray, ...]
   num_classes: int
@@ -71,32 +75,45 @@ class Partition:
     for c in range(self.num_clients):
       mark = '*' if c in self.monopoly_clients else ' '
       row = ' '.join(f'{n:>5d}' for n in self.train_counts[c])
-      lines.append(f'{c:>5d}{mark} {row}  {self.train_counts[c].sum():>5d} '
-                   f'{self.test_counts[c].sum():>5d}')
+      lines.append(
+        f'{c:>5d}{mark} {row}  {self.train_counts[c].sum():>5d} {self.test_counts[c].sum():>5d}'
+      )
     if self.monopoly_clients:
-      lines.append(f'* monopoly clients {list(self.monopoly_clients)} own classes '
-                   f'{list(self.monopoly_classes)}')
+      lines.append(
+        f'* monopoly clients {list(self.monopoly_clients)} own classes '
+        f'{list(self.monopoly_classes)}'
+      )
     return '\n'.join(lines)
 
   def to_json(self) -> str:
-    return json.dumps({
+    return json.dumps(
+      {
         'num_clients': self.num_clients,
         'num_classes': self.num_classes,
         'train_counts': self.train_counts.tolist(),
         'test_counts': self.test_counts.tolist(),
         'monopoly_clients': list(self.monopoly_clients),
         'monopoly_classes': list(self.monopoly_classes),
-    })
+      }
+    )
 
 
-def partition_dataset(train_labels: np.ndarray, test_labels: np.ndarray, *,
-                      num_clients: int, scheme: str, seed: int,
-                      num_classes: int, dirichlet_alpha: float = 0.1,
-                      min_samples: int = 10, classes_per_client: int = 2,
-                      monopoly_clients: int = 1,
-                      monopoly_classes_per_client: int = 2,
-                      test_split: str = 'proportional',
-                      client_train_fraction: float = 0.75) -> Partition:
+def partition_dataset(
+  train_labels: np.ndarray,
+  test_labels: np.ndarray,
+  *,
+  num_clients: int,
+  scheme: str,
+  seed: int,
+  num_classes: int,
+  dirichlet_alpha: float = 0.1,
+  min_samples: int = 10,
+  classes_per_client: int = 2,
+  monopoly_clients: int = 1,
+  monopoly_classes_per_client: int = 2,
+  test_split: str = 'proportional',
+  client_train_fraction: float = 0.75,
+) -> Partition:
   """Splits a data set among clients.
 
   Args:
@@ -126,69 +143,96 @@ def partition_dataset(train_labels: np.ndarray, test_labels: np.ndarray, *,
   train_labels = np.asarray(train_labels)
   monopoly_client_ids: tuple[int, ...] = ()
   monopoly_class_ids: tuple[int, ...] = ()
+  train_indices: list[Any]
   if scheme == 'iid':
     order = rng.permutation(len(train_labels))
     train_indices = np.array_split(order, num_clients)
   elif scheme == 'dirichlet':
-    train_indices = _dirichlet(train_labels, num_clients, num_classes, dirichlet_alpha,
-                               min_samples, rng)
+    train_indices = _dirichlet(
+      train_labels, num_clients, num_classes, dirichlet_alpha, min_samples, rng
+    )
   elif scheme == 'pathological':
-    train_indices = _pathological(train_labels, list(range(num_clients)),
-                                  rng.permutation(num_classes), classes_per_client, rng)
+    train_indices = _pathological(
+      train_labels, list(range(num_clients)), rng.permutation(num_classes), classes_per_client, rng
+    )
   elif scheme == 'monopoly':
     if monopoly_clients >= num_clients:
-      raise ConfigError(f'--monopoly_clients={monopoly_clients} must be smaller than '
-                        f'--num_clients={num_clients}')
+      raise ConfigError(
+        f'--monopoly_clients={monopoly_clients} must be smaller than --num_clients={num_clients}'
+      )
     owned = monopoly_clients * monopoly_classes_per_client
     if owned >= num_classes:
       raise ConfigError(
-          f'--monopoly_clients x --monopoly_classes_per_client = {owned} must leave at '
-          f'least one of the {num_classes} classes for the other clients')
+        f'--monopoly_clients x --monopoly_classes_per_client = {owned} must leave at '
+        f'least one of the {num_classes} classes for the other clients'
+      )
     class_order = rng.permutation(num_classes)
-    shared_classes, monopoly_class_ids = class_order[owned:], tuple(
-        sorted(int(k) for k in class_order[:owned]))
+    shared_classes, monopoly_class_ids = (
+      class_order[owned:],
+      tuple(sorted(int(k) for k in class_order[:owned])),
+    )
     others = list(range(num_clients - monopoly_clients))
     monopoly_client_ids = tuple(range(num_clients - monopoly_clients, num_clients))
     train_indices = [None] * num_clients
-    for c, idx in zip(others, _pathological(
-        train_labels, others, shared_classes,
-        min(classes_per_client, len(shared_classes)), rng)):
+    for c, idx in zip(
+      others,
+      _pathological(
+        train_labels, others, shared_classes, min(classes_per_client, len(shared_classes)), rng
+      ),
+    ):
       train_indices[c] = idx
     owned_order = class_order[:owned]
     for j, c in enumerate(monopoly_client_ids):
-      mine = owned_order[j * monopoly_classes_per_client:(j + 1) * monopoly_classes_per_client]
+      mine = owned_order[j * monopoly_classes_per_client : (j + 1) * monopoly_classes_per_client]
       train_indices[c] = np.flatnonzero(np.isin(train_labels, mine))
   else:
     raise ConfigError(f'--partition: unknown value {scheme!r}')
 
   if test_split == 'pooled':
     if len(test_labels) != len(train_labels):
-      raise ValueError('test_split pooled: train_labels and test_labels must both be the '
-                       f'pool, got {len(train_labels)} and {len(test_labels)} labels')
+      raise ValueError(
+        'test_split pooled: train_labels and test_labels must both be the '
+        f'pool, got {len(train_labels)} and {len(test_labels)} labels'
+      )
     train_indices, pooled_test = _cut_each_client(train_indices, client_train_fraction, rng)
   elif test_split != 'proportional':
     raise ConfigError(f'--test_split: unknown value {test_split!r}')
-  train_indices = tuple(np.sort(np.asarray(i, np.int64)) for i in train_indices)
-  for c, idx in enumerate(train_indices):
+  sorted_indices = tuple(np.sort(np.asarray(i, np.int64)) for i in train_indices)
+  for c, idx in enumerate(sorted_indices):
     if len(idx) == 0:
-      raise ConfigError(f'--num_clients={num_clients} is too many for --partition={scheme}: '
-                        f'client {c} gets no training data')
-  train_counts = np.stack([np.bincount(train_labels[i], minlength=num_classes)
-                           for i in train_indices]).astype(np.int64)
+      raise ConfigError(
+        f'--num_clients={num_clients} is too many for --partition={scheme}: '
+        f'client {c} gets no training data'
+      )
+  train_counts = np.stack(
+    [np.bincount(train_labels[i], minlength=num_classes) for i in sorted_indices]
+  ).astype(np.int64)
   if test_split == 'pooled':
     test_indices = tuple(np.sort(i) for i in pooled_test)
   else:
     test_indices = _proportional_test_split(np.asarray(test_labels), train_counts, rng)
-  test_counts = np.stack([np.bincount(np.asarray(test_labels)[i], minlength=num_classes)
-                          for i in test_indices]).astype(np.int64)
-  return Partition(train_indices=train_indices, test_indices=test_indices,
-                   num_classes=num_classes, train_counts=train_counts,
-                   test_counts=test_counts, monopoly_clients=monopoly_client_ids,
-                   monopoly_classes=monopoly_class_ids)
+  test_counts = np.stack(
+    [np.bincount(np.asarray(test_labels)[i], minlength=num_classes) for i in test_indices]
+  ).astype(np.int64)
+  return Partition(
+    train_indices=sorted_indices,
+    test_indices=test_indices,
+    num_classes=num_classes,
+    train_counts=train_counts,
+    test_counts=test_counts,
+    monopoly_clients=monopoly_client_ids,
+    monopoly_classes=monopoly_class_ids,
+  )
 
 
-def _dirichlet(labels: np.ndarray, num_clients: int, num_classes: int, alpha: float,
-               min_samples: int, rng: np.random.Generator) -> list[np.ndarray]:
+def _dirichlet(
+  labels: np.ndarray,
+  num_clients: int,
+  num_classes: int,
+  alpha: float,
+  min_samples: int,
+  rng: np.random.Generator,
+) -> list[np.ndarray]:
   """Per-class Dirichlet split, redrawn until every client has `min_samples`."""
   n = len(labels)
   for _ in range(_MAX_DIRICHLET_DRAWS):
@@ -206,13 +250,19 @@ def _dirichlet(labels: np.ndarray, num_clients: int, num_classes: int, alpha: fl
     if sizes.min() >= min_samples:
       return [np.concatenate(s) for s in shards]
   raise ConfigError(
-      f'--min_samples_per_client={min_samples} was not reached in {_MAX_DIRICHLET_DRAWS} '
-      f'Dirichlet draws with --dirichlet_alpha={alpha} and --num_clients={num_clients}; '
-      'lower it or use fewer clients')
+    f'--min_samples_per_client={min_samples} was not reached in {_MAX_DIRICHLET_DRAWS} '
+    f'Dirichlet draws with --dirichlet_alpha={alpha} and --num_clients={num_clients}; '
+    'lower it or use fewer clients'
+  )
 
 
-def _pathological(labels: np.ndarray, clients: list[int], classes: np.ndarray,
-                  classes_per_client: int, rng: np.random.Generator) -> list[np.ndarray]:
+def _pathological(
+  labels: np.ndarray,
+  clients: list[int],
+  classes: np.ndarray,
+  classes_per_client: int,
+  rng: np.random.Generator,
+) -> list[np.ndarray]:
   """Gives each client `classes_per_client` of `classes` round-robin, split evenly."""
   holders: dict[int, list[int]] = {int(k): [] for k in classes}
   for i, _ in enumerate(clients):
@@ -228,23 +278,27 @@ def _pathological(labels: np.ndarray, clients: list[int], classes: np.ndarray,
   return [np.concatenate(s) if s else np.zeros((0,), np.int64) for s in shards]
 
 
-def _cut_each_client(indices: list[np.ndarray], train_fraction: float,
-                     rng: np.random.Generator) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def _cut_each_client(
+  indices: list[np.ndarray], train_fraction: float, rng: np.random.Generator
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
   """Shuffles each client's examples and cuts floor(fraction * n) off for training."""
   train, test = [], []
   for c, idx in enumerate(indices):
     shuffled = rng.permutation(np.asarray(idx, np.int64))
     cut = int(np.floor(train_fraction * len(shuffled)))
     if cut == 0:
-      raise ConfigError(f'--client_train_fraction={train_fraction} leaves client {c} (with '
-                        f'{len(shuffled)} examples) no training example')
+      raise ConfigError(
+        f'--client_train_fraction={train_fraction} leaves client {c} (with '
+        f'{len(shuffled)} examples) no training example'
+      )
     train.append(shuffled[:cut])
     test.append(shuffled[cut:].astype(np.int64))
   return train, test
 
 
-def _proportional_test_split(test_labels: np.ndarray, train_counts: np.ndarray,
-                             rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+def _proportional_test_split(
+  test_labels: np.ndarray, train_counts: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, ...]:
   """Shares each class's test examples in proportion to the clients' train counts."""
   num_clients, num_classes = train_counts.shape
   shards: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
@@ -256,8 +310,7 @@ def _proportional_test_split(test_labels: np.ndarray, train_counts: np.ndarray,
     exact = holders / holders.sum() * len(idx_k)
     quota = np.floor(exact).astype(np.int64)
     remainder_order = np.argsort(-(exact - quota), kind='stable')
-    quota[remainder_order[:len(idx_k) - quota.sum()]] += 1
+    quota[remainder_order[: len(idx_k) - quota.sum()]] += 1
     for c, part in enumerate(np.split(idx_k, np.cumsum(quota)[:-1])):
       shards[c].append(part)
-  return tuple(np.sort(np.concatenate(s)) if s else np.zeros((0,), np.int64)
-               for s in shards)
+  return tuple(np.sort(np.concatenate(s)) if s else np.zeros((0,), np.int64) for s in shards)

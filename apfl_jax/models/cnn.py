@@ -16,6 +16,7 @@ class _CNNBody(nn.Module):
     conv_impl: Convolution backend, one of `conv.CONV_IMPLS`.
     dtype: Compute dtype of the layers (the features are returned in float32).
   """
+
   conv_impl: str
   dtype: jnp.dtype = jnp.float32
 
@@ -42,6 +43,7 @@ class FedAvgCNN(nn.Module):
     conv_impl: Convolution backend, one of `conv.CONV_IMPLS`.
     dtype: Compute dtype of the body; the head and the logits are float32.
   """
+
   num_classes: int
   conv_impl: str = 'auto'
   dtype: jnp.dtype = jnp.float32

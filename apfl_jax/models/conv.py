@@ -38,8 +38,8 @@ from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 CONV_IMPLS = ('auto', 'lax', 'im2col', 'patches')
 COMPUTE_DTYPES = ('float32', 'bfloat16')
@@ -50,8 +50,7 @@ Padding = str | Sequence[tuple[int, int]]
 
 # PyTorch's default for nn.Conv2d and nn.Linear weights:
 # kaiming_uniform(a=sqrt(5)), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-torch_default_kernel_init = nn.initializers.variance_scaling(
-    1.0 / 3.0, 'fan_in', 'uniform')
+torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
 
 
 def resolve_conv_impl(conv_impl: str) -> str:
@@ -67,8 +66,7 @@ def resolve_conv_impl(conv_impl: str) -> str:
     ValueError: `conv_impl` is not one of `CONV_IMPLS`.
   """
   if conv_impl not in CONV_IMPLS:
-    raise ValueError(
-        f'conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}')
+    raise ValueError(f'conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}')
   return 'im2col' if conv_impl == 'auto' else conv_impl
 
 
@@ -76,15 +74,15 @@ def _torch_default_bias_init(fan_in: int) -> nn.initializers.Initializer:
   """PyTorch's default bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
   bound = fan_in**-0.5
 
-  def init(key: jax.Array, shape: Sequence[int],
-           dtype: jnp.dtype = jnp.float32) -> jax.Array:
+  def init(key: jax.Array, shape: Sequence[int], dtype: jnp.dtype = jnp.float32) -> jax.Array:
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
   return init
 
 
-def _conv_im2col(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
-                 padding: Padding) -> jax.Array:
+def _conv_im2col(
+  x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: Padding
+) -> jax.Array:
   """Convolution as strided slices of the padded input and one matmul."""
   kh, kw, cin, cout = kernel.shape
   sh, sw = strides
@@ -94,32 +92,37 @@ def _conv_im2col(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
   out_h = (x.shape[1] - kh) // sh + 1
   out_w = (x.shape[2] - kw) // sw + 1
   windows = [
-      x[:, i:i + sh * (out_h - 1) + 1:sh, j:j + sw * (out_w - 1) + 1:sw, :]
-      for i in range(kh) for j in range(kw)
+    x[:, i : i + sh * (out_h - 1) + 1 : sh, j : j + sw * (out_w - 1) + 1 : sw, :]
+    for i in range(kh)
+    for j in range(kw)
   ]
   # Feature order (i, j, c) matches the row-major flattening of HWIO.
   patches = jnp.concatenate(windows, axis=-1)
   return _matmul(patches, kernel.reshape(kh * kw * cin, cout))
 
 
-def _conv_patches(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
-                  padding: Padding) -> jax.Array:
+def _conv_patches(
+  x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: Padding
+) -> jax.Array:
   """Convolution as `conv_general_dilated_patches` and one matmul."""
   kh, kw, cin, cout = kernel.shape
   patches = lax.conv_general_dilated_patches(
-      x, (kh, kw), strides, padding, dimension_numbers=_DIMENSION_NUMBERS)
+    x, (kh, kw), strides, padding, dimension_numbers=_DIMENSION_NUMBERS
+  )
   # The patches' features are channel-major: (c, i, j).
   return _matmul(patches, kernel.transpose(2, 0, 1, 3).reshape(cin * kh * kw, cout))
 
 
 def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
   """x @ w over the last axis of x, accumulated in float32, in x's dtype."""
-  return lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())),
-                         preferred_element_type=jnp.float32).astype(x.dtype)
+  return lax.dot_general(
+    x, w, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+  ).astype(x.dtype)
 
 
-def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
-           padding: Padding, impl: str) -> jax.Array:
+def conv2d(
+  x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: Padding, impl: str
+) -> jax.Array:
   """2-D cross-correlation of NHWC inputs with an HWIO kernel.
 
   Args:
@@ -135,8 +138,13 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
   impl = resolve_conv_impl(impl)
   if impl == 'lax':
     return lax.conv_general_dilated(
-        x, kernel, strides, padding, dimension_numbers=_DIMENSION_NUMBERS,
-        preferred_element_type=jnp.float32).astype(x.dtype)
+      x,
+      kernel,
+      strides,
+      padding,
+      dimension_numbers=_DIMENSION_NUMBERS,
+      preferred_element_type=jnp.float32,
+    ).astype(x.dtype)
   if impl == 'im2col':
     return _conv_im2col(x, kernel, strides, padding)
   return _conv_patches(x, kernel, strides, padding)
@@ -157,6 +165,7 @@ class Conv(nn.Module):
     dtype: Compute dtype of the input, kernel and output (parameters stay
       float32).
   """
+
   features: int
   kernel_size: tuple[int, int]
   strides: tuple[int, int] = (1, 1)
@@ -171,13 +180,14 @@ class Conv(nn.Module):
     """Applies the convolution to x of shape [batch, height, width, in]."""
     kh, kw = self.kernel_size
     cin = x.shape[-1]
-    kernel = self.param('kernel', self.kernel_init,
-                        (kh, kw, cin, self.features), jnp.float32)
-    y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides,
-               self.padding, self.impl)
+    kernel = self.param('kernel', self.kernel_init, (kh, kw, cin, self.features), jnp.float32)
+    y = conv2d(
+      x.astype(self.dtype), kernel.astype(self.dtype), self.strides, self.padding, self.impl
+    )
     if self.use_bias:
-      bias = self.param('bias', _torch_default_bias_init(kh * kw * cin),
-                        (self.features,), jnp.float32)
+      bias = self.param(
+        'bias', _torch_default_bias_init(kh * kw * cin), (self.features,), jnp.float32
+      )
       y = y + bias.astype(self.dtype)
     return y
 
@@ -190,6 +200,7 @@ class Dense(nn.Module):
     dtype: Compute dtype of the input, kernel and output (parameters stay
       float32).
   """
+
   features: int
   dtype: jnp.dtype = jnp.float32
 
@@ -197,9 +208,6 @@ class Dense(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """Applies the layer to x of shape [..., in]."""
     fan_in = x.shape[-1]
-    kernel = self.param('kernel', torch_default_kernel_init,
-                        (fan_in, self.features), jnp.float32)
-    bias = self.param('bias', _torch_default_bias_init(fan_in),
-                      (self.features,), jnp.float32)
-    return _matmul(x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(
-        self.dtype)
+    kernel = self.param('kernel', torch_default_kernel_init, (fan_in, self.features), jnp.float32)
+    bias = self.param('bias', _torch_default_bias_init(fan_in), (self.features,), jnp.float32)
+    return _matmul(x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)

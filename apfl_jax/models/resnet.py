@@ -34,9 +34,16 @@ def _group_norm(channels: int, dtype: jnp.dtype) -> nn.GroupNorm:
 
 def _conv(features: int, size: int, stride: int, impl: str, dtype: jnp.dtype) -> Conv:
   """Bias-free convolution with 'SAME' padding and kaiming-normal init."""
-  return Conv(features, (size, size), strides=(stride, stride),
-              padding='SAME', use_bias=False, impl=impl,
-              kernel_init=_conv_init, dtype=dtype)
+  return Conv(
+    features,
+    (size, size),
+    strides=(stride, stride),
+    padding='SAME',
+    use_bias=False,
+    impl=impl,
+    kernel_init=_conv_init,
+    dtype=dtype,
+  )
 
 
 class _BasicBlock(nn.Module):
@@ -48,6 +55,7 @@ class _BasicBlock(nn.Module):
     conv_impl: Convolution backend, one of `conv.CONV_IMPLS`.
     dtype: Compute dtype.
   """
+
   features: int
   stride: int
   conv_impl: str
@@ -75,6 +83,7 @@ class _ResNetBody(nn.Module):
     conv_impl: Convolution backend, one of `conv.CONV_IMPLS`.
     dtype: Compute dtype (the features are returned in float32).
   """
+
   stage_sizes: Sequence[int]
   stage_features: Sequence[int]
   conv_impl: str
@@ -85,8 +94,7 @@ class _ResNetBody(nn.Module):
     """Maps NHWC images to [batch, stage_features[-1]] features."""
     x = _conv(64, 3, 1, self.conv_impl, self.dtype)(x)
     x = nn.relu(_group_norm(64, self.dtype)(x))
-    for stage, (blocks, features) in enumerate(
-        zip(self.stage_sizes, self.stage_features)):
+    for stage, (blocks, features) in enumerate(zip(self.stage_sizes, self.stage_features)):
       for block in range(blocks):
         stride = 2 if stage > 0 and block == 0 else 1
         x = _BasicBlock(features, stride, self.conv_impl, self.dtype)(x)
@@ -103,6 +111,7 @@ class ResNet(nn.Module):
     conv_impl: Convolution backend, one of `conv.CONV_IMPLS`.
     dtype: Compute dtype of the body; the head and the logits are float32.
   """
+
   num_classes: int
   stage_sizes: Sequence[int]
   stage_features: Sequence[int]
@@ -111,8 +120,7 @@ class ResNet(nn.Module):
 
   def setup(self) -> None:
     """Creates the 'body' and 'head' submodules."""
-    self.body = _ResNetBody(self.stage_sizes, self.stage_features,
-                            self.conv_impl, self.dtype)
+    self.body = _ResNetBody(self.stage_sizes, self.stage_features, self.conv_impl, self.dtype)
     self.head = Dense(self.num_classes)
 
   @property
@@ -133,13 +141,11 @@ class ResNet(nn.Module):
     return self.head(h)
 
 
-def resnet8(num_classes: int, conv_impl: str = 'auto',
-            dtype: jnp.dtype = jnp.float32) -> ResNet:
+def resnet8(num_classes: int, conv_impl: str = 'auto', dtype: jnp.dtype = jnp.float32) -> ResNet:
   """ResNet-8: stem and stages [1, 1, 1] of 64/128/256 channels."""
   return ResNet(num_classes, (1, 1, 1), (64, 128, 256), conv_impl, dtype)
 
 
-def resnet18(num_classes: int, conv_impl: str = 'auto',
-             dtype: jnp.dtype = jnp.float32) -> ResNet:
+def resnet18(num_classes: int, conv_impl: str = 'auto', dtype: jnp.dtype = jnp.float32) -> ResNet:
   """ResNet-18: stem and stages [2, 2, 2, 2] of 64/128/256/512 channels."""
   return ResNet(num_classes, (2, 2, 2, 2), (64, 128, 256, 512), conv_impl, dtype)

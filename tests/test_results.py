@@ -1,0 +1,81 @@
+"""Tests of apfl_jax.results on hand-made runs (no training)."""
+
+import csv
+import math
+
+from conftest import make_run
+import pytest
+
+from apfl_jax import results
+
+
+def test_mean_std_skips_missing_values():
+  assert results.mean_std([0.2, 0.4]) == pytest.approx((0.3, 0.1))
+  assert results.mean_std([0.5]) == (0.5, 0.0)
+  assert results.mean_std([0.2, None, math.nan, 0.4]) == pytest.approx((0.3, 0.1))
+  assert results.mean_std([None, math.nan]) is None
+  assert results.mean_std([]) is None
+
+
+def test_method_table_mean_std_failures_and_na(runs):
+  fedavg, local = results.method_table(runs)
+  assert fedavg['method'] == 'fedavg' and fedavg['seeds'] == [0, 1] and not fedavg['failed']
+  assert fedavg['final_personalized_acc'] == pytest.approx((0.6, 0.1))
+  assert fedavg['best_personalized_acc'] == pytest.approx((0.7, 0.1))
+  assert fedavg['final_global_acc'] == pytest.approx((0.5, 0.1))
+  assert fedavg['final_unseen_class_acc'] is None
+  assert local['seeds'] == [0]
+  assert local['failed'] == [(1, 'NaN/Inf in training at round 1, client 2')]
+  assert local['final_personalized_acc'] == (0.9, 0.0)  # the failed seed is left out
+  assert local['final_global_acc'] is None and local['best_global_acc'] is None
+
+
+def test_sweep_settings_are_separate_rows():
+  table = results.method_table(
+    [
+      make_run('apfl', 0, 0.5, setting='beta=0.1'),
+      make_run('apfl', 0, 0.7, setting='beta=0.5'),
+      make_run('apfl', 1, 0.9, setting='beta=0.1'),
+    ]
+  )
+  assert [(r['method'], r['setting'], r['seeds']) for r in table] == [
+    ('apfl beta=0.1', 'beta=0.1', [0, 1]),
+    ('apfl beta=0.5', 'beta=0.5', [0]),
+  ]
+  assert table[0]['final_personalized_acc'] == pytest.approx((0.7, 0.2))
+
+
+def test_markdown_table_formats_cells_and_drops_all_na_metrics(runs):
+  text = results.markdown_table(results.method_table(runs))
+  lines = text.splitlines()
+  assert lines[0] == (
+    '| method | seeds | personalized (final) | personalized (best) | '
+    'global (final) | global (best) | notes |'
+  )
+  assert lines[2] == (
+    '| fedavg | 0,1 | 0.6000 ± 0.1000 | 0.7000 ± 0.1000 | 0.5000 ± 0.1000 | 0.5500 ± 0.1000 |  |'
+  )
+  assert lines[3] == (
+    '| local | 0 | 0.9000 ± 0.0000 | 0.9000 ± 0.0000 | n/a | n/a | '
+    'seed 1 failed: NaN/Inf in training at round 1, client 2 |'
+  )
+  assert 'unseen' not in text
+
+
+def test_all_seeds_failed_is_a_row_of_na():
+  text = results.markdown_table(results.method_table([make_run('apfl', 0, 0, error='--beta x')]))
+  assert text.splitlines()[2] == '| apfl | none | n/a | n/a | seed 0 failed: --beta x |'
+
+
+def test_csv_has_fixed_columns_and_na(tmp_path, runs):
+  path = tmp_path / 'results.csv'
+  results.write_csv(results.method_table(runs), str(path))
+  with open(path) as f:
+    reader = csv.DictReader(f)
+    assert reader.fieldnames == results.csv_columns()
+    fedavg, local = list(reader)
+  assert float(fedavg['final_personalized_acc_mean']) == pytest.approx(0.6)
+  assert float(fedavg['final_personalized_acc_std']) == pytest.approx(0.1)
+  assert fedavg['seeds'] == '0;1' and fedavg['num_failed'] == '0'
+  assert local['final_global_acc_mean'] == local['final_global_acc_std'] == 'n/a'
+  assert local['num_failed'] == '1' and 'client 2' in local['errors']
