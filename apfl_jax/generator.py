@@ -54,7 +54,7 @@ Choices where FedGen and AP-FL are silent:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence, cast
+from typing import Callable, Sequence, cast
 
 import flax.linen as nn
 import flax.struct
@@ -65,6 +65,7 @@ import optax
 
 from apfl_jax.embeddings import SemanticEmbeddingTable
 from apfl_jax.errors import ConfigError
+from apfl_jax.local_training import Params
 
 GENERATORS = ('feature', 'image')
 NOISE_DISTRIBUTIONS = ('uniform', 'normal')
@@ -72,7 +73,6 @@ NOISE_DISTRIBUTIONS = ('uniform', 'normal')
 FEDGEN_SIZES = {'mnist': (256, 32), 'cifar': (512, 64)}
 _BN_EPS = 1e-5
 
-Params = Any
 # teacher_logits_fn(samples [B, ...]) -> [K, B, num_classes].
 TeacherLogitsFn = Callable[[jax.Array], jax.Array]
 

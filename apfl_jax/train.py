@@ -33,11 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-import tensorboardX
 
 from apfl_jax import (
   algorithms,
   asynchrony,
+  callbacks,
   evaluation,
   local_training,
   models,
@@ -49,7 +49,7 @@ from apfl_jax import cohort as cohort_lib
 from apfl_jax.config import RESUMABLE_FIELDS, Config
 from apfl_jax.data import client_data, datasets
 from apfl_jax.data import partition as partition_lib
-from apfl_jax.errors import ConfigError, RunInterrupted, TrainingDivergedError
+from apfl_jax.errors import ConfigError, RunInterrupted
 
 EVAL_CHUNK = 256
 # The workdir's lock file (see `lock_workdir`).
@@ -509,14 +509,6 @@ def _write_metrics(path: str, rows: list[dict[str, Any]]) -> None:
   _write_file(path, ''.join(json.dumps(r) + '\n' for r in rows))
 
 
-def _append_metrics(path: str, row: dict[str, Any]) -> None:
-  try:
-    with open(path, 'a') as f:
-      f.write(json.dumps(row) + '\n')
-  except OSError as e:
-    raise ConfigError(f'--workdir: cannot write {path}: {e.strerror or e}') from None
-
-
 # The hook `_drop_abandoned_orbax_reads` passes everything else on to.
 _PREVIOUS_UNRAISABLEHOOK = [sys.unraisablehook]
 
@@ -680,24 +672,19 @@ def _round_loop(
   elapsed_offset = rows[-1]['elapsed_s'] if rows else 0.0
 
   evaluate = Evaluator(exp)
-  board = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+  hooks = callbacks.default_callbacks(workdir, rows, manager, rounds, config, log)
   log(
     f'round {done + 1}/{config.num_rounds}: compiling the round and the evaluation '
     '(the first round takes longer)',
     flush=True,
   )
   t0 = time.perf_counter()
-  round_times = []
   r = done
   try:
     for r in range(done + 1, config.num_rounds + 1):
-      t_round = time.perf_counter()
       tree, report = rounds.step(tree, r, jax.random.fold_in(base_key, r))
-      if not np.all(report.finite):
-        bad = int(report.clients[np.flatnonzero(~report.finite)[0]])
-        raise TrainingDivergedError(
-          f'NaN/Inf in training at round {r}, client {bad} (try a lower --learning_rate)'
-        )
+      for hook in hooks:
+        hook.after_step(r, report)
       row = None
       if r % config.eval_every == 0 or r == config.num_rounds:
         row = {
@@ -707,30 +694,8 @@ def _round_loop(
           **report.extra,
           'elapsed_s': round(elapsed_offset + time.perf_counter() - t0, 3),
         }
-        rows.append(row)
-        _append_metrics(metrics_path, row)
-        for key, value in row.items():
-          if key != 'round' and isinstance(value, float):
-            board.add_scalar(key, value, r)
-        board.flush()
-      if r % config.checkpoint_every == 0 or r == config.num_rounds:
-        rounds.save_host_state(tree, r)
-        manager.save(r, args=ocp.args.StandardSave(rounds.device_tree(tree)))
-      round_times.append(time.perf_counter() - t_round)
-      eta = np.median(round_times[-10:]) * (config.num_rounds - r)
-      accuracy = (
-        ''
-        if row is None
-        else (
-          f' personalized {row["personalized_acc"]:.4f}'
-          + ('' if row['global_acc'] is None else f' global {row["global_acc"]:.4f}')
-        )
-      )
-      log(
-        f'round {r}/{config.num_rounds} loss {np.mean(report.loss):.4f}{accuracy} '
-        f'{round_times[-1]:.2f}s ETA {datetime.timedelta(seconds=int(eta))}',
-        flush=True,
-      )
+      for hook in hooks:
+        hook.after_round(r, tree, row, report)
   except KeyboardInterrupt:
     manager.wait_until_finished()
     saved = manager.latest_step() or 0
@@ -750,7 +715,8 @@ def _round_loop(
       f'--batch_size: round {r} ran out of device memory; lower --batch_size or --join_ratio'
     ) from None
   finally:
-    board.close()
+    for hook in hooks:
+      hook.close()
 
   summary = summarize(rows)
   _write_file(os.path.join(workdir, 'summary.json'), json.dumps(summary, indent=2))

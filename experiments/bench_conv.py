@@ -19,7 +19,7 @@ import jax
 import optax
 
 # Run as a script from anywhere: make the repository root importable.
-from apfl_jax.models import MODELS, create_model  # pylint: disable=wrong-import-position
+from apfl_jax.models import MODELS, create_model
 
 
 def make_step(name: str, conv_impl: str, num_classes: int) -> tuple[Callable, Callable]:

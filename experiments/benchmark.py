@@ -153,18 +153,18 @@ def run_jax_vmap(
   """Times apfl_jax's jitted FedAvg round."""
   if device == 'cpu':
     os.environ['JAX_PLATFORMS'] = 'cpu'
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import optax  # pylint: disable=import-outside-toplevel
+  import jax
+  import jax.numpy as jnp
+  import optax
 
-  from apfl_jax import local_training  # pylint: disable=import-outside-toplevel
-  from apfl_jax.algorithms.base import classification_loss, init_model_params  # pylint: disable=import-outside-toplevel
-  from apfl_jax.algorithms.fedavg import FedAvg  # pylint: disable=import-outside-toplevel
-  from apfl_jax.cohort import ClientMap  # pylint: disable=import-outside-toplevel
-  from apfl_jax.data import client_data  # pylint: disable=import-outside-toplevel
-  from apfl_jax.data.partition import Partition  # pylint: disable=import-outside-toplevel
-  from apfl_jax.models import create_model  # pylint: disable=import-outside-toplevel
-  from apfl_jax.models.conv import resolve_conv_impl  # pylint: disable=import-outside-toplevel
+  from apfl_jax import local_training
+  from apfl_jax.algorithms.base import classification_loss, init_model_params
+  from apfl_jax.algorithms.fedavg import FedAvg
+  from apfl_jax.cohort import ClientMap
+  from apfl_jax.data import client_data
+  from apfl_jax.data.partition import Partition
+  from apfl_jax.models import create_model
+  from apfl_jax.models.conv import resolve_conv_impl
 
   base_mem = _cpu_rss_mb()
   if device == 'gpu' and jax.default_backend() != 'gpu':
@@ -235,8 +235,8 @@ def run_jax_vmap(
 
 def _torch_setup(config: Config, device: str):
   """(torch device, model, images, labels, client index rows, normalise)."""
-  import torch  # pylint: disable=import-outside-toplevel
-  from torch import nn  # pylint: disable=import-outside-toplevel
+  import torch
+  from torch import nn
 
   if device == 'gpu' and not torch.cuda.is_available():
     raise SystemExit('error: --device=gpu but torch has no CUDA device')
@@ -289,7 +289,7 @@ def _torch_result(torch, dev, compile_s, times, base_mem) -> dict:
 
 def run_torch_loop(config: Config, rounds: int, device: str) -> dict:
   """Times clients trained one after another on one in-place model."""
-  import torch  # pylint: disable=import-outside-toplevel
+  import torch
 
   base_mem = _cpu_rss_mb()
   dev, model, images, labels, index, normalize = _torch_setup(config, device)
@@ -323,8 +323,8 @@ def run_torch_loop(config: Config, rounds: int, device: str) -> dict:
 
 def run_torch_func(config: Config, rounds: int, device: str) -> dict:
   """Times torch.func: vmap(grad) over stacked client parameters."""
-  import torch  # pylint: disable=import-outside-toplevel
-  from torch import func  # pylint: disable=import-outside-toplevel
+  import torch
+  from torch import func
 
   base_mem = _cpu_rss_mb()
   dev, model, images, labels, index, normalize = _torch_setup(config, device)
@@ -486,8 +486,8 @@ def main(argv: list[str] | None = None) -> dict:
   )
   parser.add_argument('--_worker', default='', help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
-  if args._worker:  # pylint: disable=protected-access
-    _worker(args._worker)  # pylint: disable=protected-access
+  if args._worker:
+    _worker(args._worker)
     return {}
 
   backends = [b for b in args.backends.split(',') if b]

@@ -17,8 +17,8 @@ import time
 import numpy as np
 
 # Run as a script from anywhere: make the repository root importable.
-from apfl_jax.embeddings import DEFAULT_TEMPLATE, load_text_encoder  # pylint: disable=wrong-import-position
-from apfl_jax.errors import UserError  # pylint: disable=wrong-import-position
+from apfl_jax.embeddings import DEFAULT_TEMPLATE, load_text_encoder
+from apfl_jax.errors import UserError
 
 FASHION_MNIST = (
   'T-shirt/top',

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import chex
 import flax.linen as nn
 import jax
 from jax.experimental.compilation_cache import compilation_cache
@@ -32,6 +33,16 @@ def shared_compilation_cache(tmp_path_factory):
   for name, value in saved.items():
     jax.config.update(name, value)
   compilation_cache.reset_cache()
+
+
+def assert_trees_close(actual, expected, rtol=1e-5, atol=1e-6):
+  """Pytrees of the same structure whose leaves are allclose (chex)."""
+  chex.assert_trees_all_close(actual, expected, rtol=rtol, atol=atol)
+
+
+def assert_trees_equal(actual, expected):
+  """Pytrees of the same structure whose leaves are exactly equal (chex)."""
+  chex.assert_trees_all_equal(actual, expected)
 
 
 class TinyModel(nn.Module):
@@ -156,7 +167,7 @@ def run_two_rounds_compiling_once(algorithm, data):
   state = algorithm.init(jax.random.key(0))
   state, _ = run_round(state, np.array([1, 3], np.int32), jax.random.key(1), data)
   state, metrics = run_round(state, np.array([0, 2], np.int32), jax.random.key(2), data)
-  assert run_round._cache_size() == 1  # pylint: disable=protected-access
+  assert run_round._cache_size() == 1
   return state, metrics
 
 

@@ -1,7 +1,7 @@
 """Tests of apfl_jax.algorithms.apfl."""
 
 from apfl_fixtures import make_apfl, schedule_for
-from conftest import TinyModel, make_synthetic_dataset
+from conftest import TinyModel, assert_trees_close, assert_trees_equal, make_synthetic_dataset
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,14 +15,6 @@ from apfl_jax.algorithms.local import LocalOnly
 from apfl_jax.config import Config
 from apfl_jax.data import client_data
 from apfl_jax.data import partition as partition_lib
-
-
-def assert_trees_equal(a, b):
-  jax.tree.map(np.testing.assert_array_equal, a, b)
-
-
-def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
 
 
 def run_rounds(alg, data, cohorts, state=None):

@@ -1,6 +1,11 @@
 """Tests of apfl_jax.algorithms.apfl_deng."""
 
-from conftest import TinyModel, fedavg_reference_round, run_two_rounds_compiling_once
+from conftest import (
+  TinyModel,
+  assert_trees_close,
+  fedavg_reference_round,
+  run_two_rounds_compiling_once,
+)
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,10 +32,6 @@ def make_apfl_deng(data, alpha, alpha_learning_rate, server_optimizer=None):
     alpha_learning_rate,
     num_clients=4,
   )
-
-
-def assert_trees_close(a, b, **tolerance):
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **tolerance), a, b)
 
 
 def test_fixed_alpha_one_is_fedavg_plus_local_only(synthetic_federation):

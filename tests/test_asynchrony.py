@@ -3,7 +3,7 @@
 import collections
 
 from apfl_fixtures import make_apfl
-from conftest import TinyModel
+from conftest import TinyModel, assert_trees_close
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,10 +35,6 @@ def async_config(**changes):
     seed=0,
   )
   return config.replace(**changes)
-
-
-def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
 
 
 def write_trace(tmp_path, text):
@@ -214,7 +210,7 @@ def test_different_speeds_give_staleness_and_fastest_client_most(synthetic_feder
   assert counts[3] == 0 and sum(m['dropped_stale'] for m in history) >= 1
   assert async_state.clock.dropped_stale == sum(m['dropped_stale'] for m in history)
   assert all(np.all(m['finite']) for m in history)
-  assert sim._step._cache_size() == 1  # pylint: disable=protected-access
+  assert sim._step._cache_size() == 1
 
 
 @pytest.mark.parametrize(

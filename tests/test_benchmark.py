@@ -59,14 +59,14 @@ def test_torch_backends_tiny(tmp_path):
 )
 def test_torch_model_matches_jax_parameter_count():
   """The PyTorch model is FedAvgCNN: the same number of parameters as apfl_jax's."""
-  import jax  # pylint: disable=import-outside-toplevel
+  import jax
 
-  from apfl_jax.algorithms.base import init_model_params  # pylint: disable=import-outside-toplevel
-  from apfl_jax.models import create_model  # pylint: disable=import-outside-toplevel
+  from apfl_jax.algorithms.base import init_model_params
+  from apfl_jax.models import create_model
 
   benchmark = _load_benchmark()
   for config in (benchmark.PRESETS['small'][0], benchmark.PRESETS['pfl_cifar10'][0]):
-    model = benchmark._torch_setup(config, 'cpu')[1]  # pylint: disable=protected-access
+    model = benchmark._torch_setup(config, 'cpu')[1]
     params = init_model_params(
       create_model('cnn', benchmark.NUM_CLASSES), jax.random.key(0), config.image_shape
     )

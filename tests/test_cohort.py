@@ -124,7 +124,7 @@ def _check_backends():
       state, metrics = run_round(state, cohort, jax.random.key(100 + r), placed)
       np.testing.assert_allclose(metrics.loss, ref_metrics[r].loss, **_TOLERANCE, err_msg=name)
     _assert_states_close(state.server.params, reference.server.params)
-    assert run_round._cache_size() == 1, name  # pylint: disable=protected-access
+    assert run_round._cache_size() == 1, name
     flops[name] = (
       run_round.lower(state, cohorts[0], jax.random.key(0), placed)
       .compile()
@@ -170,8 +170,8 @@ def test_async_buffer_trains_in_size_groups():
     data,
   )
   with jax.default_matmul_precision('highest'):
-    grouped, grouped_metrics = sim._step(*args, size_groups=True)  # pylint: disable=protected-access
-    lockstep, lockstep_metrics = sim._step(*args, size_groups=False)  # pylint: disable=protected-access
+    grouped, grouped_metrics = sim._step(*args, size_groups=True)
+    lockstep, lockstep_metrics = sim._step(*args, size_groups=False)
   np.testing.assert_allclose(grouped_metrics.loss, lockstep_metrics.loss, **_TOLERANCE)
   _assert_states_close(grouped.servers, lockstep.servers)
   # The largest client three times exceeds the bound of the third position.

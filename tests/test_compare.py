@@ -9,7 +9,7 @@ from conftest import make_synthetic_dataset
 import numpy as np
 import pytest
 
-from apfl_jax import plots, train
+from apfl_jax import results, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SPEC = importlib.util.spec_from_file_location(
@@ -65,7 +65,7 @@ def test_two_algorithms_two_seeds(tmp_path, synthetic_data, monkeypatch):
   assert compare.main(argv) == 0
 
   columns, rows = read_csv(out)
-  assert columns == plots.csv_columns()
+  assert columns == results.csv_columns()
   assert [r['method'] for r in rows] == ['fedavg', 'local']
   for row in rows:
     assert row['seeds'] == '0;1' and row['num_failed'] == '0'

@@ -1,6 +1,11 @@
 """Tests of apfl_jax.algorithms.ditto."""
 
-from conftest import TinyModel, fedavg_reference_round, run_two_rounds_compiling_once
+from conftest import (
+  TinyModel,
+  assert_trees_close,
+  fedavg_reference_round,
+  run_two_rounds_compiling_once,
+)
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,10 +31,6 @@ def make_ditto(data, lam, server_optimizer=None):
     lam,
     num_clients=4,
   )
-
-
-def assert_trees_close(a, b, **tolerance):
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **tolerance), a, b)
 
 
 def test_zero_lambda_is_fedavg_plus_local_only(synthetic_federation):

@@ -50,7 +50,7 @@ def _fake_encoder(calls: list[list[str]]) -> embeddings.TextEncoder:
   def encode(sentences):
     calls.append(list(sentences))
     rng = np.random.default_rng(len(''.join(sentences)))
-    return embeddings._normalise(rng.normal(size=(len(sentences), 8)))  # pylint: disable=protected-access
+    return embeddings._normalise(rng.normal(size=(len(sentences), 8)))
 
   return encode
 
@@ -100,7 +100,7 @@ def test_cache_hit_does_not_reload_the_model(monkeypatch, tmp_path) -> None:
 
 
 def test_cache_key_covers_template_classes_and_model(tmp_path) -> None:
-  path = lambda names=FASHION_MNIST, template='{}', model=None: embeddings.cache_path(  # pylint: disable=unnecessary-lambda-assignment
+  path = lambda names=FASHION_MNIST, template='{}', model=None: embeddings.cache_path(
     names, 'clip', template, str(tmp_path), model
   )
   assert path() == path()
@@ -142,7 +142,7 @@ def test_missing_clip_model_fails_fast_without_network(monkeypatch, tmp_path) ->
 
 def test_clip_from_a_local_directory(tmp_path) -> None:
   """Runs the CLIP code path on a tiny random CLIP saved locally."""
-  from transformers import CLIPTextConfig, CLIPTokenizerFast, FlaxCLIPTextModelWithProjection  # pylint: disable=import-outside-toplevel
+  from transformers import CLIPTextConfig, CLIPTokenizerFast, FlaxCLIPTextModelWithProjection
 
   model_dir = tmp_path / 'tiny_clip'
   model_dir.mkdir()
@@ -200,7 +200,7 @@ def test_minilm_table_shape_and_norm(minilm_fashion: np.ndarray) -> None:
 
 def test_minilm_default_template_keeps_semantic_order(minilm_fashion: np.ndarray) -> None:
   index = {name: i for i, name in enumerate(FASHION_MNIST)}
-  cos = lambda a, b: float(minilm_fashion[index[a]] @ minilm_fashion[index[b]])  # pylint: disable=unnecessary-lambda-assignment
+  cos = lambda a, b: float(minilm_fashion[index[a]] @ minilm_fashion[index[b]])
   assert cos('Sandal', 'Sneaker') > cos('Sandal', 'Coat')
   assert cos('Shirt', 'T-shirt/top') > cos('Shirt', 'Bag')
   off_diagonal = (minilm_fashion @ minilm_fashion.T)[~np.eye(10, dtype=bool)]

@@ -2,7 +2,12 @@
 
 import dataclasses
 
-from conftest import TinyModel, fedavg_reference_round, run_two_rounds_compiling_once
+from conftest import (
+  TinyModel,
+  assert_trees_close,
+  fedavg_reference_round,
+  run_two_rounds_compiling_once,
+)
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,10 +28,6 @@ def make_fedavg_ft(dataset, partition, finetune_epochs, server_optimizer='sgd'):
   server = optax.sgd(1.0) if server_optimizer == 'sgd' else optax.adam(1e-2)
   context = registry.BuildContext(TinyModel(), dataset, partition, schedule, optax.sgd(0.1), server)
   return FedAvgFT.from_config(config, context)
-
-
-def assert_trees_close(a, b, **tolerance):
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **tolerance), a, b)
 
 
 def test_global_is_fedavg_and_each_client_fine_tunes_it(synthetic_federation):

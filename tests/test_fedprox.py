@@ -1,6 +1,6 @@
 """Tests of apfl_jax.algorithms.fedprox."""
 
-from conftest import TinyModel, run_two_rounds_compiling_once
+from conftest import TinyModel, assert_trees_close, run_two_rounds_compiling_once
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,10 +25,6 @@ def make_fedprox(data, mu, server_optimizer=None):
     server_optimizer or optax.sgd(1.0),
     mu,
   )
-
-
-def assert_trees_close(a, b, **tolerance):
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **tolerance), a, b)
 
 
 def test_zero_mu_is_fedavg(synthetic_federation):

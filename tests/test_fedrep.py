@@ -1,6 +1,6 @@
 """Tests of apfl_jax.algorithms.fedrep."""
 
-from conftest import TinyModel, run_two_rounds_compiling_once
+from conftest import TinyModel, assert_trees_close, run_two_rounds_compiling_once
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,10 +22,6 @@ def make_fedrep(data, server_optimizer=None):
     num_clients=4,
     head_epochs=2,
   )
-
-
-def assert_trees_close(a, b, **tolerance):
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **tolerance), a, b)
 
 
 def test_phases_train_one_part_each_and_the_server_averages_bodies(synthetic_federation):

@@ -33,9 +33,7 @@ import jax.numpy as jnp
 
 from apfl_jax.cohort import ClientMap
 from apfl_jax.data.client_data import FederatedData
-from apfl_jax.local_training import masked_cross_entropy
-
-Params = Any
+from apfl_jax.local_training import Params, masked_cross_entropy
 
 
 @flax.struct.dataclass
