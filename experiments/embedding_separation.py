@@ -16,22 +16,13 @@ import time
 
 import numpy as np
 
+from apfl_jax.data import fashion_mnist_debian
+
 # Run as a script from anywhere: make the repository root importable.
 from apfl_jax.embeddings import DEFAULT_TEMPLATE, load_text_encoder
 from apfl_jax.errors import UserError
 
-FASHION_MNIST = (
-  'T-shirt/top',
-  'Trouser',
-  'Pullover',
-  'Dress',
-  'Coat',
-  'Sandal',
-  'Shirt',
-  'Sneaker',
-  'Bag',
-  'Ankle boot',
-)
+FASHION_MNIST = fashion_mnist_debian.CLASS_NAMES
 CIFAR10 = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
 # (dataset name, class names, key pairs as (close pair, far pair)).
 DATASETS = (

