@@ -25,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorboardX
 
+from apfl_jax import run_folder
 from apfl_jax.errors import ConfigError, TrainingDivergedError
 
 
@@ -115,8 +116,7 @@ class Checkpoint(Callback):
 
   def after_round(self, round_index, tree, row, report):
     if round_index % self.every == 0 or round_index == self.num_rounds:
-      self.driver.save_host_state(tree, round_index)
-      self.manager.save(round_index, args=ocp.args.StandardSave(self.driver.device_tree(tree)))
+      self.manager.save(round_index, args=run_folder.save_args(*self.driver.split(tree)))
 
 
 class Progress(Callback):

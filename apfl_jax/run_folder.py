@@ -2,8 +2,10 @@
 
   <workdir>/config.json        the run's Config (`read_config`)
   <workdir>/metrics.jsonl      one JSON object per evaluated round (`read_metrics`)
-  <workdir>/checkpoints/<k>/   orbax checkpoints of the state after round k
-                               (`restore_latest`)
+  <workdir>/checkpoints/<k>/   orbax checkpoint of the state after round k: item `state`
+                               (the device pytree) and item `host` (the driver's JSON-able
+                               host part: the async clock; {} for sync runs)
+                               (`save_args`, `restore_step`, `restore_latest`)
   <workdir>/summary.json, partition.json, partition.txt, tensorboard/, run.lock
 
 Every reader names the file in a one-line `ConfigError` when it is missing or unreadable.
@@ -28,6 +30,55 @@ if TYPE_CHECKING:
 CONFIG = 'config.json'
 METRICS = 'metrics.jsonl'
 CHECKPOINTS = 'checkpoints'
+# The items of one checkpoint.
+STATE = 'state'
+HOST = 'host'
+# Checkpoints written before the host part moved into them: one item `default` (the device
+# pytree) and, for async runs, the clock in <workdir>/clock/<k>.json.
+LEGACY_STATE = 'default'
+LEGACY_CLOCKS = 'clock'
+
+
+def save_args(device_tree: Any, host: dict[str, Any]) -> ocp.args.Composite:
+  """The orbax arguments that save a driver's state as one checkpoint."""
+  return ocp.args.Composite(
+    **{STATE: ocp.args.StandardSave(device_tree), HOST: ocp.args.JsonSave(host)}
+  )
+
+
+def restore_step(
+  manager: ocp.CheckpointManager, step: int, device_template: Any
+) -> tuple[Any, dict[str, Any]]:
+  """Restores checkpoint `step` of `manager` (a run's `checkpoints/` folder).
+
+  Args:
+    manager: the checkpoint manager of the run's folder.
+    step: the round to restore.
+    device_template: a state of the same structure (shapes, dtypes, shardings).
+
+  Returns:
+    (device pytree, host part); the host part of a legacy checkpoint comes from its
+    clock/<step>.json, or is {} when the run wrote none (sync).
+  """
+  folder = os.fspath(manager.directory)
+  legacy = os.path.join(folder, str(step), LEGACY_STATE)
+  if os.path.isdir(legacy):
+    # Read without the manager: one manager cannot mix single-item and composite steps.
+    with ocp.StandardCheckpointer() as checkpointer:
+      device_tree = checkpointer.restore(legacy, device_template)
+    clock = os.path.join(os.path.dirname(folder), LEGACY_CLOCKS, f'{step}.json')
+    host: dict[str, Any] = {}
+    if os.path.exists(clock):
+      with open(clock) as f:
+        host = {'clock': json.load(f)}
+    return device_tree, host
+  restored = manager.restore(
+    step,
+    args=ocp.args.Composite(
+      **{STATE: ocp.args.StandardRestore(device_template), HOST: ocp.args.JsonRestore()}
+    ),
+  )
+  return restored[STATE], restored[HOST]
 
 
 def read_config_values(workdir: str) -> dict[str, Any]:
@@ -103,5 +154,5 @@ def restore_latest(workdir: str) -> tuple[Experiment, Any, int]:
     step = manager.latest_step()
     if step is None:
       raise ConfigError(f'{workdir}: no checkpoint in {os.path.join(workdir, CHECKPOINTS)}')
-    state = manager.restore(step, args=ocp.args.StandardRestore(state))
+    state, _ = restore_step(manager, step, state)
   return experiment, state, step

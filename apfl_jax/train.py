@@ -26,7 +26,7 @@ import os
 import shutil
 import sys
 import time
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 from absl import logging
 import jax
@@ -283,12 +283,166 @@ def _client_mesh(num_devices: int) -> jax.sharding.Mesh | None:
   return sharding.client_mesh(devices[: num_devices or len(devices)])
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalInputs:
+  """What every evaluation's device function sees inside the one jitted evaluation call.
+
+  Attributes:
+    experiment: the run (static: algorithm, model).
+    data: the clients' device data.
+    unseen_index: int [U'] test-pool rows of the classes no training client held, padded
+      to a multiple of EVAL_CHUNK.
+    unseen_group: int [U'] 0 on those rows, 1 on the padding.
+    num_unseen: how many of those rows are real (static).
+    dropout_ids: int [D] the dropout clients.
+  """
+
+  experiment: Experiment
+  data: Any
+  unseen_index: jax.Array
+  unseen_group: jax.Array
+  num_unseen: int
+  dropout_ids: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+  """One named evaluation: counts on the device, metrics on the host.
+
+  Attributes:
+    counts: (inputs, algorithm state) -> correct counts, traced inside the one jitted
+      evaluation call; None where the evaluation does not apply (no global model, ...).
+    metrics: (inputs, counts or None, the metrics of the evaluations before it) -> the
+      metrics it adds to metrics.jsonl, on the host.
+  """
+
+  counts: Callable[[EvalInputs, Any], Any]
+  metrics: Callable[[EvalInputs, Any, dict[str, Any]], dict[str, Any]]
+
+
+def _pool_counts(inputs: EvalInputs, params: Any) -> jax.Array:
+  """Correct counts per client of one model on the union test pool."""
+  data = inputs.data
+  return evaluation.correct_by_group(
+    inputs.experiment.model,
+    params,
+    data,
+    data.union_test_index,
+    data.union_test_client,
+    data.num_clients,
+    EVAL_CHUNK,
+  )
+
+
+def _personalized_counts(inputs: EvalInputs, state: Any) -> jax.Array:
+  algorithm = inputs.experiment.algorithm
+  params = algorithm.personalized_params(state, inputs.data)
+  if algorithm.personalized_axis is None:
+    return _pool_counts(inputs, params)
+  return evaluation.client_correct_counts(
+    inputs.experiment.model, params, inputs.data, EVAL_CHUNK, client_map=algorithm.client_map
+  )
+
+
+def _personalized_metrics(
+  inputs: EvalInputs, correct: Any, before: dict[str, Any]
+) -> dict[str, Any]:
+  del before
+  exp = inputs.experiment
+  count = np.asarray(exp.data.test_count)
+  return {
+    **evaluation.accuracy_summary(correct, count, exp.groups, 'personalized'),
+    'client_personalized_acc': [
+      round(float(c / n), 6) if n else None for c, n in zip(correct, count)
+    ],
+  }
+
+
+def _global_counts(inputs: EvalInputs, state: Any) -> jax.Array | None:
+  algorithm = inputs.experiment.algorithm
+  global_params = algorithm.global_params(state)
+  if global_params is None:
+    return None
+  if global_params is algorithm.personalized_params(state, inputs.data):
+    return _personalized_counts(inputs, state)
+  return _pool_counts(inputs, global_params)
+
+
+def _global_metrics(inputs: EvalInputs, correct: Any, before: dict[str, Any]) -> dict[str, Any]:
+  del before
+  exp = inputs.experiment
+  count = np.asarray(exp.data.test_count)
+  return {'global_acc': None if correct is None else float(correct.sum() / max(count.sum(), 1))}
+
+
+def _no_label_prior_counts(inputs: EvalInputs, state: Any) -> jax.Array | None:
+  if not inputs.dropout_ids.shape[0]:
+    return None
+  algorithm = inputs.experiment.algorithm
+  prior_free = algorithm.label_prior_free_params(state, inputs.data, inputs.dropout_ids)
+  if prior_free is None:
+    return None
+  return evaluation.client_correct_counts(
+    inputs.experiment.model, prior_free, inputs.data, EVAL_CHUNK, client_ids=inputs.dropout_ids
+  )
+
+
+def _no_label_prior_metrics(
+  inputs: EvalInputs, correct: Any, before: dict[str, Any]
+) -> dict[str, Any]:
+  exp = inputs.experiment
+  if not exp.dropout_clients:
+    return {}
+  # Without knowledge of the dropout clients' own label sets: equal to
+  # dropout_personalized_acc for algorithms whose personalization never uses it.
+  if correct is None:
+    accuracy = before['dropout_personalized_acc']
+  else:
+    count = np.asarray(exp.data.test_count)[np.asarray(exp.dropout_clients)]
+    accuracy = evaluation.accuracy_summary(correct, count, {}, 'x')['x_acc']
+  return {'dropout_personalized_acc_no_label_prior': accuracy}
+
+
+def _unseen_class_counts(inputs: EvalInputs, state: Any) -> jax.Array | None:
+  unseen_params = inputs.experiment.algorithm.unseen_class_params(state, inputs.data)
+  if unseen_params is None or not inputs.num_unseen:
+    return None
+  return evaluation.correct_by_group(
+    inputs.experiment.model,
+    unseen_params,
+    inputs.data,
+    inputs.unseen_index,
+    inputs.unseen_group,
+    1,
+    EVAL_CHUNK,
+  )
+
+
+def _unseen_class_metrics(
+  inputs: EvalInputs, correct: Any, before: dict[str, Any]
+) -> dict[str, Any]:
+  del before
+  exp = inputs.experiment
+  if not len(exp.unseen_classes):
+    return {}
+  return {'unseen_class_acc': None if correct is None else float(correct[0] / inputs.num_unseen)}
+
+
+# The evaluations of every run, in the order of their metrics in metrics.jsonl. An added
+# entry runs inside the same jitted call and writes its metrics beside the others.
+EVALUATIONS: dict[str, Evaluation] = {
+  'personalized': Evaluation(_personalized_counts, _personalized_metrics),
+  'global': Evaluation(_global_counts, _global_metrics),
+  'dropout_no_label_prior': Evaluation(_no_label_prior_counts, _no_label_prior_metrics),
+  'unseen_class': Evaluation(_unseen_class_counts, _unseen_class_metrics),
+}
+
+
 class Evaluator:
-  """One jitted call evaluates the personalized, global and unseen-class models."""
+  """ONE jitted call runs every evaluation of `EVALUATIONS` on the algorithm's state."""
 
   def __init__(self, experiment: Experiment):
     self._exp = experiment
-    self._evaluate = jax.jit(self._correct_counts)
     unseen = np.flatnonzero(
       np.isin(
         experiment.dataset.test_labels[np.asarray(experiment.data.union_test_index)],
@@ -296,74 +450,41 @@ class Evaluator:
       )
     )
     unseen = unseen[unseen < int(np.asarray(experiment.data.test_count).sum())]
-    self._num_unseen = len(unseen)
     padded = -(-max(len(unseen), 1) // EVAL_CHUNK) * EVAL_CHUNK
     index = np.zeros((padded,), np.int32)
     index[: len(unseen)] = np.asarray(experiment.data.union_test_index)[unseen]
     group = np.ones((padded,), np.int32)
     group[: len(unseen)] = 0
-    self._unseen_index, self._unseen_group = jnp.asarray(index), jnp.asarray(group)
-    self._dropout_ids = jnp.asarray(experiment.dropout_clients, jnp.int32)
-
-  def _correct_counts(self, state, data, unseen_index, unseen_group, dropout_ids):
-    algorithm, model, num_clients = self._exp.algorithm, self._exp.model, data.num_clients
-    shared = lambda p: evaluation.correct_by_group(
-      model, p, data, data.union_test_index, data.union_test_client, num_clients, EVAL_CHUNK
+    self._inputs = EvalInputs(
+      experiment,
+      experiment.data,
+      jnp.asarray(index),
+      jnp.asarray(group),
+      len(unseen),
+      jnp.asarray(experiment.dropout_clients, jnp.int32),
     )
-    params = algorithm.personalized_params(state, data)
-    if algorithm.personalized_axis is None:
-      personal = shared(params)
-    else:
-      personal = evaluation.client_correct_counts(
-        model, params, data, EVAL_CHUNK, client_map=algorithm.client_map
-      )
-    out = {'personalized': personal}
-    global_params = algorithm.global_params(state)
-    if global_params is not None:
-      out['global'] = personal if global_params is params else shared(global_params)
-    unseen_params = algorithm.unseen_class_params(state, data)
-    if unseen_params is not None and self._num_unseen:
-      out['unseen'] = evaluation.correct_by_group(
-        model, unseen_params, data, unseen_index, unseen_group, 1, EVAL_CHUNK
-      )
-    if dropout_ids.shape[0]:
-      prior_free = algorithm.label_prior_free_params(state, data, dropout_ids)
-      if prior_free is not None:
-        out['dropout_no_label_prior'] = evaluation.client_correct_counts(
-          model, prior_free, data, EVAL_CHUNK, client_ids=dropout_ids
-        )
-    return out
+    self._evaluate = jax.jit(self._all_counts)
+
+  def _all_counts(self, state, data, unseen_index, unseen_group, dropout_ids):
+    inputs = dataclasses.replace(
+      self._inputs,
+      data=data,
+      unseen_index=unseen_index,
+      unseen_group=unseen_group,
+      dropout_ids=dropout_ids,
+    )
+    return {name: e.counts(inputs, state) for name, e in EVALUATIONS.items()}
 
   def __call__(self, state) -> dict[str, Any]:
-    exp = self._exp
-    correct = jax.device_get(
-      self._evaluate(state, exp.data, self._unseen_index, self._unseen_group, self._dropout_ids)
-    )
-    count = np.asarray(exp.data.test_count)
-    metrics: dict[str, Any] = dict(
-      evaluation.accuracy_summary(correct['personalized'], count, exp.groups, 'personalized')
-    )
-    metrics['client_personalized_acc'] = [
-      round(float(c / n), 6) if n else None for c, n in zip(correct['personalized'], count)
-    ]
-    metrics['global_acc'] = (
-      float(correct['global'].sum() / max(count.sum(), 1)) if 'global' in correct else None
-    )
-    if exp.dropout_clients:
-      # Without knowledge of the dropout clients' own label sets: equal to
-      # dropout_personalized_acc for algorithms whose personalization never uses it.
-      no_prior = correct.get('dropout_no_label_prior')
-      metrics['dropout_personalized_acc_no_label_prior'] = (
-        metrics['dropout_personalized_acc']
-        if no_prior is None
-        else evaluation.accuracy_summary(no_prior, count[np.asarray(exp.dropout_clients)], {}, 'x')[
-          'x_acc'
-        ]
+    inputs = self._inputs
+    counts = jax.device_get(
+      self._evaluate(
+        state, inputs.data, inputs.unseen_index, inputs.unseen_group, inputs.dropout_ids
       )
-    if len(exp.unseen_classes):
-      metrics['unseen_class_acc'] = (
-        float(correct['unseen'][0] / self._num_unseen) if 'unseen' in correct else None
-      )
+    )
+    metrics: dict[str, Any] = {}
+    for name, e in EVALUATIONS.items():
+      metrics.update(e.metrics(inputs, counts[name], metrics))
     return metrics
 
 
@@ -384,7 +505,38 @@ class StepReport:
   extra: dict[str, Any]
 
 
-class SyncRounds:
+class Driver:
+  """What the round loop drives: the sync rounds or the async server steps.
+
+  The driver's state (`tree`) is what `step` advances; `split` divides it into a device
+  pytree and a JSON-able host part, saved together as one checkpoint
+  (`run_folder.save_args`), and `join` puts them back. These defaults serve a driver
+  whose whole state is the algorithm's device pytree.
+  """
+
+  def init(self, state: Any) -> Any:
+    """The driver's state from the algorithm's initial state."""
+    return state
+
+  def algorithm_state(self, tree: Any) -> Any:
+    """The algorithm's state inside the driver's (what evaluation reads)."""
+    return tree
+
+  def split(self, tree: Any) -> tuple[Any, dict[str, Any]]:
+    """(device pytree, JSON-able host part) of the driver's state."""
+    return tree, {}
+
+  def join(self, device_tree: Any, host: dict[str, Any]) -> Any:
+    """Inverse of `split`."""
+    del host
+    return device_tree
+
+  def step(self, tree: Any, round_index: int, rng: jax.Array) -> tuple[Any, StepReport]:
+    """Runs round `round_index` (1-based)."""
+    raise NotImplementedError
+
+
+class SyncRounds(Driver):
   """Synchronous rounds: the cohort trains in one jitted `run_round` call per round.
 
   A round lasts, in virtual time, as long as its slowest client (job duration = local
@@ -415,22 +567,6 @@ class SyncRounds:
       self._end_times.append(self._end_times[-1] + float(self._job_time[self._cohort(r)].max()))
     return self._end_times[round_index]
 
-  def init(self, state):
-    return state
-
-  def device_tree(self, state):
-    return state
-
-  def restore(self, device_tree, done_round):
-    del done_round
-    return device_tree
-
-  def save_host_state(self, state, round_index):
-    del state, round_index
-
-  def algorithm_state(self, state):
-    return state
-
   def step(self, state, round_index, rng):
     cohort = self._cohort(round_index)
     state, metrics = self._run_round(state, cohort, rng, self._exp.data)
@@ -440,14 +576,12 @@ class SyncRounds:
     )
 
 
-class AsyncRounds:
+class AsyncRounds(Driver):
   """Asynchronous server steps (--server=fedasync|fedbuff): one 'round' = one server
-  version. The device state is checkpointed by orbax, the host clock as JSON beside it."""
+  version. Its state is the device pytree plus the host clock (the checkpoint's host part)."""
 
-  def __init__(self, experiment: Experiment, workdir: str):
+  def __init__(self, experiment: Experiment):
     self._exp = experiment
-    self._clock_dir = os.path.join(workdir, 'clock')
-    os.makedirs(self._clock_dir, exist_ok=True)
     self._sim = asynchrony.AsyncSimulator(
       experiment.algorithm,
       experiment.config,
@@ -459,19 +593,12 @@ class AsyncRounds:
   def init(self, state):
     return self._sim.init(state)
 
-  def device_tree(self, async_state):
-    return async_state.device
+  def split(self, async_state):
+    return async_state.device, {'clock': json.loads(async_state.clock.to_json())}
 
-  def restore(self, device_tree, done_round):
-    with open(os.path.join(self._clock_dir, f'{done_round}.json')) as f:
-      clock = asynchrony.Clock.from_json(f.read())
+  def join(self, device_tree, host):
+    clock = asynchrony.Clock.from_json(json.dumps(host['clock']))
     return asynchrony.AsyncState(device=device_tree, clock=clock)
-
-  def save_host_state(self, async_state, round_index):
-    path = os.path.join(self._clock_dir, f'{round_index}.json')
-    with open(path + '.tmp', 'w') as f:
-      f.write(async_state.clock.to_json())
-    os.replace(path + '.tmp', path)
 
   def algorithm_state(self, async_state):
     return self._sim.algorithm_state(async_state)
@@ -530,8 +657,8 @@ def restore_newest_good(
 
   Args:
     manager: the run's checkpoint manager.
-    rounds: `SyncRounds` or `AsyncRounds` (restores its host state beside the tree).
-    tree: the freshly initialised state (the structure to restore into).
+    rounds: the `Driver` (joins the restored device pytree and host part).
+    tree: the driver's freshly initialised state (the structure to restore into).
     workdir: the run's folder.
 
   Returns:
@@ -544,8 +671,8 @@ def restore_newest_good(
     # collected later are dropped by `_drop_abandoned_orbax_reads`; one line replaces them.
     with contextlib.redirect_stderr(io.StringIO()):
       try:
-        restored = manager.restore(step, args=ocp.args.StandardRestore(rounds.device_tree(tree)))
-        return rounds.restore(restored, step), step
+        device_tree, host = run_folder.restore_step(manager, step, rounds.split(tree)[0])
+        return rounds.join(device_tree, host), step
       except Exception as e:  # noqa: BLE001 -- orbax/tensorstore raise many types
         failure = type(e).__name__
       gc.collect()
@@ -636,11 +763,7 @@ def _run(config: Config, workdir: str) -> dict[str, Any]:
   state = sharding.replicate(
     exp.algorithm.init(jax.random.fold_in(base_key, 0)), exp.algorithm.client_map.mesh
   )
-  rounds: SyncRounds | AsyncRounds
-  if config.server == 'sync':
-    rounds = SyncRounds(exp)
-  else:
-    rounds = AsyncRounds(exp, workdir)
+  rounds: Driver = SyncRounds(exp) if config.server == 'sync' else AsyncRounds(exp)
   tree = rounds.init(state)
   manager = ocp.CheckpointManager(
     os.path.join(workdir, 'checkpoints'), options=ocp.CheckpointManagerOptions(max_to_keep=2)
@@ -656,7 +779,7 @@ def _round_loop(
   config: Config,
   workdir: str,
   exp: Experiment,
-  rounds: Any,
+  rounds: Driver,
   tree: Any,
   manager: ocp.CheckpointManager,
   base_key: jax.Array,

@@ -53,6 +53,12 @@ flags.DEFINE_string(
   '',
   'FLAG:v1,v2,... runs every value of one flag as its own method row, e.g. beta:0.001,0.01,0.1.',
 )
+flags.DEFINE_list(
+  'algorithm_flags',
+  [],
+  'ALGORITHM.FLAG=VALUE,...: flags set for the runs of one algorithm only (its row is labelled '
+  'with them), e.g. fedgen.fedgen_alpha=2,fedgen.fedgen_beta=2.',
+)
 
 
 def parse_sweep(spec: str) -> tuple[str, list[tuple[str, Any]]]:
@@ -88,6 +94,42 @@ def parse_sweep(spec: str) -> tuple[str, list[tuple[str, Any]]]:
   return name, parsed
 
 
+def parse_algorithm_flags(
+  specs: list[str], algorithms: list[str]
+) -> dict[str, tuple[str, dict[str, Any]]]:
+  """Parses --algorithm_flags.
+
+  Args:
+    specs: 'ALGORITHM.FLAG=VALUE' items.
+    algorithms: the compared algorithms (--algorithms).
+
+  Returns:
+    {algorithm: (setting label 'FLAG=VALUE,...', {flag: parsed value})}.
+
+  Raises:
+    ConfigError: a malformed item, an algorithm not compared, a flag that is not a Config
+      field (or is set per run) or a value the flag cannot parse.
+  """
+  fields = {f.name for f in dataclasses.fields(config_lib.Config)}
+  texts: dict[str, list[str]] = {}
+  changes: dict[str, dict[str, Any]] = {}
+  for spec in specs:
+    target, _, text = spec.strip().partition('=')
+    algorithm, _, name = target.partition('.')
+    if not text or algorithm not in algorithms or name not in fields or name in PER_RUN_FLAGS:
+      raise ConfigError(
+        '--algorithm_flags items must be ALGORITHM.FLAG=VALUE with ALGORITHM one of '
+        f'--algorithms and FLAG a flag of main.py other than {", ".join(PER_RUN_FLAGS)}; '
+        f'got {spec!r}'
+      )
+    try:
+      changes.setdefault(algorithm, {})[name] = flags.FLAGS[name].parser.parse(text)
+    except ValueError as e:
+      raise ConfigError(f'--algorithm_flags: bad value {text!r} for --{name}: {e}') from None
+    texts.setdefault(algorithm, []).append(f'{name}={text}')
+  return {a: (','.join(texts[a]), changes[a]) for a in changes}
+
+
 def parse_seeds(seeds: list[str]) -> list[int]:
   try:
     parsed = [int(s) for s in seeds]
@@ -99,7 +141,9 @@ def parse_seeds(seeds: list[str]) -> list[int]:
 
 
 def run_workdir(out: str, algorithm: str, setting: str, seed: int) -> str:
-  parts = [out, 'runs', algorithm] + ([setting.replace(os.sep, '_')] if setting else [])
+  parts = [out, 'runs', algorithm] + (
+    [setting.replace(os.sep, '_').replace(' ', '_')] if setting else []
+  )
   return os.path.join(*parts, f'seed{seed}')
 
 
@@ -249,6 +293,7 @@ def main(argv: list[str]) -> int:
       )
   seeds = parse_seeds(flags.FLAGS.seeds)
   sweep_flag, sweep_values = parse_sweep(flags.FLAGS.sweep)
+  algorithm_flags = parse_algorithm_flags(flags.FLAGS.algorithm_flags, algorithms)
   os.makedirs(out, exist_ok=True)
 
   jobs = [
@@ -259,8 +304,9 @@ def main(argv: list[str]) -> int:
   ]
   runs, configs = [], {}
   for i, (seed, algorithm, text, value) in enumerate(jobs, 1):
-    changes = {sweep_flag: value} if sweep_flag else {}
-    setting = f'{sweep_flag}={text}' if sweep_flag else ''
+    own_setting, changes = algorithm_flags.get(algorithm, ('', {}))
+    changes = {**changes, **({sweep_flag: value} if sweep_flag else {})}
+    setting = ' '.join(s for s in (own_setting, f'{sweep_flag}={text}' if sweep_flag else '') if s)
     workdir = run_workdir(out, algorithm, setting, seed)
     config = given.replace(algorithm=algorithm, seed=seed, workdir=workdir, **changes)
     print(

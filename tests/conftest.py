@@ -1,6 +1,15 @@
 """Shared test fixtures: small synthetic federations (no data set is downloaded)."""
 
 import dataclasses
+import os
+
+# The suite's computations are tiny and compiled once each: compile time dominates, and
+# XLA's backend optimisation roughly doubles it. Both sides of every equality test run
+# under the same flags. (Set before jax creates its backend.)
+os.environ['XLA_FLAGS'] = (
+  os.environ.get('XLA_FLAGS', '')
+  + ' --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
+)
 
 import chex
 import flax.linen as nn

@@ -41,18 +41,12 @@ class FakeManager:
     self.saved = []
 
   def save(self, step, args):
-    self.saved.append((step, args.item))
+    self.saved.append((step, args['state'].item, args['host'].item))
 
 
 class FakeDriver:
-  def __init__(self):
-    self.host = []
-
-  def save_host_state(self, tree, round_index):
-    self.host.append(round_index)
-
-  def device_tree(self, tree):
-    return tree['device']
+  def split(self, tree):
+    return tree['device'], {'round': tree['device'] // 10}
 
 
 def test_checkpoint_every_k_rounds_and_after_the_last():
@@ -60,8 +54,7 @@ def test_checkpoint_every_k_rounds_and_after_the_last():
   ckpt = callbacks.Checkpoint(manager, driver, every=2, num_rounds=5)
   for r in range(1, 6):
     ckpt.after_round(r, {'device': r * 10}, None, report())
-  assert manager.saved == [(2, 20), (4, 40), (5, 50)]
-  assert driver.host == [2, 4, 5]
+  assert manager.saved == [(2, 20, {'round': 2}), (4, 40, {'round': 4}), (5, 50, {'round': 5})]
 
 
 def test_progress_line_has_loss_accuracy_and_eta():

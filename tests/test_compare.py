@@ -148,3 +148,21 @@ def test_sweep_rows_failed_run_and_generated_samples(tmp_path, synthetic_data):
   assert 'seed 0 failed: --batch_size' in markdown and 'unseen classes (final)' in markdown
   assert os.path.getsize(os.path.join(out, 'generated_samples_batch_size=8.png')) > 0
   assert not os.path.exists(os.path.join(out, 'generated_samples_batch_size=0.png'))
+
+
+def test_algorithm_flags_apply_to_one_algorithm_and_label_its_row():
+  parsed = compare.parse_algorithm_flags(
+    ['fedgen.fedgen_alpha=2', 'fedgen.fedgen_beta=0.5', 'apfl.beta=0.01'], ['fedgen', 'apfl']
+  )
+  assert parsed == {
+    'fedgen': ('fedgen_alpha=2,fedgen_beta=0.5', {'fedgen_alpha': 2.0, 'fedgen_beta': 0.5}),
+    'apfl': ('beta=0.01', {'beta': 0.01}),
+  }
+  assert compare.run_workdir('out', 'fedgen', 'fedgen_alpha=2 beta=0.1', 0) == os.path.join(
+    'out', 'runs', 'fedgen', 'fedgen_alpha=2_beta=0.1', 'seed0'
+  )
+  for bad in ('fedavg.learning_rate=0.1', 'fedgen.no_such_flag=1', 'fedgen.seed=1', 'fedgen'):
+    with pytest.raises(compare.ConfigError, match='ALGORITHM.FLAG=VALUE'):
+      compare.parse_algorithm_flags([bad], ['fedgen'])
+  with pytest.raises(compare.ConfigError, match='bad value'):
+    compare.parse_algorithm_flags(['fedgen.fedgen_alpha=x'], ['fedgen'])

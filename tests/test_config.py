@@ -19,8 +19,9 @@ FLAGFILES = sorted(glob.glob(os.path.join(EXPERIMENTS, '*.flags')))
 
 @pytest.fixture
 def parsed_flags():
-  """The global absl flags with the project's flags; unparsed again afterwards."""
+  """The global absl flags with the project's flags, unparsed before and after the test."""
   config_lib.define_flags()
+  flags.FLAGS.unparse_flags()  # an earlier test (compare.run, main.run) may have parsed them
   yield flags.FLAGS
   flags.FLAGS.unparse_flags()
 

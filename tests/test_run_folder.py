@@ -5,6 +5,7 @@ import os
 
 from conftest import make_synthetic_dataset
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from apfl_jax import run_folder, train
@@ -44,6 +45,26 @@ def test_restore_latest_gives_the_final_state_and_its_metrics(finished_run):
   # The restored state scores what the run logged after its last round.
   accuracy = train.Evaluator(experiment)(state)['global_acc']
   np.testing.assert_allclose(accuracy, rows[-1]['global_acc'], atol=1e-6)
+
+
+def test_one_checkpoint_holds_device_and_host_parts_and_legacy_ones_still_restore(tmp_path):
+  folder = str(tmp_path / run_folder.CHECKPOINTS)
+  tree = {'w': np.arange(3.0, dtype=np.float32)}
+  host = {'clock': {'time': 1.5, 'jobs': [{'client': 2}]}}
+  with ocp.CheckpointManager(folder) as manager:
+    manager.save(2, args=run_folder.save_args(tree, host))
+  with ocp.CheckpointManager(folder) as manager:
+    # The layout before: the device pytree alone, the async clock in clock/<k>.json.
+    manager.save(4, args=ocp.args.StandardSave({'w': tree['w'] + 1}))
+  os.makedirs(tmp_path / run_folder.LEGACY_CLOCKS)
+  (tmp_path / run_folder.LEGACY_CLOCKS / '4.json').write_text('{"time": 9.0}')
+  with ocp.CheckpointManager(folder) as manager:
+    device, restored_host = run_folder.restore_step(manager, 2, tree)
+    np.testing.assert_array_equal(device['w'], tree['w'])
+    assert restored_host == host
+    device, restored_host = run_folder.restore_step(manager, 4, tree)
+    np.testing.assert_array_equal(device['w'], tree['w'] + 1)
+    assert restored_host == {'clock': {'time': 9.0}}
 
 
 def test_a_torn_last_metrics_line_is_dropped_and_an_inner_one_named(tmp_path):
