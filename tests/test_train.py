@@ -34,6 +34,9 @@ def tiny_config(**changes):
     num_rounds=4,
     batch_size=8,
     local_epochs=1,
+    # One lockstep group: each size group is one more copy of the training step to compile
+    # (the groups are tested in test_local_training and, end to end, in the FedAvg resume).
+    max_client_buckets=1,
     learning_rate=0.05,
     checkpoint_every=2,
     verbose=False,
@@ -99,7 +102,7 @@ APFL_TINY = dict(
 )
 
 
-@pytest.mark.parametrize('changes', [{}, APFL_TINY], ids=['fedavg', 'apfl'])
+@pytest.mark.parametrize('changes', [{'max_client_buckets': 4}, APFL_TINY], ids=['fedavg', 'apfl'])
 def test_resumed_run_equals_uninterrupted_run(tmp_path, synthetic_data, monkeypatch, changes):
   config = tiny_config(
     join_ratio=0.5, server_optimizer='momentum', server_learning_rate=0.5, **changes
