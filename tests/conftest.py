@@ -139,6 +139,11 @@ def float32_matmuls():
 @pytest.fixture
 def synthetic_federation():
   """(dataset, partition, FederatedData) with 4 uneven clients."""
+  return make_synthetic_federation()
+
+
+def make_synthetic_federation():
+  """The `synthetic_federation` fixture's value (for module-scoped fixtures)."""
   dataset = make_synthetic_dataset()
   partition = partition_lib.partition_dataset(
     dataset.train_labels,

@@ -1,11 +1,18 @@
 """Tests of apfl_jax.algorithms.apfl."""
 
 from apfl_fixtures import make_apfl, schedule_for
-from conftest import TinyModel, assert_trees_close, assert_trees_equal, make_synthetic_dataset
+from conftest import (
+  TinyModel,
+  assert_trees_close,
+  assert_trees_equal,
+  make_synthetic_dataset,
+  make_synthetic_federation,
+)
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from apfl_jax import generator as generator_lib
 from apfl_jax import local_training
@@ -29,15 +36,25 @@ def row(tree, i):
   return jax.tree.map(lambda x: x[i], tree)
 
 
+@pytest.fixture(scope='module')
+def after_one_round():
+  """(partition, data, state) of a default AP-FL after one round of clients 0, 1, 2.
+
+  The round does not read the friend's settings (beta, labels): they only enter
+  personalization, so tests vary them on this one state.
+  """
+  _, partition, data = make_synthetic_federation()
+  return partition, data, run_rounds(make_apfl(data, partition), data, [(0, 1, 2)])
+
+
 def test_interpolate_is_convex_combination():
   mixed = apfl_lib.interpolate({'w': jnp.array([0.0, 10.0])}, {'w': jnp.array([10.0, 0.0])}, 0.25)
   np.testing.assert_allclose(mixed['w'], [7.5, 2.5])  # 0.25 * local + 0.75 * friend
 
 
-def test_beta_one_is_the_local_model_and_beta_zero_the_friend(synthetic_federation):
-  _, partition, data = synthetic_federation
+def test_beta_one_is_the_local_model_and_beta_zero_the_friend(after_one_round):
+  partition, data, state = after_one_round
   local_only = make_apfl(data, partition, beta=1.0)
-  state = run_rounds(local_only, data, [(0, 1, 2)])
   assert_trees_equal(local_only.personalized_params(state, data), local_only.local_models(state))
   friend_only = make_apfl(data, partition, beta=0.0)
   personalized = friend_only.personalized_params(state, data)
@@ -150,10 +167,9 @@ def test_global_teacher_only_round_does_not_recompile(synthetic_federation):
   assert bool(np.all(metrics.finite))
 
 
-def test_friend_learns_a_class_no_client_holds(synthetic_federation):
-  _, partition, data = synthetic_federation
+def test_friend_learns_a_class_no_client_holds(after_one_round):
+  partition, data, state = after_one_round
   alg = make_apfl(data, partition)
-  state = run_rounds(alg, data, [(0, 1, 2)])
   server = state.server.replace(seen_counts=jnp.array([5.0, 5.0, 5.0, 0.0]))
   only_class_3 = jnp.array([0.0, 0.0, 0.0, 1.0])
   friend = alg.train_friend(server, state.server.params, only_class_3, jax.random.key(4))
@@ -171,10 +187,9 @@ def test_friend_learns_a_class_no_client_holds(synthetic_federation):
   assert np.all(np.isfinite(logits))
 
 
-def test_label_prior_free_friends_train_on_every_class(synthetic_federation):
-  _, partition, data = synthetic_federation
+def test_label_prior_free_friends_train_on_every_class(after_one_round):
+  partition, data, state = after_one_round
   alg = make_apfl(data, partition, beta=0.0)
-  state = run_rounds(alg, data, [(0, 1, 2)])
   ids = jnp.array([3, 1], jnp.int32)
   prior_free = alg.label_prior_free_params(state, data, ids)
   assert_trees_equal(prior_free, alg.friend_models(state, ids, jnp.ones((2, 4))))
@@ -185,10 +200,9 @@ def test_label_prior_free_friends_train_on_every_class(synthetic_federation):
   assert_trees_close(row(alone, 0), row(prior_free, 0))
 
 
-def test_unseen_class_probe_is_finite(synthetic_federation):
-  _, partition, data = synthetic_federation
+def test_unseen_class_probe_is_finite(after_one_round):
+  partition, data, state = after_one_round
   alg = make_apfl(data, partition, friend_labels='all')
-  state = run_rounds(alg, data, [(0, 1, 2)])
   probe = alg.unseen_class_params(state, data)
   assert all(bool(np.all(np.isfinite(x))) for x in jax.tree.leaves(probe))
 
