@@ -310,13 +310,14 @@ class Evaluation:
   """One named evaluation: counts on the device, metrics on the host.
 
   Attributes:
-    counts: (inputs, algorithm state) -> correct counts, traced inside the one jitted
-      evaluation call; None where the evaluation does not apply (no global model, ...).
+    counts: (inputs, algorithm state, the counts of the evaluations before it) -> correct
+      counts, traced inside the one jitted evaluation call; None where the evaluation
+      does not apply (no global model, ...).
     metrics: (inputs, counts or None, the metrics of the evaluations before it) -> the
       metrics it adds to metrics.jsonl, on the host.
   """
 
-  counts: Callable[[EvalInputs, Any], Any]
+  counts: Callable[[EvalInputs, Any, dict[str, Any]], Any]
   metrics: Callable[[EvalInputs, Any, dict[str, Any]], dict[str, Any]]
 
 
@@ -334,7 +335,8 @@ def _pool_counts(inputs: EvalInputs, params: Any) -> jax.Array:
   )
 
 
-def _personalized_counts(inputs: EvalInputs, state: Any) -> jax.Array:
+def _personalized_counts(inputs: EvalInputs, state: Any, before: dict[str, Any]) -> jax.Array:
+  del before
   algorithm = inputs.experiment.algorithm
   params = algorithm.personalized_params(state, inputs.data)
   if algorithm.personalized_axis is None:
@@ -358,13 +360,16 @@ def _personalized_metrics(
   }
 
 
-def _global_counts(inputs: EvalInputs, state: Any) -> jax.Array | None:
+def _global_counts(inputs: EvalInputs, state: Any, before: dict[str, Any]) -> jax.Array | None:
   algorithm = inputs.experiment.algorithm
   global_params = algorithm.global_params(state)
   if global_params is None:
     return None
-  if global_params is algorithm.personalized_params(state, inputs.data):
-    return _personalized_counts(inputs, state)
+  # A shared personalized model that is the global one (FedAvg): its counts, not a rerun.
+  if algorithm.personalized_axis is None and global_params is algorithm.personalized_params(
+    state, inputs.data
+  ):
+    return before['personalized']
   return _pool_counts(inputs, global_params)
 
 
@@ -375,7 +380,10 @@ def _global_metrics(inputs: EvalInputs, correct: Any, before: dict[str, Any]) ->
   return {'global_acc': None if correct is None else float(correct.sum() / max(count.sum(), 1))}
 
 
-def _no_label_prior_counts(inputs: EvalInputs, state: Any) -> jax.Array | None:
+def _no_label_prior_counts(
+  inputs: EvalInputs, state: Any, before: dict[str, Any]
+) -> jax.Array | None:
+  del before
   if not inputs.dropout_ids.shape[0]:
     return None
   algorithm = inputs.experiment.algorithm
@@ -403,7 +411,10 @@ def _no_label_prior_metrics(
   return {'dropout_personalized_acc_no_label_prior': accuracy}
 
 
-def _unseen_class_counts(inputs: EvalInputs, state: Any) -> jax.Array | None:
+def _unseen_class_counts(
+  inputs: EvalInputs, state: Any, before: dict[str, Any]
+) -> jax.Array | None:
+  del before
   unseen_params = inputs.experiment.algorithm.unseen_class_params(state, inputs.data)
   if unseen_params is None or not inputs.num_unseen:
     return None
@@ -473,7 +484,10 @@ class Evaluator:
       unseen_group=unseen_group,
       dropout_ids=dropout_ids,
     )
-    return {name: e.counts(inputs, state) for name, e in EVALUATIONS.items()}
+    counts: dict[str, Any] = {}
+    for name, e in EVALUATIONS.items():
+      counts[name] = e.counts(inputs, state, counts)
+    return counts
 
   def __call__(self, state) -> dict[str, Any]:
     inputs = self._inputs
