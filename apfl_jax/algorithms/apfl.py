@@ -40,7 +40,6 @@ on every class uniformly, i.e. without the knowledge of the client's own label s
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from typing import Any
@@ -222,12 +221,6 @@ class APFL(FedAvg):
       raise ValueError(f'unknown local_model {local_model!r}')
     self.local_model = local_model
 
-  def with_beta(self, beta: float) -> APFL:
-    """A copy of this algorithm whose personalized models use `beta` (training is the same)."""
-    clone = copy.copy(self)
-    clone.friend = dataclasses.replace(self.friend, beta=beta)
-    return clone
-
   def init(self, rng: jax.Array) -> base.AlgorithmState:
     model_rng, generator_rng = jax.random.split(rng)
     fedavg = super().init(model_rng)
@@ -372,19 +365,36 @@ class APFL(FedAvg):
     keys = self._friend_keys(server)[client_ids]
     return self.client_map(self.train_friend, (None, 0, 0, 0), server, start, label_probs, keys)
 
+  def client_label_probs(self) -> jax.Array:
+    """[num_clients, num_classes] generated-label weights of each client's friend model."""
+    if self.friend.labels == 'client':
+      return jnp.asarray(self.label_counts)
+    return jnp.ones((self.num_clients, self.num_classes), jnp.float32)
+
+  def personalization_parts(
+    self, state: base.AlgorithmState, client_ids: jax.Array, label_probs: jax.Array
+  ) -> tuple[Any, Any]:
+    """The two models the clients interpolate, before beta weighs them.
+
+    Args:
+      state: the federation's state.
+      client_ids: int [N] the clients.
+      label_probs: [N, num_classes] each friend's generated-label weights.
+
+    Returns:
+      (local models, friend models), each stacked [N, ...].
+    """
+    local = base.gather_clients(self.local_models(state), client_ids)
+    return local, self.friend_models(state, client_ids, label_probs)
+
   def _personalize(
     self, state: base.AlgorithmState, client_ids: jax.Array, label_probs: jax.Array
   ) -> Any:
-    friends = self.friend_models(state, client_ids, label_probs)
-    local = base.gather_clients(self.local_models(state), client_ids)
+    local, friends = self.personalization_parts(state, client_ids, label_probs)
     return interpolate(local, friends, self.friend.beta)
 
   def personalized_params(self, state, data):
-    if self.friend.labels == 'client':
-      label_probs = jnp.asarray(self.label_counts)
-    else:
-      label_probs = jnp.ones((self.num_clients, self.num_classes), jnp.float32)
-    return self._personalize(state, jnp.arange(self.num_clients), label_probs)
+    return self._personalize(state, jnp.arange(self.num_clients), self.client_label_probs())
 
   def label_prior_free_params(self, state, data, client_ids):
     """Personalized models of `client_ids` whose friends train on every class uniformly."""

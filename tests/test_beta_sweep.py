@@ -1,0 +1,96 @@
+"""Tests of experiments/beta_sweep.py: one friend training, then any beta (tiny AP-FL run)."""
+
+import importlib.util
+import json
+import os
+
+from conftest import make_synthetic_dataset
+import numpy as np
+import pytest
+
+from apfl_jax import evaluation, run_folder, train
+from apfl_jax.config import Config
+from apfl_jax.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SPEC = importlib.util.spec_from_file_location(
+  'beta_sweep', os.path.join(REPO, 'experiments', 'beta_sweep.py')
+)
+beta_sweep = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(beta_sweep)
+
+
+@pytest.fixture(scope='module')
+def dropout_run(tmp_path_factory):
+  """(workdir, final metrics row) of a 2-round AP-FL run whose monopoly client drops out."""
+  dataset = make_synthetic_dataset(num_classes=4, per_class=20, shape=(28, 28, 1))
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(train.datasets, 'load_dataset', lambda name, data_dir=None: dataset)
+    config = Config(
+      dataset='mnist',
+      algorithm='apfl',
+      num_clients=4,
+      partition='monopoly',
+      classes_per_client=2,
+      monopoly_clients=1,
+      monopoly_classes_per_client=1,
+      dropout_clients='monopoly',
+      dropout_round=0,
+      num_rounds=2,
+      batch_size=8,
+      local_epochs=1,
+      max_client_buckets=1,
+      learning_rate=0.05,
+      beta=0.3,
+      checkpoint_every=2,
+      embedding='onehot',
+      generator='feature',
+      noise_dim=8,
+      generator_hidden_dim=16,
+      generator_steps=2,
+      generator_batch_size=8,
+      synthetic_per_class=4,
+      friend_batch_size=8,
+      verbose=False,
+    )
+    workdir = str(tmp_path_factory.mktemp('apfl'))
+    train.train_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      final = [json.loads(line) for line in f][-1]
+    yield workdir, final
+
+
+def test_the_runs_own_beta_gives_its_logged_metrics(dropout_run):
+  workdir, final = dropout_run
+  swept = beta_sweep.evaluate_run(workdir, [0.3])[0.3]
+  assert set(swept) == set(beta_sweep.METRICS)
+  for metric, value in swept.items():
+    assert value == pytest.approx(final[metric], abs=1e-9), metric
+
+
+def test_beta_one_scores_the_local_models(dropout_run):
+  workdir, _ = dropout_run
+  experiment, state, _ = run_folder.restore_latest(workdir)
+  local = experiment.algorithm.local_models(state)
+  correct = evaluation.client_correct_counts(
+    experiment.model, local, experiment.data, train.EVAL_CHUNK
+  )
+  expected = evaluation.accuracy_summary(
+    np.asarray(correct), np.asarray(experiment.data.test_count), experiment.groups, 'p'
+  )
+  swept = beta_sweep.sweep(experiment, state, [1.0, 0.0])
+  assert swept[1.0]['personalized_acc'] == pytest.approx(expected['p_acc'])
+  assert swept[1.0]['dropout_personalized_acc'] == pytest.approx(expected['dropout_p_acc'])
+  # A dropout client never trained: at beta=1 its model is the global one, label prior or not.
+  assert swept[1.0]['dropout_personalized_acc_no_label_prior'] == pytest.approx(
+    expected['dropout_p_acc']
+  )
+  assert 0.0 <= swept[0.0]['personalized_acc'] <= 1.0
+
+
+def test_bad_betas_are_refused_naming_the_flag():
+  with pytest.raises(UserError, match='--betas'):
+    beta_sweep.parse_betas('0.1,x')
+  with pytest.raises(UserError, match='--betas'):
+    beta_sweep.parse_betas('0.1,1.5')
+  assert beta_sweep.parse_betas('0,0.5,1') == [0.0, 0.5, 1.0]
