@@ -114,16 +114,18 @@ def evaluate_run(workdir: str, betas: list[float]) -> dict[float, dict[str, floa
 
 def table(runs: str, per_run: list[dict[float, dict]], betas: list[float]) -> str:
   """The markdown table: mean ± population std over the runs, one row per beta."""
+  # Columns the setting reports (no dropout columns without dropout clients).
+  metrics = [m for m in METRICS if any(m in r[b] for r in per_run for b in betas)]
   lines = [
     f'Seeds: {len(per_run)} runs in `{runs}`; final-round accuracy, '
     'mean ± std (population) over seeds.',
     '',
-    '| beta | ' + ' | '.join(METRICS) + ' |',
-    '|---|' + '---|' * len(METRICS),
+    '| beta | ' + ' | '.join(metrics) + ' |',
+    '|---|' + '---|' * len(metrics),
   ]
   for beta in betas:
     cells = []
-    for metric in METRICS:
+    for metric in metrics:
       values = [r[beta][metric] for r in per_run if r[beta].get(metric) is not None]
       cells.append(f'{np.mean(values):.4f} ± {np.std(values):.4f}' if values else 'n/a')
     lines.append(f'| {beta:g} | ' + ' | '.join(cells) + ' |')

@@ -94,3 +94,11 @@ def test_bad_betas_are_refused_naming_the_flag():
   with pytest.raises(UserError, match='--betas'):
     beta_sweep.parse_betas('0.1,1.5')
   assert beta_sweep.parse_betas('0,0.5,1') == [0.0, 0.5, 1.0]
+
+
+def test_table_leaves_out_metrics_the_setting_does_not_report():
+  per_run = [{0.1: {'personalized_acc': 0.5}}, {0.1: {'personalized_acc': 0.7}}]
+  text = beta_sweep.table('runs', per_run, [0.1])
+  assert '| beta | personalized_acc |' in text
+  assert '| 0.1 | 0.6000 ± 0.1000 |' in text
+  assert 'dropout' not in text
