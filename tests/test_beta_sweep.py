@@ -1,23 +1,17 @@
-"""Tests of experiments/beta_sweep.py: one friend training, then any beta (tiny AP-FL run)."""
+"""Tests of apfl_jax.beta_sweep: one friend training, then any beta (tiny AP-FL run)."""
 
-import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 from conftest import make_synthetic_dataset
 import numpy as np
 import pytest
 
-from apfl_jax import evaluation, run_folder, train
+from apfl_jax import beta_sweep, evaluation, run_folder, train
 from apfl_jax.config import Config
 from apfl_jax.errors import UserError
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_SPEC = importlib.util.spec_from_file_location(
-  'beta_sweep', os.path.join(REPO, 'experiments', 'beta_sweep.py')
-)
-beta_sweep = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(beta_sweep)
 
 
 @pytest.fixture(scope='module')
@@ -102,3 +96,17 @@ def test_table_leaves_out_metrics_the_setting_does_not_report():
   assert '| beta | personalized_acc |' in text
   assert '| 0.1 | 0.6000 ± 0.1000 |' in text
   assert 'dropout' not in text
+
+
+def test_command_line_names_the_flag_of_a_missing_runs_folder(tmp_path):
+  script = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'experiments', 'beta_sweep.py')
+  result = subprocess.run(
+    [sys.executable, script, f'--runs={tmp_path / "none"}', f'--out={tmp_path / "t.md"}'],
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode != 0
+  assert result.stderr.strip().splitlines() == [
+    f'error: --runs: no seed*/ folders in {tmp_path / "none"}'
+  ]
