@@ -341,7 +341,9 @@ def test_second_live_run_refused_then_kill_9_mid_round_then_resume(env, referenc
 def test_sigint_and_sigterm_end_in_one_line_and_the_run_resumes(env, reference):
   workdir = env.root / 'interrupted'
   for sig, step in ((signal.SIGINT, 1), (signal.SIGTERM, 2)):
-    process = start(env, *SMALL_RUN, f'--workdir={workdir}')
+    # Far more rounds than the signal needs (num_rounds may change on resume), so that the
+    # signal always lands mid-run: a 4-round run can finish before it arrives.
+    process = start(env, *SMALL_RUN, f'--workdir={workdir}', '--num_rounds=10000')
     wait_for_checkpoint(workdir, step, process)
     process.send_signal(sig)
     _, stderr = process.communicate(timeout=60)
