@@ -8,9 +8,9 @@ import sys
 from conftest import make_synthetic_dataset
 import numpy as np
 import pytest
+from test_train import APFL_TINY, tiny_config
 
 from apfl_jax import beta_sweep, evaluation, run_folder, train
-from apfl_jax.config import Config
 from apfl_jax.errors import UserError
 
 
@@ -20,10 +20,8 @@ def dropout_run(tmp_path_factory):
   dataset = make_synthetic_dataset(num_classes=4, per_class=20, shape=(28, 28, 1))
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(train.datasets, 'load_dataset', lambda name, data_dir=None: dataset)
-    config = Config(
-      dataset='mnist',
-      algorithm='apfl',
-      num_clients=4,
+    config = tiny_config(
+      **APFL_TINY,
       partition='monopoly',
       classes_per_client=2,
       monopoly_clients=1,
@@ -31,21 +29,7 @@ def dropout_run(tmp_path_factory):
       dropout_clients='monopoly',
       dropout_round=0,
       num_rounds=2,
-      batch_size=8,
-      local_epochs=1,
-      max_client_buckets=1,
-      learning_rate=0.05,
       beta=0.3,
-      checkpoint_every=2,
-      embedding='onehot',
-      generator='feature',
-      noise_dim=8,
-      generator_hidden_dim=16,
-      generator_steps=2,
-      generator_batch_size=8,
-      synthetic_per_class=4,
-      friend_batch_size=8,
-      verbose=False,
     )
     workdir = str(tmp_path_factory.mktemp('apfl'))
     train.train_and_evaluate(config, workdir)
