@@ -7,8 +7,13 @@ run's own evaluation does), and scores the interpolation for each beta in one mo
 compiled call with beta as an argument. At the run's own beta this is exactly the
 personalized accuracy of the run's final metrics.jsonl row. `experiments/beta_sweep.py`
 is its command line.
+
+Friend models, too, only enter evaluation: no round of training reads them. So other friend
+settings (`FRIEND_FLAGS`, e.g. another friend learning rate) can be scored on the same
+finished run, and the result equals a run trained with those settings.
 """
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -17,13 +22,23 @@ import numpy as np
 
 from apfl_jax import evaluation, run_folder, train
 from apfl_jax.algorithms import apfl
-from apfl_jax.errors import UserError
+from apfl_jax.errors import ConfigError, UserError
 
 METRICS = (
   'personalized_acc',
   'active_personalized_acc',
   'dropout_personalized_acc',
   'dropout_personalized_acc_no_label_prior',
+)
+
+
+# Flags of AP-FL's friend models: `--friend_settings` may change these and nothing else.
+FRIEND_FLAGS = (
+  'friend_learning_rate',
+  'friend_labels',
+  'friend_init',
+  'synthetic_per_class',
+  'friend_batch_size',
 )
 
 
@@ -36,6 +51,56 @@ def parse_betas(text: str) -> list[float]:
   if not all(0.0 <= b <= 1.0 for b in betas):
     raise UserError(f'--betas: every value must be in [0, 1], got {text!r}')
   return betas
+
+
+def parse_friend_settings(text: str) -> list[dict[str, str]]:
+  """The --friend_settings list: ';'-separated settings of comma-separated FLAG=VALUE pairs.
+
+  Raises:
+    UserError: naming the flag, for a pair that is not FLAG=VALUE with FLAG in `FRIEND_FLAGS`.
+  """
+  settings = []
+  for group in text.split(';'):
+    if not group.strip():
+      continue
+    changes = {}
+    for pair in group.split(','):
+      name, sep, value = (part.strip() for part in pair.partition('='))
+      if not sep or name not in FRIEND_FLAGS:
+        raise UserError(
+          f'--friend_settings: expected FLAG=VALUE with FLAG one of {", ".join(FRIEND_FLAGS)}; '
+          f'got {pair.strip()!r}'
+        )
+      changes[name] = value
+    settings.append(changes)
+  return settings
+
+
+def friend_config(config: Any, changes: dict[str, str]) -> Any:
+  """The run's config with friend flags changed (values parsed by the flag's type), validated.
+
+  Raises:
+    UserError: naming --friend_settings and the flag, for a value of the wrong type or an
+      invalid one.
+  """
+  typed = {}
+  for name, value in changes.items():
+    kind = type(getattr(config, name))
+    try:
+      typed[name] = kind(value)
+    except ValueError:
+      raise UserError(
+        f'--friend_settings: {name}={value!r} is not of type {kind.__name__}'
+      ) from None
+  try:
+    return config.replace(**typed).validate()
+  except ConfigError as e:
+    raise UserError(f'--friend_settings: {e}') from None
+
+
+def setting_name(changes: dict[str, str]) -> str:
+  """A table label of one friend setting; the run's own is 'run'."""
+  return ','.join(f'{k}={v}' for k, v in changes.items()) or 'run'
 
 
 def sweep(experiment: train.Experiment, state: Any, betas: list[float]) -> dict[float, dict]:
@@ -92,30 +157,56 @@ def sweep(experiment: train.Experiment, state: Any, betas: list[float]) -> dict[
   return results
 
 
-def evaluate_run(workdir: str, betas: list[float]) -> dict[float, dict[str, float]]:
-  """Final-checkpoint metrics of one AP-FL workdir for each beta."""
-  algorithm = run_folder.read_config(workdir).algorithm
-  if algorithm != 'apfl':
-    raise UserError(f'--runs: {workdir} is a {algorithm} run, not apfl')
+def evaluate_run(
+  workdir: str, betas: list[float], friend_settings: Sequence[dict[str, str]] = ()
+) -> dict[str, dict[float, dict[str, float]]]:
+  """Final-checkpoint metrics of one AP-FL workdir for each friend setting and beta.
+
+  Args:
+    workdir: a finished AP-FL run's folder.
+    betas: interpolation weights of the local model.
+    friend_settings: friend-flag changes (`parse_friend_settings`) to score besides the
+      run's own setting.
+
+  Returns:
+    setting name ('run' first, then `setting_name` of each change) -> beta -> metrics.
+  """
+  config = run_folder.read_config(workdir)
+  if config.algorithm != 'apfl':
+    raise UserError(f'--runs: {workdir} is a {config.algorithm} run, not apfl')
+  configs = [friend_config(config, changes) for changes in friend_settings]
   experiment, state, _ = run_folder.restore_latest(workdir)
-  return sweep(experiment, state, betas)
+  results = {'run': sweep(experiment, state, betas)}
+  for changes, changed in zip(friend_settings, configs):
+    results[setting_name(changes)] = sweep(train.build_experiment(changed), state, betas)
+  return results
 
 
-def table(runs: str, per_run: list[dict[float, dict]], betas: list[float]) -> str:
-  """The markdown table: mean ± population std over the runs, one row per beta."""
+def table(runs: str, per_run: list[dict[str, dict[float, dict]]], betas: list[float]) -> str:
+  """The markdown table: mean ± population std over the runs, one row per setting and beta.
+
+  The setting column is there only when friend settings other than the run's own were scored.
+  """
+  settings = list(per_run[0])
   # Columns the setting reports (no dropout columns without dropout clients).
-  metrics = [m for m in METRICS if any(m in r[b] for r in per_run for b in betas)]
+  metrics = [
+    m for m in METRICS if any(m in r[s][b] for r in per_run for s in settings for b in betas)
+  ]
+  keys = ['friend setting', 'beta'] if len(settings) > 1 else ['beta']
   lines = [
     f'Seeds: {len(per_run)} runs in `{runs}`; final-round accuracy, '
     'mean ± std (population) over seeds.',
     '',
-    '| beta | ' + ' | '.join(metrics) + ' |',
-    '|---|' + '---|' * len(metrics),
+    '| ' + ' | '.join(keys + metrics) + ' |',
+    '|' + '---|' * (len(keys) + len(metrics)),
   ]
-  for beta in betas:
-    cells = []
-    for metric in metrics:
-      values = [r[beta][metric] for r in per_run if r[beta].get(metric) is not None]
-      cells.append(f'{np.mean(values):.4f} ± {np.std(values):.4f}' if values else 'n/a')
-    lines.append(f'| {beta:g} | ' + ' | '.join(cells) + ' |')
+  for setting in settings:
+    for beta in betas:
+      cells = [setting, f'{beta:g}'] if len(settings) > 1 else [f'{beta:g}']
+      for metric in metrics:
+        values = [
+          r[setting][beta][metric] for r in per_run if r[setting][beta].get(metric) is not None
+        ]
+        cells.append(f'{np.mean(values):.4f} ± {np.std(values):.4f}' if values else 'n/a')
+      lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'

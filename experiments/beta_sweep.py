@@ -2,6 +2,12 @@
 
   python experiments/beta_sweep.py --runs=docs/results/dropout/runs/apfl \
       --betas=0.001,0.01,0.1,0.5,1.0 --out=docs/results/dropout/beta_sweep.md
+
+Other friend settings, scored on the same runs (each retrains every client's friend):
+
+  python experiments/beta_sweep.py --runs=docs/results/dirichlet/runs/apfl --betas=0.1,1.0 \
+      --friend_settings="friend_learning_rate=0.01;friend_labels=all,synthetic_per_class=100" \
+      --out=docs/results/dirichlet/friend_study.md
 """
 
 import glob
@@ -15,6 +21,12 @@ from apfl_jax.errors import UserError
 
 flags.DEFINE_string('runs', None, 'Folder holding seed*/ workdirs of finished AP-FL runs.')
 flags.DEFINE_string('betas', '0.001,0.01,0.1,0.5,1.0', 'Comma-separated beta values.')
+flags.DEFINE_string(
+  'friend_settings',
+  '',
+  "Friend settings to score besides the run's own: ';'-separated, each comma-separated "
+  f'FLAG=VALUE pairs with FLAG one of {", ".join(beta_sweep.FRIEND_FLAGS)}.',
+)
 flags.DEFINE_string('out', None, 'Markdown file to write the table to.')
 FLAGS = flags.FLAGS
 
@@ -26,10 +38,11 @@ def main(argv):
     if not FLAGS.runs or not FLAGS.out:
       raise UserError('--runs and --out are required')
     betas = beta_sweep.parse_betas(FLAGS.betas)
+    friend_settings = beta_sweep.parse_friend_settings(FLAGS.friend_settings)
     workdirs = sorted(glob.glob(os.path.join(FLAGS.runs, 'seed*')))
     if not workdirs:
       raise UserError(f'--runs: no seed*/ folders in {FLAGS.runs}')
-    per_run = [beta_sweep.evaluate_run(w, betas) for w in workdirs]
+    per_run = [beta_sweep.evaluate_run(w, betas, friend_settings) for w in workdirs]
   except UserError as e:
     sys.exit(f'error: {e}')
   text = beta_sweep.table(FLAGS.runs, per_run, betas)

@@ -40,7 +40,7 @@ def dropout_run(tmp_path_factory):
 
 def test_the_runs_own_beta_gives_its_logged_metrics(dropout_run):
   workdir, final = dropout_run
-  swept = beta_sweep.evaluate_run(workdir, [0.3])[0.3]
+  swept = beta_sweep.evaluate_run(workdir, [0.3])['run'][0.3]
   assert set(swept) == set(beta_sweep.METRICS)
   for metric, value in swept.items():
     assert value == pytest.approx(final[metric], abs=1e-9), metric
@@ -75,11 +75,57 @@ def test_bad_betas_are_refused_naming_the_flag():
 
 
 def test_table_leaves_out_metrics_the_setting_does_not_report():
-  per_run = [{0.1: {'personalized_acc': 0.5}}, {0.1: {'personalized_acc': 0.7}}]
+  per_run = [{'run': {0.1: {'personalized_acc': 0.5}}}, {'run': {0.1: {'personalized_acc': 0.7}}}]
   text = beta_sweep.table('runs', per_run, [0.1])
   assert '| beta | personalized_acc |' in text
   assert '| 0.1 | 0.6000 ± 0.1000 |' in text
   assert 'dropout' not in text
+
+
+def test_table_has_a_setting_column_only_for_several_settings():
+  per_run = [
+    {'run': {1.0: {'personalized_acc': 0.5}}, 'friend_labels=all': {1.0: {'personalized_acc': 0.7}}}
+  ]
+  text = beta_sweep.table('runs', per_run, [1.0])
+  assert '| friend setting | beta | personalized_acc |' in text
+  assert '| run | 1 | 0.5000 ± 0.0000 |' in text
+  assert '| friend_labels=all | 1 | 0.7000 ± 0.0000 |' in text
+
+
+def test_friend_settings_retrain_the_friends_and_leave_the_local_models(dropout_run):
+  workdir, _ = dropout_run
+  own_batch = run_folder.read_config(workdir).friend_batch_size
+  settings = beta_sweep.parse_friend_settings(
+    f'friend_batch_size={own_batch}; friend_labels=all,friend_learning_rate=0.9'
+  )
+  swept = beta_sweep.evaluate_run(workdir, [1.0, 0.0], settings)
+  assert list(swept) == [
+    'run',
+    f'friend_batch_size={own_batch}',
+    'friend_labels=all,friend_learning_rate=0.9',
+  ]
+  # The run's own value is the run: the same friends, bit for bit.
+  assert swept[f'friend_batch_size={own_batch}'] == swept['run']
+  changed = swept['friend_labels=all,friend_learning_rate=0.9']
+  # beta=1 reads only the local models; beta=0 only the (other) friends.
+  assert changed[1.0] == swept['run'][1.0]
+  assert changed[0.0] != swept['run'][0.0]
+
+
+@pytest.mark.parametrize(
+  'text, message',
+  [
+    ('beta=0.5', 'FLAG one of'),
+    ('friend_labels', 'FLAG one of'),
+    ('synthetic_per_class=x', "synthetic_per_class='x' is not of type int"),
+    ('friend_labels=bogus', 'friend_labels'),
+  ],
+)
+def test_bad_friend_settings_are_refused_naming_the_flag(dropout_run, text, message):
+  workdir, _ = dropout_run
+  with pytest.raises(UserError, match='--friend_settings') as raised:
+    beta_sweep.evaluate_run(workdir, [0.1], beta_sweep.parse_friend_settings(text))
+  assert message in str(raised.value)
 
 
 def test_command_line_names_the_flag_of_a_missing_runs_folder(tmp_path):
