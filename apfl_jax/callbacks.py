@@ -59,13 +59,20 @@ class Callback:
 
 
 class DivergenceCheck(Callback):
-  """Stops the run at the first client whose loss or parameters are not finite."""
+  """Stops the run at the first client whose loss or parameters are not finite.
+
+  Args:
+    step_flags: the flags that scale the run's client steps, named in the error.
+  """
+
+  def __init__(self, step_flags: str = '--learning_rate'):
+    self.step_flags = step_flags
 
   def after_step(self, round_index: int, report: Any) -> None:
     if not np.all(report.finite):
       bad = int(report.clients[np.flatnonzero(~report.finite)[0]])
       raise TrainingDivergedError(
-        f'NaN/Inf in training at round {round_index}, client {bad} (try a lower --learning_rate)'
+        f'NaN/Inf in training at round {round_index}, client {bad} (try a lower {self.step_flags})'
       )
 
 
@@ -155,7 +162,12 @@ def default_callbacks(
 ) -> list[Callback]:
   """The run's callbacks, in order: divergence, metrics, TensorBoard, checkpoint, progress."""
   return [
-    DivergenceCheck(),
+    # FedGen's regulariser weights multiply the learning rate on its generated batches.
+    DivergenceCheck(
+      '--learning_rate, --fedgen_alpha or --fedgen_beta'
+      if config.algorithm == 'fedgen'
+      else '--learning_rate'
+    ),
     MetricsLog(os.path.join(workdir, 'metrics.jsonl'), rows),
     TensorBoard(os.path.join(workdir, 'tensorboard')),
     Checkpoint(manager, driver, config.checkpoint_every, config.num_rounds),

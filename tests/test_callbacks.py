@@ -23,6 +23,14 @@ def test_divergence_names_the_round_and_the_first_bad_client():
     check.after_step(7, report(finite=(True, False)))
 
 
+def test_divergence_names_the_flags_that_scale_the_steps():
+  check = callbacks.DivergenceCheck('--learning_rate or --fedgen_alpha')
+  with pytest.raises(
+    TrainingDivergedError, match=r'try a lower --learning_rate or --fedgen_alpha\)'
+  ):
+    check.after_step(2, report(finite=(False, True)))
+
+
 def test_metrics_log_appends_evaluated_rows_only(tmp_path):
   rows = [{'round': 1}]
   log = callbacks.MetricsLog(str(tmp_path / 'metrics.jsonl'), rows)
@@ -69,10 +77,11 @@ def test_progress_line_has_loss_accuracy_and_eta():
 def test_metrics_are_logged_before_the_checkpoint_is_saved(tmp_path):
   hooks = callbacks.default_callbacks(
     str(tmp_path), [], FakeManager(), FakeDriver(), types.SimpleNamespace(
-      checkpoint_every=1, num_rounds=1), print
+      checkpoint_every=1, num_rounds=1, algorithm='fedgen'), print
   )  # fmt: skip
   kinds = [type(h) for h in hooks]
   assert kinds.index(callbacks.MetricsLog) < kinds.index(callbacks.Checkpoint)
   assert kinds[0] is callbacks.DivergenceCheck
+  assert '--fedgen_alpha' in hooks[0].step_flags
   for hook in hooks:
     hook.close()
