@@ -344,7 +344,7 @@ def main(argv: list[str]) -> int:
     + (f', {sweep_flag} in {{{", ".join(t for t, _ in sweep_values)}}}' if sweep_flag else ''),
     '',
     f'- Command: `{command}`',
-    f'- Flags (non-default): `{non_default_flags(base)}`',
+    f'- Flags (non-default): `{non_default_flags(given)}`',
     f'- Seeds: {", ".join(str(s) for s in seeds)} (same seed = same partition for every method)',
     f'- Rounds: {rounds}',
     f'- Machine: {machine_description()}',

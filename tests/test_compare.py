@@ -98,6 +98,9 @@ def test_two_algorithms_two_seeds(tmp_path, synthetic_data, monkeypatch):
   markdown = (tmp_path / 'cmp' / 'results.md').read_text()
   assert '--algorithms=fedavg,local' in markdown and 'Seeds: 0, 1' in markdown
   assert '| local | 0,1 |' in markdown and '![' in markdown
+  # The flags as given: no algorithm's filled-in defaults (fedavg's --generator=feature).
+  flags_line = next(line for line in markdown.splitlines() if line.startswith('- Flags'))
+  assert '--partition=iid' in flags_line and '--generator' not in flags_line
 
   # A rerun finds every run finished and trains no round.
   monkeypatch.setattr(train, 'cohort_for_round', lambda *a, **k: pytest.fail('retrained'))
