@@ -655,10 +655,18 @@ _PREVIOUS_UNRAISABLEHOOK = [sys.unraisablehook]
 
 
 def _drop_abandoned_orbax_reads(unraisable: Any) -> None:
-  """`sys.unraisablehook` that drops orbax coroutines abandoned by a failed restore."""
+  """`sys.unraisablehook` that drops orbax coroutines abandoned by a failed restore.
+
+  Their finalizers can also run after the read's event loop has closed, which Python reports
+  as an unraisable RuntimeError('Event loop is closed') without an object: dropped too.
+  """
   code = getattr(unraisable.object, 'cr_code', None)
-  if code is None or 'orbax' not in code.co_filename:
-    _PREVIOUS_UNRAISABLEHOOK[0](unraisable)
+  if code is not None and 'orbax' in code.co_filename:
+    return
+  error = unraisable.exc_value
+  if isinstance(error, RuntimeError) and str(error) == 'Event loop is closed':
+    return
+  _PREVIOUS_UNRAISABLEHOOK[0](unraisable)
 
 
 def restore_newest_good(

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 from conftest import make_synthetic_dataset
 import numpy as np
@@ -276,3 +277,21 @@ def test_summary_has_final_and_best_of_every_accuracy():
   assert summary['final_dropout_personalized_acc_no_label_prior'] == 0.6
   assert summary['best_dropout_personalized_acc_no_label_prior_round'] == 2
   assert not any('loss' in key or 'client_' in key for key in summary)
+
+
+def test_abandoned_orbax_reads_are_dropped_and_other_unraisables_passed_on(monkeypatch):
+  passed_on = []
+  monkeypatch.setattr(train, '_PREVIOUS_UNRAISABLEHOOK', [passed_on.append])
+
+  async def read():  # a coroutine whose code lives in an orbax file
+    pass
+
+  orbax_code = read.__code__.replace(co_filename='/site-packages/orbax/checkpoint/x.py')
+  coroutine = types.FunctionType(orbax_code, {})()
+  closed_loop = types.SimpleNamespace(object=None, exc_value=RuntimeError('Event loop is closed'))
+  other = types.SimpleNamespace(object=None, exc_value=ValueError('a real problem'))
+  train._drop_abandoned_orbax_reads(types.SimpleNamespace(object=coroutine, exc_value=None))
+  train._drop_abandoned_orbax_reads(closed_loop)
+  train._drop_abandoned_orbax_reads(other)
+  coroutine.close()
+  assert passed_on == [other]
