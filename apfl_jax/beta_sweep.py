@@ -14,13 +14,14 @@ finished run, and the result equals a run trained with those settings.
 """
 
 from collections.abc import Sequence
+import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from apfl_jax import evaluation, run_folder, train
+from apfl_jax import algorithms, evaluation, run_folder, train
 from apfl_jax.algorithms import apfl
 from apfl_jax.errors import ConfigError, UserError
 
@@ -96,6 +97,18 @@ def friend_config(config: Any, changes: dict[str, str]) -> Any:
     return config.replace(**typed).validate()
   except ConfigError as e:
     raise UserError(f'--friend_settings: {e}') from None
+
+
+def with_friend_config(experiment: train.Experiment, config: Any) -> train.Experiment:
+  """The experiment with its algorithm rebuilt for `config` (other friend flags only).
+
+  The data, partition, model and schedule do not depend on friend flags, so they are kept
+  (no second data load or device copy).
+  """
+  algorithm = algorithms.create_algorithm(
+    config, experiment.model, experiment.dataset, experiment.partition, experiment.schedule
+  ).with_client_map(experiment.algorithm.client_map)
+  return dataclasses.replace(experiment, config=config, algorithm=algorithm)
 
 
 def setting_name(changes: dict[str, str]) -> str:
@@ -178,7 +191,7 @@ def evaluate_run(
   experiment, state, _ = run_folder.restore_latest(workdir)
   results = {'run': sweep(experiment, state, betas)}
   for changes, changed in zip(friend_settings, configs):
-    results[setting_name(changes)] = sweep(train.build_experiment(changed), state, betas)
+    results[setting_name(changes)] = sweep(with_friend_config(experiment, changed), state, betas)
   return results
 
 
