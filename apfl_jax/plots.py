@@ -16,7 +16,7 @@ import numpy as np
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
-from apfl_jax.results import METRIC_NAMES, Run, group_by_label  # noqa: E402
+from apfl_jax.results import METRIC_NAMES, Curve, Run, group_by_label  # noqa: E402
 
 
 def plot_accuracy_vs_round(
@@ -176,31 +176,29 @@ def plot_generated_samples(
   plt.close(fig)
 
 
-def virtual_time_to_target(
-  times: Sequence[float], accuracies: Sequence[float], target: float
-) -> float | None:
-  """The first virtual time at which accuracy reaches `target` (None if never)."""
-  for t, a in zip(times, accuracies):
-    if a is not None and a >= target:
-      return float(t)
-  return None
-
-
 def plot_accuracy_vs_virtual_time(
-  series: dict[str, tuple[Sequence[float], Sequence[float]]],
+  groups: dict[str, list[Curve]],
   path: str,
   metric: str = 'personalized_acc',
 ) -> None:
-  """One line per run: accuracy against virtual time.
+  """Accuracy against virtual time: one colour per group, one line per seed run.
 
   Args:
-    series: label -> (virtual times, accuracies).
+    groups: label -> the curves of its seeds.
     path: PNG to write.
     metric: y-axis label.
   """
   fig, ax = plt.subplots(figsize=(7, 4))
-  for label, (times, accuracies) in series.items():
-    ax.plot(times, accuracies, marker='.', label=label)
+  for color, (label, curves) in enumerate(groups.items()):
+    for i, curve in enumerate(curves):
+      ax.plot(
+        curve.times,
+        curve.values,
+        marker='.',
+        color=f'C{color}',
+        alpha=1.0 if len(curves) == 1 else 0.6,
+        label=label if i == 0 else None,
+      )
   ax.set_xlabel('virtual time')
   ax.set_ylabel(metric)
   ax.grid(alpha=0.3)

@@ -1,9 +1,10 @@
-"""Result tables of a comparison of methods over seeds (`experiments/compare.py`).
+"""Result tables of a comparison of methods over seeds (`experiments/compare.py`) and of
+sync/async runs against virtual time (`experiments/plot_async.py`).
 
-`Run` is one (method, seed) run as collected from its folder; every function here is a
-pure function of the runs. Statistics over seeds are the mean and the population standard
-deviation (ddof=0, so one seed gives std 0) of the runs that finished; a metric no finished
-run reports is 'n/a'. The figures are in `plots`.
+`Run` is one (method, seed) run as collected from its folder, `Curve` one run's accuracy
+against virtual time; every function here is a pure function of them. Statistics over
+seeds are the mean and the population standard deviation (ddof=0, so one seed gives std 0)
+of the runs that finished; a metric no finished run reports is 'n/a'. The figures are in `plots`.
 """
 
 from __future__ import annotations
@@ -198,3 +199,87 @@ def write_markdown(
     lines += [f'![{caption}]({name})', '']
   with open(path, 'w') as f:
     f.write('\n'.join(lines))
+
+
+@dataclasses.dataclass(frozen=True)
+class Curve:
+  """One run's evaluated accuracy against virtual time (`experiments/plot_async.py`).
+
+  Attributes:
+    times: virtual time of each evaluation, increasing.
+    values: the accuracy at each of them (None where it was not evaluated).
+  """
+
+  times: list[float]
+  values: list[float | None]
+
+
+def virtual_time_to_target(
+  times: Sequence[float], accuracies: Sequence[float | None], target: float
+) -> float | None:
+  """The first virtual time at which accuracy reaches `target` (None if never)."""
+  for t, a in zip(times, accuracies):
+    if a is not None and a >= target:
+      return float(t)
+  return None
+
+
+def virtual_time_table(
+  groups: dict[str, list[Curve]], target: float
+) -> tuple[float, list[dict[str, Any]]]:
+  """Per group of seed runs: final virtual time, accuracy at a common time, time to target.
+
+  The common time (the budget) is the shortest final virtual time of all runs, so every
+  run is scored at a time it reached. A run's accuracy at the budget is its last evaluation
+  at or before it.
+
+  Args:
+    groups: label -> the curves of its seeds.
+    target: the accuracy whose first virtual time is reported.
+
+  Returns:
+    (budget, rows): each row has 'run', 'seeds' (number of curves), 'final_time',
+    'at_budget' and 'time_to_target' as `mean_std` (the last over the seeds that reached
+    the target) and 'reached' (how many did).
+  """
+  budget = min(curve.times[-1] for curves in groups.values() for curve in curves)
+  rows = []
+  for label, curves in groups.items():
+    at_budget = []
+    for curve in curves:
+      before = [v for t, v in zip(curve.times, curve.values) if t <= budget and v is not None]
+      at_budget.append(before[-1] if before else None)
+    reached = [virtual_time_to_target(c.times, c.values, target) for c in curves]
+    rows.append(
+      {
+        'run': label,
+        'seeds': len(curves),
+        'final_time': mean_std([c.times[-1] for c in curves]),
+        'at_budget': mean_std(at_budget),
+        'time_to_target': mean_std(reached),
+        'reached': sum(r is not None for r in reached),
+      }
+    )
+  return budget, rows
+
+
+def virtual_time_markdown(
+  budget: float, rows: Sequence[dict[str, Any]], target: float, metric: str
+) -> str:
+  """The `virtual_time_table` as Markdown: mean ± std over seeds (population std)."""
+
+  def stat(value: tuple[float, float] | None) -> str:
+    return NA if value is None else f'{value[0]:.0f} ± {value[1]:.0f}'
+
+  lines = [
+    f'| run | seeds | final virtual time | {metric} at time {budget:.0f} | '
+    f'time to {target:g} | seeds reaching {target:g} |',
+    '|---|---|---|---|---|---|',
+  ]
+  for row in rows:
+    lines.append(
+      f'| {row["run"]} | {row["seeds"]} | {stat(row["final_time"])} | '
+      f'{format_stat(row["at_budget"])} | {stat(row["time_to_target"])} | '
+      f'{row["reached"]}/{row["seeds"]} |'
+    )
+  return '\n'.join(lines)

@@ -2,12 +2,15 @@
 
   python experiments/plot_async.py \
       --runs=docs/results/async/runs/sync,docs/results/async/runs/fedbuff \
-      --out=docs/results/async --target=0.8
+      --out=docs/results/async --target=0.6 --metric=active_personalized_acc
 
-Reads each workdir's metrics.jsonl (which logs every applied update's staleness in async
-mode; only at evaluated steps, so the histogram covers those steps' buffers), writes
-accuracy_vs_virtual_time.png, staleness_histogram.png and summary.md with the virtual
-time to --target accuracy and the accuracy of each run at the shortest run's final time.
+Each --runs item is one run's workdir or a folder of seed runs (its subfolders that hold a
+metrics.jsonl, e.g. seed0, seed1, seed2); a folder is one row of the table and one colour of
+the figure. Reads each run's metrics.jsonl (which logs every applied update's staleness in
+async mode; only at evaluated steps, so the histogram covers those steps' buffers), writes
+accuracy_vs_virtual_time.png, staleness_histogram.png and summary.md: per row, mean ± std
+over its seeds of the final virtual time, of the accuracy at the shortest run's final time
+and of the virtual time to --target accuracy (over the seeds that reach it).
 """
 
 import os
@@ -15,57 +18,68 @@ import sys
 
 from absl import app, flags
 
-from apfl_jax import plots, run_folder
+from apfl_jax import plots, results, run_folder
+from apfl_jax.errors import UserError
 
-flags.DEFINE_string('runs', None, 'Comma-separated workdirs.')
+flags.DEFINE_string('runs', None, 'Comma-separated workdirs or folders of seed workdirs.')
 flags.DEFINE_string('out', None, 'Output folder.')
-flags.DEFINE_float('target', 0.8, 'Target personalized accuracy.')
+flags.DEFINE_float('target', 0.8, 'Target accuracy.')
 flags.DEFINE_string('metric', 'personalized_acc', 'Metric to plot.')
 FLAGS = flags.FLAGS
 
 
-def read_rows(workdir):
-  rows = run_folder.read_metrics(workdir)
-  if not rows:
-    sys.exit(f'error: --runs: {os.path.join(workdir, run_folder.METRICS)} not found or empty')
-  return rows
+def seed_workdirs(folder: str) -> list[str]:
+  """The run itself if `folder` is a workdir, else its subfolders that are workdirs."""
+  if os.path.exists(os.path.join(folder, run_folder.METRICS)):
+    return [folder]
+  subfolders = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+  runs = [
+    os.path.join(folder, name)
+    for name in subfolders
+    if os.path.exists(os.path.join(folder, name, run_folder.METRICS))
+  ]
+  if not runs:
+    sys.exit(f'error: --runs: {folder} holds no {run_folder.METRICS}, nor do its subfolders')
+  return runs
 
 
 def main(argv):
   del argv
+  try:
+    write_summary()
+  except UserError as e:
+    sys.exit(f'error: {e}')
+
+
+def write_summary():
+  """Reads the runs, writes the figures and summary.md, prints the table."""
   if not FLAGS.runs or not FLAGS.out:
     sys.exit('error: --runs and --out are required')
   os.makedirs(FLAGS.out, exist_ok=True)
-  series, staleness, lines = {}, [], []
-  for workdir in FLAGS.runs.split(','):
-    rows = read_rows(workdir)
-    server = run_folder.read_config_values(workdir)['server']
-    label = f'{os.path.basename(workdir.rstrip("/"))} ({server})'
-    series[label] = ([r['virtual_time'] for r in rows], [r[FLAGS.metric] for r in rows])
-    for r in rows:
-      staleness.extend(r.get('staleness', []))
-  budget = min(times[-1] for times, _ in series.values())
-  lines += [
-    f'| run | final virtual time | {FLAGS.metric} at time {budget:.0f} | '
-    f'time to {FLAGS.target:g} |',
-    '|---|---|---|---|',
-  ]
-  for label, (times, values) in series.items():
-    at_budget = [v for t, v in zip(times, values) if t <= budget]
-    reached = plots.virtual_time_to_target(times, values, FLAGS.target)
-    lines.append(
-      f'| {label} | {times[-1]:.0f} | '
-      f'{at_budget[-1] if at_budget else float("nan"):.4f} | '
-      f'{"not reached" if reached is None else f"{reached:.0f}"} |'
-    )
+  groups, staleness = {}, []
+  for folder in FLAGS.runs.split(','):
+    curves, servers = [], set()
+    for workdir in seed_workdirs(folder):
+      rows = run_folder.read_metrics(workdir)
+      if not rows or FLAGS.metric not in rows[-1]:
+        sys.exit(f'error: --metric: {workdir}/{run_folder.METRICS} has no {FLAGS.metric}')
+      servers.add(run_folder.read_config_values(workdir)['server'])
+      curves.append(
+        results.Curve([r['virtual_time'] for r in rows], [r.get(FLAGS.metric) for r in rows])
+      )
+      for r in rows:
+        staleness.extend(r.get('staleness', []))
+    groups[f'{os.path.basename(folder.rstrip("/"))} ({"/".join(sorted(servers))})'] = curves
+  budget, table = results.virtual_time_table(groups, FLAGS.target)
+  summary = results.virtual_time_markdown(budget, table, FLAGS.target, FLAGS.metric)
   plots.plot_accuracy_vs_virtual_time(
-    series, os.path.join(FLAGS.out, 'accuracy_vs_virtual_time.png'), FLAGS.metric
+    groups, os.path.join(FLAGS.out, 'accuracy_vs_virtual_time.png'), FLAGS.metric
   )
   if staleness:
     plots.plot_staleness_histogram(staleness, os.path.join(FLAGS.out, 'staleness_histogram.png'))
   with open(os.path.join(FLAGS.out, 'summary.md'), 'w') as f:
-    f.write('\n'.join(lines) + '\n')
-  print('\n'.join(lines))
+    f.write(summary + '\n')
+  print(summary)
 
 
 if __name__ == '__main__':

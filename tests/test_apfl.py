@@ -200,6 +200,19 @@ def test_label_prior_free_friends_train_on_every_class(after_one_round):
   assert_trees_close(row(alone, 0), row(prior_free, 0))
 
 
+def test_friend_label_weights_follow_friend_labels():
+  counts = np.array([[6, 0, 2, 0], [0, 3, 0, 0]], np.int64)
+  partition = type('P', (), {'train_counts': counts})()
+  data = type('D', (), {'train_count': np.array([8, 3])})()
+  probs = {
+    labels: np.asarray(make_apfl(data, partition, friend_labels=labels).client_label_probs())
+    for labels in ('client', 'present', 'all')
+  }
+  np.testing.assert_array_equal(probs['client'], counts)
+  np.testing.assert_array_equal(probs['present'], [[1, 0, 1, 0], [0, 1, 0, 0]])
+  np.testing.assert_array_equal(probs['all'], np.ones((2, 4)))
+
+
 def test_unseen_class_probe_is_finite(after_one_round):
   partition, data, state = after_one_round
   alg = make_apfl(data, partition, friend_labels='all')

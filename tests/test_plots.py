@@ -27,9 +27,11 @@ def test_plots_without_data_write_nothing(tmp_path):
   assert os.listdir(tmp_path) == []
 
 
-def test_virtual_time_to_target_and_async_plots(tmp_path):
-  assert plots.virtual_time_to_target([1.0, 2.5, 4.0], [0.5, 0.81, 0.9], 0.8) == 2.5
-  assert plots.virtual_time_to_target([1.0, 2.0], [0.5, None], 0.8) is None
-  plots.plot_accuracy_vs_virtual_time({'a': ([1, 2], [0.1, 0.2])}, str(tmp_path / 'v.png'))
+def test_async_plots_write_pngs(tmp_path):
+  groups = {
+    'sync': [results.Curve([1, 2], [0.1, 0.2])],
+    'fedbuff': [results.Curve([1, 2], [0.1, 0.3]), results.Curve([0.5, 1.5], [0.2, None])],
+  }
+  plots.plot_accuracy_vs_virtual_time(groups, str(tmp_path / 'v.png'))
   plots.plot_staleness_histogram([0, 1, 1, 3], str(tmp_path / 's.png'))
   assert (tmp_path / 'v.png').stat().st_size > 0 and (tmp_path / 's.png').stat().st_size > 0

@@ -79,3 +79,38 @@ def test_csv_has_fixed_columns_and_na(tmp_path, runs):
   assert fedavg['seeds'] == '0;1' and fedavg['num_failed'] == '0'
   assert local['final_global_acc_mean'] == local['final_global_acc_std'] == 'n/a'
   assert local['num_failed'] == '1' and 'client 2' in local['errors']
+
+
+def test_virtual_time_to_target():
+  assert results.virtual_time_to_target([1.0, 2.5, 4.0], [0.5, 0.81, 0.9], 0.8) == 2.5
+  assert results.virtual_time_to_target([1.0, 2.0], [0.5, None], 0.8) is None
+
+
+def test_virtual_time_table_scores_every_seed_at_the_shortest_final_time():
+  groups = {
+    'sync': [results.Curve([10.0, 20.0, 30.0], [0.2, 0.5, 0.7])],
+    'fedbuff': [
+      results.Curve([4.0, 8.0, 12.0], [0.4, 0.6, 0.65]),
+      results.Curve([5.0, 11.0, 16.0], [0.3, None, 0.5]),
+    ],
+  }
+  budget, (sync, fedbuff) = results.virtual_time_table(groups, target=0.6)
+  assert budget == 12.0  # the shortest final time of all runs
+  assert sync['seeds'] == 1 and sync['final_time'] == (30.0, 0.0)
+  assert sync['at_budget'] == (0.2, 0.0)  # its last evaluation at or before 12
+  assert sync['time_to_target'] == (30.0, 0.0) and sync['reached'] == 1
+  assert fedbuff['final_time'] == pytest.approx((14.0, 2.0))
+  # seed 0: 0.65 at 12; seed 1: 0.3 at 5 (None at 11 is not an evaluation).
+  assert fedbuff['at_budget'] == pytest.approx((0.475, 0.175))
+  assert fedbuff['time_to_target'] == (8.0, 0.0) and fedbuff['reached'] == 1
+  text = results.virtual_time_markdown(budget, [sync, fedbuff], 0.6, 'acc')
+  assert text.splitlines()[0] == (
+    '| run | seeds | final virtual time | acc at time 12 | time to 0.6 | seeds reaching 0.6 |'
+  )
+  assert text.splitlines()[3] == '| fedbuff | 2 | 14 ± 2 | 0.4750 ± 0.1750 | 8 ± 0 | 1/2 |'
+
+
+def test_virtual_time_table_target_never_reached_is_na():
+  _, (row,) = results.virtual_time_table({'a': [results.Curve([1.0], [0.1])]}, target=0.9)
+  assert row['time_to_target'] is None and row['reached'] == 0
+  assert '| n/a | 0/1 |' in results.virtual_time_markdown(1.0, [row], 0.9, 'acc')

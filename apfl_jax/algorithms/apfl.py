@@ -57,7 +57,7 @@ from apfl_jax.algorithms.fedavg import FedAvg
 from apfl_jax.errors import ConfigError
 
 FRIEND_INITS = ('local', 'global')
-FRIEND_LABELS = ('client', 'all')
+FRIEND_LABELS = ('client', 'present', 'all')
 LOCAL_MODELS = ('persistent', 'from_global')
 
 
@@ -93,8 +93,8 @@ class APFLOptions(options.Options):
   )
   friend_labels: str = options.option(
     'client',
-    "AP-FL: friend trains on generated samples of the client's own label mix (client) or of "
-    'every class uniformly (all).',
+    "AP-FL: friend trains on generated samples of the client's own label mix (client), of "
+    "the client's classes uniformly (present) or of every class uniformly (all).",
     choices=FRIEND_LABELS,
   )
   apfl_local_model: str = options.option(
@@ -144,7 +144,8 @@ class FriendSetup:
     batch_size: generated samples per step.
     learning_rate: SGD learning rate.
     init: 'local' or 'global': where a friend model starts.
-    labels: 'client' (the client's own label mix) or 'all' (every class uniformly).
+    labels: 'client' (the client's own label mix), 'present' (the client's classes
+      uniformly) or 'all' (every class uniformly).
     beta: interpolation weight of the local model.
   """
 
@@ -369,6 +370,8 @@ class APFL(FedAvg):
     """[num_clients, num_classes] generated-label weights of each client's friend model."""
     if self.friend.labels == 'client':
       return jnp.asarray(self.label_counts)
+    if self.friend.labels == 'present':
+      return jnp.asarray(self.label_counts > 0, jnp.float32)
     return jnp.ones((self.num_clients, self.num_classes), jnp.float32)
 
   def personalization_parts(
