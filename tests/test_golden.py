@@ -18,6 +18,7 @@ import pytest
 from apfl_jax import asynchrony, local_training
 from apfl_jax import generator as generator_lib
 from apfl_jax.algorithms import knowledge_transfer
+from apfl_jax.algorithms.apfl import APFL, FriendSetup
 from apfl_jax.algorithms.apfl_deng import APFLDeng
 from apfl_jax.algorithms.ditto import Ditto
 from apfl_jax.algorithms.fedavg import FedAvg
@@ -250,6 +251,94 @@ def test_apfl_deng_alpha_update():
     assert_close(jax.tree.map(lambda a, c=c: a[c], new_state.clients.params), v)
     globals_.append(w)
   assert_close(new_state.server.params, weighted(globals_, np.array(COUNTS) / sum(COUNTS)))
+
+
+# ---------------------------------------------------------------- AP-FL
+
+
+def make_apfl(friend):
+  config = Config(
+    generator='feature',
+    noise_dim=2,
+    generator_hidden_dim=4,
+    generator_batch_size=4,
+    generator_steps=1,
+    global_teacher_weight=1.0,
+  )
+  dataset = type(
+    'D', (), {'image_shape': (2, 2, 1), 'mean': np.array([0.5]), 'std': np.array([0.25])}
+  )()
+  setup = knowledge_transfer.create_setup(
+    config, LinearModel(), dataset, np.eye(NUM_CLASSES, dtype=np.float32)
+  )
+  _, _, ys = tiny_data()
+  counts = np.stack([np.bincount(y, minlength=NUM_CLASSES) for y in ys]).astype(np.float32)
+  return APFL(
+    LinearModel(), (2, 2, 1), schedule(), optax.sgd(LR), optax.sgd(1.0), setup, friend, counts, 0
+  ), counts
+
+
+def test_apfl_persistent_local_models_friends_and_interpolation():
+  """Round 1 (clients 0, 1, 2) and round 2 (clients 0, 2): every participant trains the
+  global model w (its update) and its own theta_local (from w at its first participation),
+  each by 2 SGD steps on its real data; w <- sum_k n_k w_k / sum_k n_k; the memory sums
+  the label counts. A friend starts from theta_local and (feature generator) takes 2 SGD
+  steps on its head with CE(head(G(z, y)), y), y drawn from the client's label mix;
+  theta_p = beta theta_local + (1 - beta) theta_friend."""
+  data, xs, ys = tiny_data()
+  friend = FriendSetup(
+    steps=2, batch_size=4, learning_rate=0.3, init='local', labels='client', beta=0.25
+  )
+  alg, counts = make_apfl(friend)
+  run_round = jax.jit(alg.run_round)
+  state = alg.init(jax.random.key(0))
+  w0 = to_numpy(state.server.params)
+  state, _ = run_round(state, jnp.arange(3, dtype=jnp.int32), jax.random.key(1), data)
+  state, _ = run_round(state, jnp.array([0, 2], jnp.int32), jax.random.key(2), data)
+
+  sgd = lambda p, c: local_sgd(p, lambda q: ce_grad(q, xs[c], ys[c]))
+  w1 = weighted([sgd(w0, c) for c in range(3)], np.array(COUNTS) / sum(COUNTS))
+  local = [sgd(sgd(w0, 0), 0), sgd(w0, 1), sgd(sgd(w0, 2), 2)]  # client 1 skips round 2
+  w2 = weighted(
+    [sgd(w1, 0), sgd(w1, 2)], np.array([COUNTS[0], COUNTS[2]]) / (COUNTS[0] + COUNTS[2])
+  )
+  assert_close(state.server.params, w2)
+  for c in range(3):
+    assert_close(jax.tree.map(lambda a, c=c: a[c], state.clients.local_params), local[c])
+  np.testing.assert_array_equal(state.clients.has_local, [True, True, True])
+  np.testing.assert_allclose(state.server.seen_counts, counts.sum(0) + counts[0] + counts[2])
+
+  personalized = alg.personalized_params(state, data)
+  server = state.server
+  keys = alg._friend_keys(server)
+  memory = jnp.log(knowledge_transfer.memory_label_probs(server.seen_counts))
+  for c in range(3):
+    theta = local[c]
+    head = {k: v.copy() for k, v in theta['head'].items()}
+    for key in jax.random.split(keys[c], friend.steps):
+      # The generated batch, drawn as train_friend draws it (the math is checked here).
+      label_key, reference_key, sample_key = jax.random.split(key, 3)
+      y = jax.random.categorical(label_key, jnp.log(counts[c]), shape=(friend.batch_size,))
+      reference = jax.random.categorical(reference_key, memory, shape=(alg.setup.batch_size,))
+      h = np.asarray(
+        generator_lib.generate(
+          alg.setup.generator,
+          server.generator.params,
+          sample_key,
+          y,
+          alg.setup.noise_dim,
+          alg.setup.noise_distribution,
+          reference_labels=reference,
+        ),
+        np.float64,
+      )
+      y = np.asarray(y)
+      g = (softmax(h @ head['kernel'] + head['bias']) - np.eye(NUM_CLASSES)[y]) / len(y)
+      head = {'kernel': head['kernel'] - 0.3 * h.T @ g, 'bias': head['bias'] - 0.3 * g.sum(0)}
+    theta_friend = {'body': theta['body'], 'head': head}
+    assert not np.allclose(head['kernel'], theta['head']['kernel'])
+    expected = jax.tree.map(lambda a, b: 0.25 * a + 0.75 * b, theta, theta_friend)
+    assert_close(jax.tree.map(lambda a, c=c: a[c], personalized), expected)
 
 
 # ---------------------------------------------------------------- FedGen
