@@ -16,6 +16,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from apfl_jax.errors import ConfigError
+
 # Accuracy metrics of metrics.jsonl / summary.json that the table reports, in order.
 METRICS = (
   'personalized_acc',
@@ -226,27 +228,37 @@ def virtual_time_to_target(
 
 def virtual_time_table(
   groups: dict[str, list[Curve]], target: float
-) -> tuple[float, list[dict[str, Any]]]:
+) -> tuple[list[float], list[dict[str, Any]]]:
   """Per group of seed runs: final virtual time, accuracy at a common time, time to target.
 
-  The common time (the budget) is the shortest final virtual time of all runs, so every
-  run is scored at a time it reached. A run's accuracy at the budget is its last evaluation
-  at or before it.
+  The i-th curve of every group is the same seed (the same client speeds). Its budget is
+  the shortest final virtual time of that seed's runs, so each run is scored at a time it
+  reached and against its own seed's clock. A run's accuracy at the budget is its last
+  evaluation at or before it.
 
   Args:
-    groups: label -> the curves of its seeds.
+    groups: label -> the curves of its seeds, in the same seed order for every label.
     target: the accuracy whose first virtual time is reported.
 
   Returns:
-    (budget, rows): each row has 'run', 'seeds' (number of curves), 'final_time',
-    'at_budget' and 'time_to_target' as `mean_std` (the last over the seeds that reached
-    the target) and 'reached' (how many did).
+    (budget of each seed, rows): each row has 'run', 'seeds' (number of curves),
+    'final_time', 'at_budget' and 'time_to_target' as `mean_std` (the last over the seeds
+    that reached the target) and 'reached' (how many did).
+
+  Raises:
+    ConfigError: the groups hold different numbers of seed runs.
   """
-  budget = min(curve.times[-1] for curves in groups.values() for curve in curves)
+  sizes = {len(curves) for curves in groups.values()}
+  if len(sizes) != 1:
+    found = ', '.join(f'{label}: {len(curves)}' for label, curves in groups.items())
+    raise ConfigError(f'--runs: every folder needs the same seeds; seed runs found: {found}')
+  budgets = [
+    min(seed_curves[i].times[-1] for seed_curves in groups.values()) for i in range(sizes.pop())
+  ]
   rows = []
   for label, curves in groups.items():
     at_budget = []
-    for curve in curves:
+    for curve, budget in zip(curves, budgets):
       before = [v for t, v in zip(curve.times, curve.values) if t <= budget and v is not None]
       at_budget.append(before[-1] if before else None)
     reached = [virtual_time_to_target(c.times, c.values, target) for c in curves]
@@ -260,19 +272,20 @@ def virtual_time_table(
         'reached': sum(r is not None for r in reached),
       }
     )
-  return budget, rows
+  return budgets, rows
 
 
 def virtual_time_markdown(
-  budget: float, rows: Sequence[dict[str, Any]], target: float, metric: str
+  budgets: Sequence[float], rows: Sequence[dict[str, Any]], target: float, metric: str
 ) -> str:
-  """The `virtual_time_table` as Markdown: mean ± std over seeds (population std)."""
+  """The `virtual_time_table` as Markdown (mean ± std over seeds, population std), then
+  the budget of each seed."""
 
   def stat(value: tuple[float, float] | None) -> str:
     return NA if value is None else f'{value[0]:.0f} ± {value[1]:.0f}'
 
   lines = [
-    f'| run | seeds | final virtual time | {metric} at time {budget:.0f} | '
+    f'| run | seeds | final virtual time | {metric} at the budget | '
     f'time to {target:g} | seeds reaching {target:g} |',
     '|---|---|---|---|---|---|',
   ]
@@ -282,4 +295,10 @@ def virtual_time_markdown(
       f'{format_stat(row["at_budget"])} | {stat(row["time_to_target"])} | '
       f'{row["reached"]}/{row["seeds"]} |'
     )
+  lines += [
+    '',
+    'Budget: the shortest final virtual time among the runs of the same seed; per seed: '
+    + ', '.join(f'{b:.0f}' for b in budgets)
+    + '. Population std over seeds.',
+  ]
   return '\n'.join(lines)

@@ -29,7 +29,8 @@ def plot_async(*args):
 
 
 def test_a_folder_of_seed_runs_is_one_row(tmp_path):
-  write_run(str(tmp_path / 'sync'), 'sync', [10.0, 20.0], [0.3, 0.7])
+  write_run(str(tmp_path / 'sync' / 'seed0'), 'sync', [10.0, 20.0], [0.3, 0.7])
+  write_run(str(tmp_path / 'sync' / 'seed1'), 'sync', [6.0, 9.0], [0.65, 0.1])
   write_run(str(tmp_path / 'fedbuff' / 'seed0'), 'fedbuff', [4.0, 8.0], [0.6, 0.8], [0, 1])
   write_run(str(tmp_path / 'fedbuff' / 'seed1'), 'fedbuff', [5.0, 12.0], [0.2, 0.4], [2])
   out = tmp_path / 'out'
@@ -41,9 +42,13 @@ def test_a_folder_of_seed_runs_is_one_row(tmp_path):
   )
   assert proc.returncode == 0, proc.stderr
   lines = (out / 'summary.md').read_text().splitlines()
-  assert lines[0].startswith('| run | seeds | final virtual time | acc at time 8 |')
-  assert lines[2] == '| sync (sync) | 1 | 20 ± 0 | n/a | 20 ± 0 | 1/1 |'
+  assert lines[0].startswith('| run | seeds | final virtual time | acc at the budget |')
+  # Budgets 8 (seed 0) and 9 (seed 1): sync has no seed-0 evaluation by 8.
+  assert lines[2] == '| sync (sync) | 2 | 14 ± 6 | 0.1000 ± 0.0000 | 13 ± 7 | 2/2 |'
   assert lines[3] == '| fedbuff (fedbuff) | 2 | 10 ± 2 | 0.5000 ± 0.3000 | 4 ± 0 | 1/2 |'
+  assert lines[-1].startswith(
+    'Budget: the shortest final virtual time among the runs of the same seed; per seed: 8, 9.'
+  )
   assert (out / 'accuracy_vs_virtual_time.png').stat().st_size > 0
   assert (out / 'staleness_histogram.png').stat().st_size > 0
 

@@ -7,6 +7,7 @@ from conftest import make_run
 import pytest
 
 from apfl_jax import results
+from apfl_jax.errors import ConfigError
 
 
 def test_mean_std_skips_missing_values():
@@ -86,31 +87,44 @@ def test_virtual_time_to_target():
   assert results.virtual_time_to_target([1.0, 2.0], [0.5, None], 0.8) is None
 
 
-def test_virtual_time_table_scores_every_seed_at_the_shortest_final_time():
+def test_virtual_time_table_scores_each_seed_at_its_shortest_final_time():
   groups = {
-    'sync': [results.Curve([10.0, 20.0, 30.0], [0.2, 0.5, 0.7])],
+    'sync': [
+      results.Curve([10.0, 20.0, 30.0], [0.2, 0.5, 0.7]),
+      results.Curve([3.0, 9.0], [0.1, 0.3]),
+    ],
     'fedbuff': [
       results.Curve([4.0, 8.0, 12.0], [0.4, 0.6, 0.65]),
       results.Curve([5.0, 11.0, 16.0], [0.3, None, 0.5]),
     ],
   }
-  budget, (sync, fedbuff) = results.virtual_time_table(groups, target=0.6)
-  assert budget == 12.0  # the shortest final time of all runs
-  assert sync['seeds'] == 1 and sync['final_time'] == (30.0, 0.0)
-  assert sync['at_budget'] == (0.2, 0.0)  # its last evaluation at or before 12
+  budgets, (sync, fedbuff) = results.virtual_time_table(groups, target=0.6)
+  assert budgets == [12.0, 9.0]  # per seed, the shortest final time of its runs
+  assert sync['seeds'] == 2 and sync['final_time'] == pytest.approx((19.5, 10.5))
+  # seed 0: last evaluation at or before 12 is 0.2 at 10; seed 1: 0.3 at 9.
+  assert sync['at_budget'] == pytest.approx((0.25, 0.05))
   assert sync['time_to_target'] == (30.0, 0.0) and sync['reached'] == 1
   assert fedbuff['final_time'] == pytest.approx((14.0, 2.0))
-  # seed 0: 0.65 at 12; seed 1: 0.3 at 5 (None at 11 is not an evaluation).
+  # seed 0: 0.65 at 12; seed 1: 0.3 at 5 (None at 11 is past the budget 9 anyway).
   assert fedbuff['at_budget'] == pytest.approx((0.475, 0.175))
   assert fedbuff['time_to_target'] == (8.0, 0.0) and fedbuff['reached'] == 1
-  text = results.virtual_time_markdown(budget, [sync, fedbuff], 0.6, 'acc')
-  assert text.splitlines()[0] == (
-    '| run | seeds | final virtual time | acc at time 12 | time to 0.6 | seeds reaching 0.6 |'
+  lines = results.virtual_time_markdown(budgets, [sync, fedbuff], 0.6, 'acc').splitlines()
+  assert lines[0] == (
+    '| run | seeds | final virtual time | acc at the budget | time to 0.6 | seeds reaching 0.6 |'
   )
-  assert text.splitlines()[3] == '| fedbuff | 2 | 14 ± 2 | 0.4750 ± 0.1750 | 8 ± 0 | 1/2 |'
+  assert lines[3] == '| fedbuff | 2 | 14 ± 2 | 0.4750 ± 0.1750 | 8 ± 0 | 1/2 |'
+  assert lines[-1].startswith(
+    'Budget: the shortest final virtual time among the runs of the same seed; per seed: 12, 9.'
+  )
+
+
+def test_virtual_time_table_needs_the_same_seeds_in_every_group():
+  groups = {'a': [results.Curve([1.0], [0.1])] * 2, 'b': [results.Curve([1.0], [0.1])]}
+  with pytest.raises(ConfigError, match='--runs: every folder needs the same seeds.*a: 2, b: 1'):
+    results.virtual_time_table(groups, target=0.5)
 
 
 def test_virtual_time_table_target_never_reached_is_na():
-  _, (row,) = results.virtual_time_table({'a': [results.Curve([1.0], [0.1])]}, target=0.9)
+  budgets, (row,) = results.virtual_time_table({'a': [results.Curve([1.0], [0.1])]}, target=0.9)
   assert row['time_to_target'] is None and row['reached'] == 0
-  assert '| n/a | 0/1 |' in results.virtual_time_markdown(1.0, [row], 0.9, 'acc')
+  assert '| n/a | 0/1 |' in results.virtual_time_markdown(budgets, [row], 0.9, 'acc')
