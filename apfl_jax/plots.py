@@ -193,7 +193,7 @@ def plot_accuracy_vs_virtual_time(
     for i, curve in enumerate(curves):
       ax.plot(
         curve.times,
-        curve.values,
+        np.array([np.nan if v is None else v for v in curve.values], np.float64),
         marker='.',
         color=f'C{color}',
         alpha=1.0 if len(curves) == 1 else 0.6,
