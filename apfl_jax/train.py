@@ -86,6 +86,14 @@ def open_workdir(workdir: str, config: Config) -> str:
   if os.path.exists(config_path):
     with open(config_path) as f:
       previous = json.load(f)
+    missing = [key for key in dataclasses.asdict(config) if key not in previous]
+    if missing:
+      logging.warning(
+        "%s was written by a version without %s: its run is used as if it had this run's "
+        'values; move it aside if those flags change what the run computes',
+        config_path,
+        ', '.join(f'--{key}' for key in missing),
+      )
     for key, value in dataclasses.asdict(config).items():
       if key in RESUMABLE_FIELDS or key not in previous:
         continue

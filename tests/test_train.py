@@ -140,6 +140,28 @@ def test_workdir_of_another_config_is_refused(tmp_path, synthetic_data):
     train.train_and_evaluate(tiny_config(num_rounds=1, learning_rate=0.1), str(tmp_path))
 
 
+def test_workdir_of_an_older_version_is_used_with_a_warning_naming_the_new_flags(
+  tmp_path, monkeypatch
+):
+  config = tiny_config(num_rounds=1)
+  train.commit_workdir(str(tmp_path), config)
+  with open(tmp_path / 'config.json') as f:
+    written = json.load(f)
+  del written['fedrep_head_epochs'], written['fedasync_rho']
+  with open(tmp_path / 'config.json', 'w') as f:
+    json.dump(written, f)
+  warnings = []
+  monkeypatch.setattr(train.logging, 'warning', lambda msg, *args: warnings.append(msg % args))
+  assert train.open_workdir(str(tmp_path), config) == str(tmp_path)
+  assert len(warnings) == 1
+  # The flags in Config's field order, each named once.
+  assert 'without --fedasync_rho, --fedrep_head_epochs: its run is used as if' in warnings[0]
+  train.commit_workdir(str(tmp_path), config)
+  warnings.clear()
+  train.open_workdir(str(tmp_path), config)
+  assert warnings == []
+
+
 def test_nan_names_round_and_client(tmp_path, synthetic_data):
   with pytest.raises(TrainingDivergedError, match=r'round 1, client \d'):
     train.train_and_evaluate(tiny_config(learning_rate=1e38), str(tmp_path))
