@@ -234,7 +234,7 @@ def virtual_time_table(
   The i-th curve of every group is the same seed (the same client speeds). Its budget is
   the shortest final virtual time of that seed's runs, so each run is scored at a time it
   reached and against its own seed's clock. A run's accuracy at the budget is its last
-  evaluation at or before it.
+  evaluation at or before it; a run with none is left out of that mean.
 
   Args:
     groups: label -> the curves of its seeds, in the same seed order for every label.

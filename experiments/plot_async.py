@@ -9,8 +9,9 @@ metrics.jsonl, e.g. seed0, seed1, seed2); a folder is one row of the table and o
 the figure. Reads each run's metrics.jsonl (which logs every applied update's staleness in
 async mode; only at evaluated steps, so the histogram covers those steps' buffers), writes
 accuracy_vs_virtual_time.png, staleness_histogram.png and summary.md: per row, mean ± std
-over its seeds of the final virtual time, of the accuracy at the shortest run's final time
-and of the virtual time to --target accuracy (over the seeds that reach it).
+over its seeds of the final virtual time, of the accuracy at the budget (the shortest final
+virtual time among the runs of the same seed; every folder needs the same seeds) and of the
+virtual time to --target accuracy (over the seeds that reach it).
 """
 
 import os
@@ -19,7 +20,7 @@ import sys
 from absl import app, flags
 
 from apfl_jax import plots, results, run_folder
-from apfl_jax.errors import UserError
+from apfl_jax.errors import ConfigError, UserError
 
 flags.DEFINE_string('runs', None, 'Comma-separated workdirs or folders of seed workdirs.')
 flags.DEFINE_string('out', None, 'Output folder.')
@@ -39,7 +40,7 @@ def seed_workdirs(folder: str) -> list[str]:
     if os.path.exists(os.path.join(folder, name, run_folder.METRICS))
   ]
   if not runs:
-    sys.exit(f'error: --runs: {folder} holds no {run_folder.METRICS}, nor do its subfolders')
+    raise ConfigError(f'--runs: {folder} holds no {run_folder.METRICS}, nor do its subfolders')
   return runs
 
 
@@ -54,7 +55,7 @@ def main(argv):
 def write_summary():
   """Reads the runs, writes the figures and summary.md, prints the table."""
   if not FLAGS.runs or not FLAGS.out:
-    sys.exit('error: --runs and --out are required')
+    raise ConfigError('--runs and --out are required')
   os.makedirs(FLAGS.out, exist_ok=True)
   groups, staleness = {}, []
   for folder in FLAGS.runs.split(','):
@@ -62,7 +63,7 @@ def write_summary():
     for workdir in seed_workdirs(folder):
       rows = run_folder.read_metrics(workdir)
       if not rows or FLAGS.metric not in rows[-1]:
-        sys.exit(f'error: --metric: {workdir}/{run_folder.METRICS} has no {FLAGS.metric}')
+        raise ConfigError(f'--metric: {workdir}/{run_folder.METRICS} has no {FLAGS.metric}')
       servers.add(run_folder.read_config_values(workdir)['server'])
       curves.append(
         results.Curve([r['virtual_time'] for r in rows], [r.get(FLAGS.metric) for r in rows])
@@ -70,8 +71,8 @@ def write_summary():
       for r in rows:
         staleness.extend(r.get('staleness', []))
     groups[f'{os.path.basename(folder.rstrip("/"))} ({"/".join(sorted(servers))})'] = curves
-  budget, table = results.virtual_time_table(groups, FLAGS.target)
-  summary = results.virtual_time_markdown(budget, table, FLAGS.target, FLAGS.metric)
+  budgets, table = results.virtual_time_table(groups, FLAGS.target)
+  summary = results.virtual_time_markdown(budgets, table, FLAGS.target, FLAGS.metric)
   plots.plot_accuracy_vs_virtual_time(
     groups, os.path.join(FLAGS.out, 'accuracy_vs_virtual_time.png'), FLAGS.metric
   )

@@ -256,21 +256,25 @@ def test_apfl_deng_alpha_update():
 # ---------------------------------------------------------------- AP-FL
 
 
-def make_apfl(friend):
+def feature_setup(**config_changes):
+  """A feature-space generator setup for LinearModel on 2x2x1 inputs."""
   config = Config(
     generator='feature',
     noise_dim=2,
     generator_hidden_dim=4,
     generator_batch_size=4,
-    generator_steps=1,
-    global_teacher_weight=1.0,
+    **config_changes,
   )
   dataset = type(
     'D', (), {'image_shape': (2, 2, 1), 'mean': np.array([0.5]), 'std': np.array([0.25])}
   )()
-  setup = knowledge_transfer.create_setup(
+  return knowledge_transfer.create_setup(
     config, LinearModel(), dataset, np.eye(NUM_CLASSES, dtype=np.float32)
   )
+
+
+def make_apfl(friend):
+  setup = feature_setup(generator_steps=1, global_teacher_weight=1.0)
   _, _, ys = tiny_data()
   counts = np.stack([np.bincount(y, minlength=NUM_CLASSES) for y in ys]).astype(np.float32)
   return APFL(
@@ -414,13 +418,7 @@ def test_fedgen_generator_loss_with_diversity_term():
 
 
 def make_fedgen(regularizer):
-  config = Config(generator='feature', noise_dim=2, generator_hidden_dim=4, generator_batch_size=4)
-  dataset = type(
-    'D', (), {'image_shape': (2, 2, 1), 'mean': np.array([0.5]), 'std': np.array([0.25])}
-  )()
-  setup = knowledge_transfer.create_setup(
-    config, LinearModel(), dataset, np.eye(NUM_CLASSES, dtype=np.float32)
-  )
+  setup = feature_setup()
   return FedGen(
     LinearModel(),
     (2, 2, 1),
