@@ -54,11 +54,16 @@ def parse_betas(text: str) -> list[float]:
   return betas
 
 
-def parse_friend_settings(text: str) -> list[dict[str, str]]:
-  """The --friend_settings list: ';'-separated settings of comma-separated FLAG=VALUE pairs.
+def parse_settings(text: str, allowed: Sequence[str], option: str) -> list[dict[str, str]]:
+  """A settings list: ';'-separated settings of comma-separated FLAG=VALUE pairs.
+
+  Args:
+    text: the flag's value.
+    allowed: the flags a setting may change.
+    option: the command-line flag, named in errors.
 
   Raises:
-    UserError: naming the flag, for a pair that is not FLAG=VALUE with FLAG in `FRIEND_FLAGS`.
+    UserError: naming `option`, for a pair that is not FLAG=VALUE with FLAG in `allowed`.
   """
   settings = []
   for group in text.split(';'):
@@ -67,9 +72,9 @@ def parse_friend_settings(text: str) -> list[dict[str, str]]:
     changes = {}
     for pair in group.split(','):
       name, sep, value = (part.strip() for part in pair.partition('='))
-      if not sep or name not in FRIEND_FLAGS:
+      if not sep or name not in allowed:
         raise UserError(
-          f'--friend_settings: expected FLAG=VALUE with FLAG one of {", ".join(FRIEND_FLAGS)}; '
+          f'--{option}: expected FLAG=VALUE with FLAG one of {", ".join(allowed)}; '
           f'got {pair.strip()!r}'
         )
       changes[name] = value
@@ -77,12 +82,17 @@ def parse_friend_settings(text: str) -> list[dict[str, str]]:
   return settings
 
 
-def friend_config(config: Any, changes: dict[str, str]) -> Any:
-  """The run's config with friend flags changed (values parsed by the flag's type), validated.
+def parse_friend_settings(text: str) -> list[dict[str, str]]:
+  """The --friend_settings list (`parse_settings` of `FRIEND_FLAGS`)."""
+  return parse_settings(text, FRIEND_FLAGS, 'friend_settings')
+
+
+def changed_config(config: Any, changes: dict[str, str], option: str) -> Any:
+  """The run's config with some flags changed (values parsed by the flag's type), validated.
 
   Raises:
-    UserError: naming --friend_settings and the flag, for a value of the wrong type or an
-      invalid one.
+    UserError: naming --`option` and the flag, for a value of the wrong type or an invalid
+      one.
   """
   typed = {}
   for name, value in changes.items():
@@ -90,13 +100,11 @@ def friend_config(config: Any, changes: dict[str, str]) -> Any:
     try:
       typed[name] = kind(value)
     except ValueError:
-      raise UserError(
-        f'--friend_settings: {name}={value!r} is not of type {kind.__name__}'
-      ) from None
+      raise UserError(f'--{option}: {name}={value!r} is not of type {kind.__name__}') from None
   try:
     return config.replace(**typed).validate()
   except ConfigError as e:
-    raise UserError(f'--friend_settings: {e}') from None
+    raise UserError(f'--{option}: {e}') from None
 
 
 def with_friend_config(experiment: train.Experiment, config: Any) -> train.Experiment:
@@ -187,7 +195,7 @@ def evaluate_run(
   config = run_folder.read_config(workdir)
   if config.algorithm != 'apfl':
     raise UserError(f'--runs: {workdir} is a {config.algorithm} run, not apfl')
-  configs = [friend_config(config, changes) for changes in friend_settings]
+  configs = [changed_config(config, changes, 'friend_settings') for changes in friend_settings]
   experiment, state, _ = run_folder.restore_latest(workdir)
   results = {'run': sweep(experiment, state, betas)}
   for changes, changed in zip(friend_settings, configs):

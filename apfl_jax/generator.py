@@ -68,6 +68,8 @@ from apfl_jax.errors import ConfigError
 from apfl_jax.local_training import Params
 
 GENERATORS = ('feature', 'image')
+# Pairs of samples the diversity loss spreads apart: every pair (FedGen) or same-label pairs.
+DIVERSITY_PAIRS = ('all', 'same_label')
 NOISE_DISTRIBUTIONS = ('uniform', 'normal')
 # FedGen's GENERATORCONFIGS: data-set family -> (hidden_dim, noise_dim).
 FEDGEN_SIZES = {'mnist': (256, 32), 'cifar': (512, 64)}
@@ -285,17 +287,23 @@ def sample_noise(rng: jax.Array, batch: int, noise_dim: int, distribution: str) 
   )
 
 
-def diversity_loss(noise: jax.Array, outputs: jax.Array) -> jax.Array:
-  """FedGen's DiversityLoss (metric 'l1').
+def diversity_loss(
+  noise: jax.Array, outputs: jax.Array, labels: jax.Array | None = None
+) -> jax.Array:
+  """FedGen's DiversityLoss (metric 'l1'), over all pairs or over same-label pairs.
 
-  L_div = exp(-(1/B^2) sum_{i,j} d_z(i,j) d_G(i,j)), over all ordered pairs
-  including i = j, with d_z(i,j) = mean_d (z_{i,d} - z_{j,d})^2 and
-  d_G(i,j) = mean_d |G_{i,d} - G_{j,d}| on the outputs flattened per sample.
-  It is in (0, 1] and falls as samples from different noise spread apart.
+  L_div = exp(-mean_{(i,j) in P} d_z(i,j) d_G(i,j)), with d_z(i,j) =
+  mean_d (z_{i,d} - z_{j,d})^2 and d_G(i,j) = mean_d |G_{i,d} - G_{j,d}| on the
+  outputs flattened per sample. P is every ordered pair including i = j
+  (FedGen's; `labels` None) or, with `labels`, the ordered pairs of equal labels
+  (i = j included): a conditional generator then cannot pay for samples that
+  ignore z with the distance between classes. It is in (0, 1] and falls as
+  samples from different noise spread apart.
 
   Args:
     noise: [B, noise_dim].
     outputs: [B, ...] generated samples.
+    labels: optional int [B]; restricts P to pairs of the same label.
 
   Returns:
     A scalar.
@@ -303,7 +311,10 @@ def diversity_loss(noise: jax.Array, outputs: jax.Array) -> jax.Array:
   flat = outputs.reshape(outputs.shape[0], -1)
   noise_dist = jnp.mean(jnp.square(noise[:, None, :] - noise[None, :, :]), axis=-1)
   layer_dist = jnp.mean(jnp.abs(flat[:, None, :] - flat[None, :, :]), axis=-1)
-  return jnp.exp(-jnp.mean(noise_dist * layer_dist))
+  if labels is None:
+    return jnp.exp(-jnp.mean(noise_dist * layer_dist))
+  same = (labels[:, None] == labels[None, :]).astype(jnp.float32)
+  return jnp.exp(-jnp.sum(same * noise_dist * layer_dist) / jnp.sum(same))
 
 
 def teacher_weights(label_counts: jax.Array) -> jax.Array:
@@ -394,13 +405,14 @@ def train_generator(
   ce_weight: float,
   noise_dim: int,
   noise_distribution: str,
+  diversity_pairs: str = 'all',
 ) -> tuple[GeneratorState, dict[str, jax.Array]]:
   """Trains the generator for `num_steps` optax steps (a lax.scan).
 
   Each step draws y_i ~ Categorical(label_probs), z_i ~ noise_distribution,
   x_i = G(z_i, A(y_i)) and descends
     L_G = ce_weight * teacher_cross_entropy(teacher_logits_fn(x), y, weights)
-          + (1 - ce_weight) * diversity_loss(z, x)
+          + (1 - ce_weight) * diversity_loss(z, x[, y])
   with respect to the generator's parameters only: the teachers' parameters
   are closed over by `teacher_logits_fn`, so no gradient is taken for them.
 
@@ -428,6 +440,8 @@ def train_generator(
       1 - lambda.
     noise_dim: width of z; must equal `generator.noise_dim`.
     noise_distribution: 'uniform' or 'normal'.
+    diversity_pairs: 'all' (FedGen's diversity over every pair of the batch) or
+      'same_label' (only pairs of equal labels, `diversity_loss` with y).
 
   Returns:
     (the new GeneratorState, {'loss', 'ce', 'diversity'} of the last step,
@@ -442,12 +456,16 @@ def train_generator(
     raise ConfigError(
       f'--noise_distribution={noise_distribution!r} is not one of {list(NOISE_DISTRIBUTIONS)}'
     )
+  if diversity_pairs not in DIVERSITY_PAIRS:
+    raise ConfigError(
+      f'--diversity_pairs={diversity_pairs!r} is not one of {list(DIVERSITY_PAIRS)}'
+    )
   logits = jnp.log(jnp.asarray(label_probs, jnp.float32))
 
   def loss_fn(params, noise, labels):
     samples = generator.apply({'params': params}, noise, labels)
     ce = teacher_cross_entropy(teacher_logits_fn(samples), labels, weights)
-    div = diversity_loss(noise, samples)
+    div = diversity_loss(noise, samples, labels if diversity_pairs == 'same_label' else None)
     return ce_weight * ce + (1.0 - ce_weight) * div, (ce, div)
 
   def step(carry, key):

@@ -826,11 +826,12 @@ def _round_loop(
 
   evaluate = Evaluator(exp)
   hooks = callbacks.default_callbacks(workdir, rows, manager, rounds, config, log)
-  log(
-    f'round {done + 1}/{config.num_rounds}: compiling the round and the evaluation '
-    '(the first round takes longer)',
-    flush=True,
-  )
+  if done < config.num_rounds:
+    log(
+      f'round {done + 1}/{config.num_rounds}: compiling the round and the evaluation '
+      '(the first round takes longer)',
+      flush=True,
+    )
   t0 = time.perf_counter()
   r = done
   try:

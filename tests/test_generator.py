@@ -51,6 +51,16 @@ def test_diversity_loss_three_samples_by_hand():
   )
 
 
+def test_diversity_loss_same_label_pairs_by_hand():
+  noise = jnp.array([[0.0], [1.0], [3.0]])
+  outputs = jnp.array([[0.0], [2.0], [2.0]])
+  # Labels 0, 0, 1: same-label ordered pairs (0,0), (0,1), (1,0), (1,1), (2,2);
+  # only (0,1) and (1,0) have nonzero products, d_z d_G = 1 * 2: 4 / 5 pairs.
+  np.testing.assert_allclose(
+    gen_lib.diversity_loss(noise, outputs, jnp.array([0, 0, 1])), math.exp(-4.0 / 5.0), rtol=1e-6
+  )
+
+
 def test_teacher_weights():
   weights = np.asarray(gen_lib.teacher_weights(COUNTS))
   assert weights.shape == COUNTS.shape

@@ -366,10 +366,11 @@ class CapturingGenerator(nn.Module):
     return noise @ a + jax.nn.one_hot(labels, NUM_CLASSES) @ b
 
 
-def test_fedgen_generator_loss_with_diversity_term():
+@pytest.mark.parametrize('pairs', ['all', 'same_label'])
+def test_fedgen_generator_loss_with_diversity_term(pairs):
   """L_G = lambda (1/B) sum_i sum_k w_{k,y_i} CE(f_k(G_i), y_i)
-  + (1 - lambda) exp(-mean_{i,j} mean_d (z_i - z_j)^2 mean_d |G_i - G_j|),
-  w_{k,y} = n_{k,y} / sum_j n_{j,y}."""
+  + (1 - lambda) exp(-mean_{(i,j) in P} mean_d (z_i - z_j)^2 mean_d |G_i - G_j|),
+  w_{k,y} = n_{k,y} / sum_j n_{j,y}; P: every pair, or the pairs with y_i = y_j."""
   gen = CapturingGenerator(noise_dim=2)
   state = generator_lib.init_generator(gen, optax.sgd(0.1), jax.random.key(0))
   jax.effects_barrier()
@@ -393,6 +394,7 @@ def test_fedgen_generator_loss_with_diversity_term():
     ce_weight=lam,
     noise_dim=2,
     noise_distribution='uniform',
+    diversity_pairs=pairs,
   )
   jax.effects_barrier()
   z, y = CAPTURED[0]
@@ -411,7 +413,9 @@ def test_fedgen_generator_loss_with_diversity_term():
     ce += np.mean(weights[k, y] * -log_p[np.arange(5), y])
   d_z = np.mean((z[:, None] - z[None]) ** 2, -1)
   d_g = np.mean(np.abs(g[:, None] - g[None]), -1)
-  diversity = np.exp(-np.mean(d_z * d_g))
+  same = (y[:, None] == y[None]) if pairs == 'same_label' else np.ones((5, 5), bool)
+  assert pairs == 'all' or not same.all()  # the batch has two labels: the pair sets differ
+  diversity = np.exp(-np.sum(same * d_z * d_g) / np.sum(same))
   np.testing.assert_allclose(metrics['ce'], ce, rtol=RTOL)
   np.testing.assert_allclose(metrics['diversity'], diversity, rtol=RTOL)
   np.testing.assert_allclose(metrics['loss'], lam * ce + (1 - lam) * diversity, rtol=RTOL)

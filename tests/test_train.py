@@ -134,6 +134,17 @@ def test_longer_rerun_continues_from_last_checkpoint(tmp_path, synthetic_data):
   assert read_rows(tmp_path / 'a') == read_rows(tmp_path / 'b')
 
 
+def test_rerun_of_a_finished_run_rereads_it_without_training(tmp_path, synthetic_data, capsys):
+  train.train_and_evaluate(tiny_config(num_rounds=2, verbose=True), str(tmp_path))
+  rows = read_rows(tmp_path)
+  capsys.readouterr()
+  train.train_and_evaluate(tiny_config(num_rounds=2, verbose=True), str(tmp_path))
+  out = capsys.readouterr().out
+  assert 'resuming' in out and 'after round 2' in out
+  assert 'compiling' not in out
+  assert read_rows(tmp_path) == rows
+
+
 def test_workdir_of_another_config_is_refused(tmp_path, synthetic_data):
   train.train_and_evaluate(tiny_config(num_rounds=1), str(tmp_path))
   with pytest.raises(ConfigError, match='--learning_rate'):

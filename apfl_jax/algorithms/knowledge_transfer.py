@@ -93,6 +93,12 @@ class GeneratorOptions(options.Options):
   generator_ce_weight: float = options.option(
     0.5, 'lambda in L_G = lambda*L_CE + (1-lambda)*L_div.', check=options.unit_interval
   )
+  diversity_pairs: str = options.option(
+    'all',
+    "Pairs of generated samples L_div spreads apart: all (FedGen's code) or same_label "
+    '(a class cannot collapse to one sample whatever z is).',
+    choices=generator_lib.DIVERSITY_PAIRS,
+  )
   global_teacher_weight: float = options.option(
     -1.0,
     "g: share of each label's teacher weight given to the global model (the rest goes to "
@@ -124,6 +130,7 @@ class GeneratorSetup:
     steps: optimizer steps per round.
     batch_size: samples per step.
     ce_weight: lambda.
+    diversity_pairs: 'all' or 'same_label', the pairs L_div spreads apart.
     global_teacher_weight: g, the share of each label's teacher weight given to the
       global model (1: the global model is the only teacher).
   """
@@ -136,6 +143,7 @@ class GeneratorSetup:
   steps: int
   batch_size: int
   ce_weight: float
+  diversity_pairs: str
   global_teacher_weight: float
 
 
@@ -182,6 +190,7 @@ def create_setup(
     steps=config.generator_steps,
     batch_size=config.generator_batch_size,
     ce_weight=config.generator_ce_weight,
+    diversity_pairs=config.diversity_pairs,
     global_teacher_weight=global_teacher_weight,
   )
 
@@ -284,6 +293,7 @@ def train_on_teachers(
     num_steps=setup.steps,
     batch_size=setup.batch_size,
     ce_weight=setup.ce_weight,
+    diversity_pairs=setup.diversity_pairs,
     noise_dim=setup.noise_dim,
     noise_distribution=setup.noise_distribution,
   )

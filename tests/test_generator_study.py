@@ -1,0 +1,97 @@
+"""Tests of apfl_jax.generator_study: fresh generators on a finished tiny AP-FL run."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+from conftest import make_synthetic_dataset
+import jax
+import numpy as np
+import pytest
+from test_train import APFL_TINY, tiny_config
+
+from apfl_jax import generator_study, run_folder, train
+from apfl_jax.errors import UserError
+
+
+@pytest.fixture(scope='module')
+def apfl_run(tmp_path_factory):
+  """The workdir of a finished 2-round AP-FL run (global model as the generator's teacher)."""
+  dataset = make_synthetic_dataset(num_classes=4, per_class=20, shape=(28, 28, 1))
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(train.datasets, 'load_dataset', lambda name, data_dir=None: dataset)
+    workdir = str(tmp_path_factory.mktemp('apfl'))
+    train.train_and_evaluate(tiny_config(**APFL_TINY, num_rounds=2), workdir)
+    yield workdir
+
+
+def test_rows_are_the_run_its_setting_retrained_and_each_setting(apfl_run):
+  settings = generator_study.parse_generator_settings(
+    'diversity_pairs=same_label; generator_ce_weight=1.0'
+  )
+  studied = generator_study.evaluate_run(apfl_run, [1.0, 0.0], settings)
+  assert list(studied) == [
+    'run',
+    'retrained',
+    'diversity_pairs=same_label',
+    'generator_ce_weight=1.0',
+  ]
+  for row in studied.values():
+    assert row['spread']['within_class_l1'] > 0
+    assert row['spread']['between_class_l1'] > 0
+    assert 0.0 <= row['spread']['teacher_acc'] <= 1.0
+    # beta=1 reads only the local models, which no generator touches.
+    assert row['betas'][1.0] == studied['run']['betas'][1.0]
+  # A generator trained without the diversity term differs from the one trained with it.
+  assert studied['generator_ce_weight=1.0']['spread'] != studied['retrained']['spread']
+  text = generator_study.table('runs', [studied, studied], [1.0, 0.0])
+  assert '| diversity_pairs=same_label |' in text
+  assert text.count('\n| ') == 5  # header and 4 generators
+
+
+def test_spread_is_zero_within_a_class_whose_samples_ignore_the_noise(apfl_run):
+  experiment, state, _ = run_folder.restore_latest(apfl_run)
+  algorithm = experiment.algorithm
+  params = jax.tree.map(np.array, state.server.generator.params)  # writable copies
+  first = params['Dense_0']['kernel']
+  first[: algorithm.setup.noise_dim] = 0.0  # z's rows of the first layer
+  classes = np.arange(algorithm.num_classes)
+  spread = generator_study.spread(
+    algorithm.setup, algorithm.model, params, state.server.params, classes, jax.random.key(0)
+  )
+  assert spread['within_class_l1'] == pytest.approx(0.0, abs=1e-6)
+  assert spread['between_class_l1'] > 1e-3
+
+
+def test_bad_settings_and_client_taught_runs_are_refused(apfl_run, tmp_path):
+  with pytest.raises(UserError, match='--generator_settings: expected FLAG=VALUE'):
+    generator_study.parse_generator_settings('beta=0.5')
+  with pytest.raises(UserError, match='--generator_settings: .*diversity_pairs'):
+    generator_study.evaluate_run(
+      apfl_run, [0.1], generator_study.parse_generator_settings('diversity_pairs=bogus')
+    )
+  client_taught = str(tmp_path / 'client_taught')
+  shutil.copytree(apfl_run, client_taught)
+  with open(os.path.join(client_taught, 'config.json')) as f:
+    config = json.load(f)
+  config['global_teacher_weight'] = 0.5
+  with open(os.path.join(client_taught, 'config.json'), 'w') as f:
+    json.dump(config, f)
+  with pytest.raises(UserError, match='--global_teacher_weight=0.5'):
+    generator_study.evaluate_run(client_taught, [0.1], [])
+
+
+def test_command_line_names_the_flag_of_a_missing_seed(tmp_path):
+  script = os.path.join(
+    os.path.dirname(os.path.dirname(__file__)), 'experiments', 'generator_study.py'
+  )
+  result = subprocess.run(
+    [sys.executable, script, f'--runs={tmp_path}', '--seeds=3', f'--out={tmp_path / "t.md"}'],
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode != 0
+  assert result.stderr.strip().splitlines() == [f'error: --seeds: no workdir {tmp_path}/seed3']
