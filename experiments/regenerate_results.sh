@@ -6,7 +6,8 @@
 #
 # Sections (each writes docs/results/<folder>; finished runs in <folder>/runs are re-read):
 #   dirichlet   issue #10's table: fashion_mnist.flags, 9 algorithms, seeds 0-2, 50 rounds,
-#               then the beta sweep and the friend study on its AP-FL runs
+#               then the beta sweep, the friend study and the generator study on its
+#               AP-FL runs
 #   dropout     fashion_mnist_dropout.flags, 4 algorithms, seeds 0-2, then the beta sweep and
 #               the friend study on its AP-FL runs
 #   async       fashion_mnist_async.flags: FedBuff and sync FedAvg, seeds 0-2, plot_async
@@ -33,6 +34,8 @@ dirichlet() {
   $PY experiments/beta_sweep.py --runs=docs/results/dirichlet/runs/apfl --betas=$FRIEND_BETAS \
     --friend_settings="friend_learning_rate=0.005;friend_learning_rate=0.01;friend_labels=all;synthetic_per_class=100;friend_init=global" \
     --out=docs/results/dirichlet/friend_study.md
+  $PY experiments/generator_study.py --runs=docs/results/dirichlet/runs/apfl --seeds=0,1,2 \
+    --generator_settings=diversity_pairs=same_label --out=docs/results/dirichlet/generator_study.md
 }
 
 dropout() {
