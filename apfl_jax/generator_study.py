@@ -1,21 +1,26 @@
-"""Generator study: fresh generators taught by a finished AP-FL run's final global model.
+"""Generator study: fresh generators taught by a finished AP-FL run's final models.
 
 AP-FL's friend models learn only what the generator's samples carry. This study restores a
 finished AP-FL run and, once per generator setting (`GENERATOR_FLAGS`, e.g. the diversity
 loss over same-label pairs), trains a fresh generator: the run's architecture, its
-initialisation key and optimizer, the final global model as the only teacher, labels drawn
-from the run's label memory, for as many steps as the run's generator took in all
-(generator_steps x num_rounds). For each generator it reports the spread of its samples and
-the personalized accuracy of friends trained on them (`beta_sweep.sweep`). The run's own
-generator comes first, and the run's own setting retrained comes next. That second row
-shows how close the retraining is to the run, where the teacher changed every round.
+initialisation key and optimizer, labels drawn from the run's label memory, for as many
+steps as the run's generator took in all (generator_steps x num_rounds). The teacher is the
+final global model alone, as in the run. A setting `global_teacher_weight=g` with g < 1
+gives each label's weight (1 - g) n_{k,y} / sum_j n_{j,y} to the clients' final local
+models theta_k (every client that trained, weighted by its training label counts) and g to
+the global model: the paper's weighted cross-entropy over client models, read with the
+persistent local models as the client models. For each generator the study reports the
+spread of its samples and the personalized accuracy of friends trained on them
+(`beta_sweep.sweep`). The run's own generator comes first, and the run's own setting
+retrained comes next. That second row shows how close the retraining is to the run, where
+the teacher changed every round.
 
 Spread, on the memorized classes, 32 samples each, in the classifier's input space
 (standardised pixels or head inputs):
   within_class_l1: mean_d |x_i - x_j| over pairs i != j of one class (0: the class
     collapsed to one sample, whatever z is);
   between_class_l1: mean_d |m_c - m_e| over pairs of class means c != e;
-  teacher_acc: the global model's accuracy on the samples.
+  teacher_acc: the final global model's accuracy on the samples (whoever taught them).
 """
 
 from __future__ import annotations
@@ -34,7 +39,11 @@ from apfl_jax.algorithms import apfl, knowledge_transfer
 from apfl_jax.errors import UserError
 
 # Flags a generator setting may change, and the GeneratorSetup field each one sets.
-GENERATOR_FLAGS = {'diversity_pairs': 'diversity_pairs', 'generator_ce_weight': 'ce_weight'}
+GENERATOR_FLAGS = {
+  'diversity_pairs': 'diversity_pairs',
+  'generator_ce_weight': 'ce_weight',
+  'global_teacher_weight': 'global_teacher_weight',
+}
 SAMPLES_PER_CLASS = 32
 
 
@@ -86,27 +95,34 @@ def spread(
 def retrain_generator(
   experiment: Any, state: Any, setup: knowledge_transfer.GeneratorSetup
 ) -> generator_lib.GeneratorState:
-  """A fresh generator of `setup` taught by the final global model (module docstring)."""
+  """A fresh generator of `setup` taught by the run's final models (module docstring)."""
   config = experiment.config
+  algorithm = experiment.algorithm
   _, generator_rng = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), 0))
   long_setup = dataclasses.replace(setup, steps=setup.steps * config.num_rounds)
   initial = generator_lib.init_generator(setup.generator, setup.optimizer, generator_rng)
 
+  if setup.global_teacher_weight < 1:
+    teachers = algorithm.local_models(state)
+    label_counts = jnp.asarray(algorithm.label_counts) * state.clients.has_local[:, None]
+  else:
+    teachers, label_counts = None, None
+
   @jax.jit
-  def train(initial, global_params, seen_counts):
+  def train(initial, teachers, label_counts, global_params, seen_counts):
     trained, _ = knowledge_transfer.train_on_teachers(
       long_setup,
-      experiment.algorithm.model,
+      algorithm.model,
       initial,
-      None,
-      None,
+      teachers,
+      label_counts,
       global_params,
       seen_counts,
       jax.random.key(config.seed + 2),
     )
     return trained
 
-  return train(initial, state.server.params, state.server.seen_counts)
+  return train(initial, teachers, label_counts, state.server.params, state.server.seen_counts)
 
 
 def evaluate_run(
@@ -138,7 +154,8 @@ def evaluate_run(
   if algorithm.setup.global_teacher_weight < 1:
     raise UserError(
       f'--runs: {workdir} has --global_teacher_weight={algorithm.setup.global_teacher_weight}; '
-      'the study retrains generators on the global model alone (1)'
+      "its generator learned from each round's client updates, which the study cannot "
+      'rebuild (it needs 1)'
     )
   classes = np.flatnonzero(np.asarray(state.server.seen_counts) > 0)
   if len(classes) < 2:

@@ -8,7 +8,7 @@
 #   dirichlet   issue #10's table: fashion_mnist.flags, 9 algorithms, seeds 0-2, 50 rounds,
 #               then the beta sweep, the friend study and the generator study on its
 #               AP-FL runs
-#   dropout     fashion_mnist_dropout.flags, 4 algorithms, seeds 0-2, then the beta sweep and
+#   dropout     fashion_mnist_dropout.flags, 9 algorithms, seeds 0-2, then the beta sweep and
 #               the friend study on its AP-FL runs
 #   async       fashion_mnist_async.flags: FedBuff and sync FedAvg, seeds 0-2, plot_async
 #   pfllib      PFLlib's Fashion-MNIST settings (rounds: $PFLLIB_ROUNDS, default 12)
@@ -35,12 +35,13 @@ dirichlet() {
     --friend_settings="friend_learning_rate=0.005;friend_learning_rate=0.01;friend_labels=all;synthetic_per_class=100;friend_init=global" \
     --out=docs/results/dirichlet/friend_study.md
   $PY experiments/generator_study.py --runs=docs/results/dirichlet/runs/apfl --seeds=0,1,2 \
-    --generator_settings=diversity_pairs=same_label --out=docs/results/dirichlet/generator_study.md
+    --generator_settings="diversity_pairs=same_label;global_teacher_weight=0" \
+    --out=docs/results/dirichlet/generator_study.md
 }
 
 dropout() {
   $PY experiments/compare.py --flagfile=fashion_mnist_dropout.flags \
-    --algorithms=fedavg,local,fedgen,apfl \
+    --algorithms=fedavg,local,fedprox,ditto,fedrep,apfl_deng,fedavg_ft,fedgen,apfl \
     --algorithm_flags=fedgen.fedgen_alpha=2,fedgen.fedgen_beta=2 \
     --seeds=0,1,2 --out=docs/results/dropout
   $PY experiments/beta_sweep.py --runs=docs/results/dropout/runs/apfl --betas=$BETAS \

@@ -19,9 +19,14 @@ from apfl_jax.algorithms import registry
 from apfl_jax.algorithms.fedavg_ft import FedAvgFT
 
 
-def make_fedavg_ft(dataset, partition, finetune_epochs, server_optimizer='sgd'):
+def make_fedavg_ft(dataset, partition, finetune_epochs, server_optimizer='sgd', dropout=''):
   config = dataclasses.replace(
-    config_lib.Config(), batch_size=8, num_clients=4, finetune_epochs=finetune_epochs, seed=3
+    config_lib.Config(),
+    batch_size=8,
+    num_clients=4,
+    finetune_epochs=finetune_epochs,
+    seed=3,
+    dropout_clients=dropout,
   )
   counts = np.asarray(partition.train_counts).sum(1)
   schedule = local_training.Schedule.create(8, 1, 0, int(counts.min()), int(counts.max()))
@@ -61,6 +66,23 @@ def test_global_is_fedavg_and_each_client_fine_tunes_it(synthetic_federation):
   assert_trees_close(jax.tree.map(lambda x: x[2], personal), alone, rtol=1e-5, atol=1e-6)
   # Deterministic given the state.
   assert_trees_close(personalized(new_state, data), personal, rtol=0, atol=0)
+
+
+def test_dropout_clients_hold_the_global_model(synthetic_federation):
+  dataset, partition, data = synthetic_federation
+  everyone = make_fedavg_ft(dataset, partition, 1)
+  alg = make_fedavg_ft(dataset, partition, 1, dropout='1,3')
+  state = alg.init(jax.random.key(0))
+  state, _ = jax.jit(alg.run_round)(state, jnp.array([0, 2], jnp.int32), jax.random.key(5), data)
+  personal = jax.jit(alg.personalized_params)(state, data)
+  tuned = jax.jit(everyone.personalized_params)(state, data)
+  for c in (1, 3):
+    assert_trees_close(jax.tree.map(lambda x: x[c], personal), state.server.params, rtol=0, atol=0)
+  for c in (0, 2):
+    assert_trees_close(
+      jax.tree.map(lambda x: x[c], personal), jax.tree.map(lambda x: x[c], tuned), rtol=0, atol=0
+    )
+    assert not np.allclose(personal['head']['kernel'][c], state.server.params['head']['kernel'])
 
 
 def test_finetune_epochs_set_the_steps(synthetic_federation):

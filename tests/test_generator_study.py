@@ -1,5 +1,6 @@
 """Tests of apfl_jax.generator_study: fresh generators on a finished tiny AP-FL run."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from test_train import APFL_TINY, tiny_config
 
+from apfl_jax import generator as generator_lib
 from apfl_jax import generator_study, run_folder, train
 from apfl_jax.errors import UserError
 
@@ -56,6 +58,44 @@ def test_spread_is_zero_within_a_class_whose_samples_ignore_the_noise(apfl_run):
   )
   assert spread['within_class_l1'] == pytest.approx(0.0, abs=1e-6)
   assert spread['between_class_l1'] > 1e-3
+
+
+def test_client_models_teach_with_the_weights_of_their_label_counts(apfl_run):
+  experiment, state, _ = run_folder.restore_latest(apfl_run)
+  algorithm = experiment.algorithm
+  setup = algorithm.setup
+  client_taught = dataclasses.replace(setup, global_teacher_weight=0.0)
+  labels = np.arange(algorithm.num_classes).repeat(4)
+
+  def samples(generator):
+    # Samples, not parameters: a bias before BatchNorm gets a zero gradient, which Adam
+    # turns into full-size steps on float noise.
+    return generator_lib.generate(
+      setup.generator,
+      generator.params,
+      jax.random.key(0),
+      labels,
+      setup.noise_dim,
+      setup.noise_distribution,
+    )
+
+  own = samples(generator_study.retrain_generator(experiment, state, setup))
+  by_clients = samples(generator_study.retrain_generator(experiment, state, client_taught))
+  # The clients' local models are not the global model, so they teach another generator.
+  assert not np.allclose(by_clients, own, atol=1e-3)
+  # Local models equal to the global model: each label's client weights sum to 1, so the
+  # clients together teach exactly what the global model alone teaches.
+  as_global = state.replace(
+    clients=state.clients.replace(
+      local_params=jax.tree.map(
+        lambda loc, g: np.broadcast_to(g, loc.shape),
+        state.clients.local_params,
+        state.server.params,
+      )
+    )
+  )
+  same = samples(generator_study.retrain_generator(experiment, as_global, client_taught))
+  np.testing.assert_allclose(same, own, atol=2e-3)
 
 
 def test_bad_settings_and_client_taught_runs_are_refused(apfl_run, tmp_path):

@@ -8,6 +8,11 @@ inside the jitted evaluation) for every client through the client map. Client k'
 fine-tuning key is fold_in(fold_in(fold_in(key(seed), FINETUNE_STREAM), round), k), so
 the personalized models are a deterministic function of the state. With
 --finetune_epochs=0 the personalized model is the global one.
+
+Dropout clients (--dropout_clients) train on none of their data once they drop out, in
+every algorithm here, so they do not fine-tune: their personalized model is the global one.
+(Fine-tuning a dropout client on its own data would hand FedAvg+FT the very data the
+dropout scenario keeps out of training.)
 """
 
 from __future__ import annotations
@@ -64,6 +69,8 @@ class FedAvgFT(FedAvg):
     server_optimizer: optax.GradientTransformation,
     finetune_schedule: local_training.Schedule | None,
     seed: int,
+    dropout_clients: tuple[int, ...] = (),
+    num_clients: int = 0,
   ):
     """Builds the algorithm.
 
@@ -76,10 +83,14 @@ class FedAvgFT(FedAvg):
       finetune_schedule: the schedule of the fine-tuning, or None for no fine-tuning
         (then the personalized model is the global one).
       seed: the experiment seed the fine-tuning keys derive from.
+      dropout_clients: clients that do not fine-tune (they hold the global model).
+      num_clients: the number of clients (needed with dropout_clients).
     """
     super().__init__(model, image_shape, schedule, client_optimizer, server_optimizer)
     self.finetune_schedule = finetune_schedule
     self.seed = seed
+    self.fine_tunes = np.ones((num_clients,), bool)
+    self.fine_tunes[list(dropout_clients)] = False
     self.personalized_axis = None if finetune_schedule is None else 0
 
   @classmethod
@@ -91,10 +102,13 @@ class FedAvgFT(FedAvg):
       finetune_schedule = local_training.Schedule.create(
         config.batch_size, config.finetune_epochs, 0, int(counts.min()), int(counts.max())
       )
+    num_clients = np.asarray(context.partition.train_counts).shape[0]
     return cls(
       *context.fedavg_args(),
       finetune_schedule,
       config.seed,
+      config.dropout_client_ids(context.partition.monopoly_clients),
+      num_clients,
     )
 
   def init(self, rng: jax.Array) -> base.AlgorithmState:
@@ -141,4 +155,10 @@ class FedAvgFT(FedAvg):
       )
       return params
 
-    return self.client_map(finetune, (0, 0, 0), data.train_index, data.train_count, keys)
+    tuned = self.client_map(finetune, (0, 0, 0), data.train_index, data.train_count, keys)
+    if self.fine_tunes.all():
+      return tuned
+    keep = jnp.asarray(self.fine_tunes)
+    return jax.tree.map(
+      lambda t, g: jnp.where(keep.reshape((-1,) + (1,) * g.ndim), t, g[None]), tuned, server.params
+    )
