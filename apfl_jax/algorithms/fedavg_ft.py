@@ -10,9 +10,10 @@ the personalized models are a deterministic function of the state. With
 --finetune_epochs=0 the personalized model is the global one.
 
 Dropout clients (--dropout_clients) train on none of their data once they drop out, in
-every algorithm here, so they do not fine-tune: their personalized model is the global one.
-(Fine-tuning a dropout client on its own data would hand FedAvg+FT the very data the
-dropout scenario keeps out of training.)
+every algorithm here, so they do not fine-tune (at any evaluation, also before
+--dropout_round): their personalized model is the global one. Fine-tuning a dropout
+client on its own data would hand FedAvg+FT the very data the dropout scenario keeps out
+of training.
 """
 
 from __future__ import annotations
