@@ -41,6 +41,7 @@ def make_apfl(
   friend_labels='client',
   local_model='persistent',
   global_teacher_weight=0.0,
+  client_teachers='local_model',
 ):
   friend = FriendSetup(
     steps=10, batch_size=16, learning_rate=0.5, init=friend_init, labels=friend_labels, beta=beta
@@ -56,6 +57,7 @@ def make_apfl(
     partition.train_counts,
     seed=0,
     local_model=local_model,
+    client_teachers=client_teachers,
   )
 
 

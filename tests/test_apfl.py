@@ -167,6 +167,46 @@ def test_global_teacher_only_round_does_not_recompile(synthetic_federation):
   assert bool(np.all(metrics.finite))
 
 
+def spy_on_teachers(monkeypatch):
+  """Replaces the generator's training by a recorder of the client teachers it is given."""
+  seen = []
+
+  def spy(setup, model, state, teacher_params, *args):
+    seen.append(teacher_params)
+    return state, {}
+
+  monkeypatch.setattr(knowledge_transfer, 'train_on_teachers', spy)
+  return seen
+
+
+@pytest.mark.parametrize('client_teachers', ['local_model', 'update'])
+def test_client_teachers_are_the_local_models_or_the_updates(
+  monkeypatch, synthetic_federation, client_teachers
+):
+  _, partition, data = synthetic_federation
+  alg = make_apfl(data, partition, client_teachers=client_teachers)
+  assert alg.sends_local_model == (client_teachers == 'local_model')
+  seen = spy_on_teachers(monkeypatch)
+  # Round 1 starts every local model from the global model; in round 2 they differ.
+  after_1, _ = alg.run_round(
+    alg.init(jax.random.key(0)), jnp.arange(4, dtype=jnp.int32), jax.random.key(1), data
+  )
+  cohort = jnp.array([0, 2], jnp.int32)
+  after_2, _ = alg.run_round(after_1, cohort, jax.random.key(2), data)
+  teachers = seen[-1]
+  locals_2 = jax.tree.map(lambda x: x[cohort], after_2.clients.local_params)
+  differs = not np.allclose(teachers['head']['kernel'], locals_2['head']['kernel'])
+  if client_teachers == 'local_model':
+    assert_trees_equal(teachers, locals_2)
+  else:
+    # The updates train the global model of round 1: with server lr 1 the new global
+    # model is their mean weighted by the clients' example counts.
+    n = jnp.asarray(data.train_count, jnp.float32)[cohort]
+    mean = jax.tree.map(lambda t: jnp.tensordot(n / n.sum(), t, 1), teachers)
+    assert_trees_close(mean, after_2.server.params)
+    assert differs
+
+
 def test_friend_learns_a_class_no_client_holds(after_one_round):
   partition, data, state = after_one_round
   alg = make_apfl(data, partition)

@@ -13,7 +13,11 @@ Per round:
      (`seen_counts`, every class learned so far) and trains the semantic generator
      G(z, A(c)) by data-free knowledge transfer (`knowledge_transfer`): by default the
      global model is the teacher ("under global model supervision",
-     `--global_teacher_weight=1`), on labels drawn from the memory. A(c) is a text
+     `--global_teacher_weight=1`), on labels drawn from the memory. With g < 1 the
+     client models of the paper's weighted cross-entropy teach too: by default the
+     clients' local models, which they then send beside their updates
+     (`--apfl_client_teachers=local_model`), or the updates themselves (`update`,
+     FedGen's teachers). A(c) is a text
      embedding of the class name, so G can also be sampled for classes no client ever
      held (zero-shot, e.g. the monopoly classes of dropout clients);
   3. each client k trains a friend model theta_friend on generated samples only and
@@ -59,6 +63,7 @@ from apfl_jax.errors import ConfigError
 FRIEND_INITS = ('local', 'global')
 FRIEND_LABELS = ('client', 'present', 'all')
 LOCAL_MODELS = ('persistent', 'from_global')
+CLIENT_TEACHERS = ('local_model', 'update')
 
 
 def _friend_learning_rate(name: str, value: float) -> None:
@@ -103,6 +108,13 @@ class APFLOptions(options.Options):
     'every round it joins, beside the update it sends) or from_global (the local model is '
     "this round's update of the global model, as FedAvg's clients compute it).",
     choices=LOCAL_MODELS,
+  )
+  apfl_client_teachers: str = options.option(
+    'local_model',
+    'AP-FL, with --global_teacher_weight < 1: the client models that teach the generator '
+    "are the clients' local models (local_model: the paper's theta_k, sent beside the "
+    "update) or this round's updates of the global model (update: FedGen's teachers).",
+    choices=CLIENT_TEACHERS,
   )
 
   def resolve(self, config: Any) -> dict[str, Any]:
@@ -197,6 +209,7 @@ class APFL(FedAvg):
       context.partition.train_counts,
       config.seed,
       config.apfl_local_model,
+      config.apfl_client_teachers,
     )
 
   def __init__(
@@ -211,6 +224,7 @@ class APFL(FedAvg):
     label_counts: np.ndarray,
     seed: int,
     local_model: str = 'persistent',
+    client_teachers: str = 'local_model',
   ):
     super().__init__(model, image_shape, schedule, client_optimizer, server_optimizer)
     self.setup = setup
@@ -221,6 +235,15 @@ class APFL(FedAvg):
     if local_model not in LOCAL_MODELS:
       raise ValueError(f'unknown local_model {local_model!r}')
     self.local_model = local_model
+    if client_teachers not in CLIENT_TEACHERS:
+      raise ValueError(f'unknown client_teachers {client_teachers!r}')
+    # The server needs the local models only when clients teach and they differ from the
+    # updates.
+    self.sends_local_model = (
+      setup.global_teacher_weight < 1
+      and client_teachers == 'local_model'
+      and local_model == 'persistent'
+    )
 
   def init(self, rng: jax.Array) -> base.AlgorithmState:
     model_rng, generator_rng = jax.random.split(rng)
@@ -263,11 +286,14 @@ class APFL(FedAvg):
       update, server.params, loss, data, index_row, count, self.num_classes
     )
     output = output.replace(finite=output.finite & base.all_finite(local))
+    if self.sends_local_model:
+      output = output.replace(update={**output.update, 'local_model': local})
     return APFLClient(local_params=local, has_local=jnp.asarray(True)), output
 
   def server_update(self, server, outputs, rng):
+    teachers = outputs.update['local_model'] if self.sends_local_model else None
     params, opt_state, generator, seen_counts = knowledge_transfer.aggregate_and_distill(
-      self, server, outputs, rng
+      self, server, outputs, rng, teachers
     )
     return APFLServer(
       params=params,

@@ -1,7 +1,8 @@
 """Server-side data-free knowledge transfer, shared by FedGen and AP-FL.
 
 The teachers are the round's client models and the (new) global model. The server
-rebuilds the client models from what they sent (start params + their update), evaluates
+rebuilds the client models from what they sent (start params + their update), or takes
+the models they sent (AP-FL's local models, `--apfl_client_teachers`), evaluates
 every teacher on a generated batch in one vmap, and trains the generator G(z, A(y)) on
 
   L_G = lambda * sum_k w_{k,y} CE(teacher_k(G(z, A(y))), y) + (1 - lambda) * L_div.
@@ -330,7 +331,9 @@ def labelled_output(
   )
 
 
-def aggregate_and_distill(algorithm: Any, server: Any, outputs: Any, rng: jax.Array):
+def aggregate_and_distill(
+  algorithm: Any, server: Any, outputs: Any, rng: jax.Array, client_models: Any | None = None
+):
   """FedAvg aggregation, then a round of generator training on the teachers.
 
   Args:
@@ -338,6 +341,9 @@ def aggregate_and_distill(algorithm: Any, server: Any, outputs: Any, rng: jax.Ar
     server: server state with params, opt_state, generator and seen_counts.
     outputs: the cohort's `labelled_output`s, stacked.
     rng: key.
+    client_models: the cohort's client teachers, stacked; None: the clients' updated
+      models, rebuilt as server.params + delta. Unused when the global model teaches
+      alone (global_teacher_weight 1).
 
   Returns:
     (params, opt_state, generator state, seen_counts): the memory with this round's
@@ -350,6 +356,8 @@ def aggregate_and_distill(algorithm: Any, server: Any, outputs: Any, rng: jax.Ar
   seen_counts = server.seen_counts + jnp.sum(counts, 0)
   if algorithm.setup.global_teacher_weight >= 1.0:
     teachers = None
+  elif client_models is not None:
+    teachers = client_models
   else:
     teachers = jax.tree.map(lambda p, d: p[None] + d, server.params, deltas)
   generator, _ = train_on_teachers(
