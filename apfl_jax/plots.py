@@ -69,9 +69,9 @@ def plot_accuracy_vs_round(
       'mean over seeds, band: min-max over seeds' + ('; dashed: reference' if references else '')
     )
     ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    # Outside the axes: with many methods an inside legend hides the curves.
+    ax.legend(loc='center left', bbox_to_anchor=(1.02, 0.5), fontsize='small')
+    fig.savefig(path, dpi=120, bbox_inches='tight')
   plt.close(fig)
   return drawn
 
