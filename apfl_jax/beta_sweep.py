@@ -39,6 +39,7 @@ FRIEND_FLAGS = (
   'friend_labels',
   'friend_init',
   'synthetic_per_class',
+  'synthetic_budget',
   'friend_batch_size',
 )
 

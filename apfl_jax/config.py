@@ -198,7 +198,9 @@ class ConfigMethods:
 
   @classmethod
   def from_dict(cls, values: dict[str, Any]) -> Any:
-    """A Config from a config.json dict; fields it lacks (added since) take their defaults.
+    """A Config from a config.json dict; fields it lacks (added since) take their defaults,
+    or, for a flag whose default changed what a run does, `BEHAVIOUR_BEFORE_FLAG` (so a
+    run made before it restores, resumes and re-scores as it ran).
 
     Raises:
       ConfigError: a key that is no flag of this version.
@@ -207,8 +209,12 @@ class ConfigMethods:
     unknown = sorted(set(values) - names)
     if unknown:
       raise ConfigError(f'config.json: unknown field(s) {", ".join(unknown)}')
-    return cls(**values)
+    return cls(**{**BEHAVIOUR_BEFORE_FLAG, **values})
 
+
+# The value that reproduces what runs did before a flag existed, for flags whose default
+# does something else.
+BEHAVIOUR_BEFORE_FLAG = {'apfl_client_teachers': 'update'}
 
 # Every component, in --help order; each registered algorithm's options come after the
 # generator's.

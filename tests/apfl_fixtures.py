@@ -42,9 +42,16 @@ def make_apfl(
   local_model='persistent',
   global_teacher_weight=0.0,
   client_teachers='local_model',
+  samples_per_trained_class=0,
 ):
   friend = FriendSetup(
-    steps=10, batch_size=16, learning_rate=0.5, init=friend_init, labels=friend_labels, beta=beta
+    steps=10,
+    batch_size=16,
+    learning_rate=0.5,
+    init=friend_init,
+    labels=friend_labels,
+    beta=beta,
+    samples_per_trained_class=samples_per_trained_class,
   )
   return APFL(
     TinyModel(),

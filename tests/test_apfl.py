@@ -227,6 +227,29 @@ def test_friend_learns_a_class_no_client_holds(after_one_round):
   assert np.all(np.isfinite(logits))
 
 
+def test_friend_budget_counts_the_classes_it_trains_on(after_one_round):
+  partition, data, state = after_one_round
+  # 40 samples per trained class, batches of 16, a 10-step scan: 4 classes take all 10
+  # steps, 2 classes ceil(80 / 16) = 5.
+  budget = make_apfl(data, partition, samples_per_trained_class=40)
+  full = make_apfl(data, partition)
+  server, start = state.server, row(budget.local_models(state), 0)
+  rng = jax.random.key(5)
+  every_class = jnp.array([3.0, 1.0, 2.0, 1.0])
+  assert_trees_equal(
+    budget.train_friend(server, start, every_class, rng),
+    full.train_friend(server, start, every_class, rng),
+  )
+  two_classes = jnp.array([3.0, 1.0, 0.0, 0.0])
+  keys = jax.random.split(rng, 10)
+  five_steps = budget.friend_steps(server, start, two_classes, keys[:5], 5)
+  assert_trees_equal(budget.train_friend(server, start, two_classes, rng), five_steps)
+  # The masked steps change nothing: the 10-key scan stopped at 5 equals 5 keys.
+  assert_trees_equal(budget.friend_steps(server, start, two_classes, keys, 5), five_steps)
+  ten_steps = full.train_friend(server, start, two_classes, rng)
+  assert not np.allclose(ten_steps['head']['kernel'], five_steps['head']['kernel'])
+
+
 def test_label_prior_free_friends_train_on_every_class(after_one_round):
   partition, data, state = after_one_round
   alg = make_apfl(data, partition, beta=0.0)

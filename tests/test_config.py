@@ -95,6 +95,16 @@ def test_from_dict_fills_fields_added_since_and_refuses_unknown_ones():
     config_lib.Config.from_dict({**values, 'no_such_flag': 1})
 
 
+def test_a_run_made_before_a_behaviour_changing_flag_restores_as_it_ran():
+  # Before --apfl_client_teachers, AP-FL's client teachers (g < 1) were the updates.
+  values = dataclasses.asdict(config_lib.Config(algorithm='apfl'))
+  assert values['apfl_client_teachers'] == 'local_model'
+  assert config_lib.Config.from_dict(values) == config_lib.Config(algorithm='apfl')
+  del values['apfl_client_teachers'], values['synthetic_budget']
+  old = config_lib.Config.from_dict(values)
+  assert (old.apfl_client_teachers, old.synthetic_budget) == ('update', 'all_classes')
+
+
 def test_help_groups_flags_by_component(parsed_flags):
   text = config_lib.format_help('main.py')
   for component in config_lib.COMPONENTS:

@@ -64,6 +64,7 @@ FRIEND_INITS = ('local', 'global')
 FRIEND_LABELS = ('client', 'present', 'all')
 LOCAL_MODELS = ('persistent', 'from_global')
 CLIENT_TEACHERS = ('local_model', 'update')
+SYNTHETIC_BUDGETS = ('all_classes', 'friend_classes')
 
 
 def _friend_learning_rate(name: str, value: float) -> None:
@@ -84,6 +85,13 @@ class APFLOptions(options.Options):
   )
   synthetic_per_class: int = options.option(
     600, 'AP-FL: generated samples per class for one friend-model epoch.', check=options.positive
+  )
+  synthetic_budget: str = options.option(
+    'all_classes',
+    'AP-FL: a friend epoch has --synthetic_per_class samples for each class the friend '
+    'trains on (friend_classes: a client with 2 classes gets 2x600) or for every class of '
+    'the data set (all_classes), whatever its label mix.',
+    choices=SYNTHETIC_BUDGETS,
   )
   friend_batch_size: int = options.option(
     64, 'AP-FL: friend-model batch size.', check=options.positive
@@ -152,13 +160,19 @@ class FriendSetup:
   """Static settings of friend-model training.
 
   Attributes:
-    steps: optimizer steps, ceil(synthetic_per_class * num_classes / batch_size).
+    steps: optimizer steps of a friend that trains on every class,
+      ceil(synthetic_per_class * num_classes / batch_size); every friend's scan is this
+      long.
     batch_size: generated samples per step.
     learning_rate: SGD learning rate.
     init: 'local' or 'global': where a friend model starts.
     labels: 'client' (the client's own label mix), 'present' (the client's classes
       uniformly) or 'all' (every class uniformly).
     beta: interpolation weight of the local model.
+    samples_per_trained_class: 0: every friend takes `steps` steps; n > 0: a friend
+      training on C classes (labels of nonzero weight) takes
+      min(steps, ceil(n * C / batch_size)) steps and its later steps are masked
+      (`--synthetic_budget=friend_classes`).
   """
 
   steps: int
@@ -167,6 +181,7 @@ class FriendSetup:
   init: str
   labels: str
   beta: float
+  samples_per_trained_class: int = 0
 
   @classmethod
   def from_config(cls, config: Any, num_classes: int) -> 'FriendSetup':
@@ -177,6 +192,9 @@ class FriendSetup:
       init=config.friend_init,
       labels=config.friend_labels,
       beta=config.beta,
+      samples_per_trained_class=(
+        config.synthetic_per_class if config.synthetic_budget == 'friend_classes' else 0
+      ),
     )
 
 
@@ -317,6 +335,35 @@ class APFL(FedAvg):
     Returns:
       The friend's parameters.
     """
+    friend = self.friend
+    num_steps: Any = friend.steps
+    if friend.samples_per_trained_class:
+      trained_classes = jnp.sum(label_probs > 0)
+      needed = -(-friend.samples_per_trained_class * trained_classes // friend.batch_size)
+      num_steps = jnp.minimum(needed, friend.steps)
+    keys = jax.random.split(rng, friend.steps)
+    return self.friend_steps(server, init_params, label_probs, keys, num_steps)
+
+  def friend_steps(
+    self,
+    server: APFLServer,
+    init_params: Any,
+    label_probs: jax.Array,
+    keys: jax.Array,
+    num_steps: Any,
+  ) -> Any:
+    """SGD on generated samples, one step per key; steps from `num_steps` on are masked.
+
+    Args:
+      server: the server state (generator and its label memory).
+      init_params: the friend's starting parameters.
+      label_probs: [num_classes] sampling weights of the generated labels.
+      keys: [S] one key per scanned step.
+      num_steps: int (or int scalar array) <= S, the steps that update the friend.
+
+    Returns:
+      The friend's parameters.
+    """
     setup, model, friend = self.setup, self.model, self.friend
     optimizer = optax.sgd(friend.learning_rate)
     feature_space = setup.kind == 'feature'
@@ -328,7 +375,8 @@ class APFL(FedAvg):
       logits = knowledge_transfer.sample_logits(model, setup.kind, params, samples)
       return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
-    def step(carry, key):
+    def step(carry, inputs):
+      key, index = inputs
       weights, opt_state = carry
       label_key, reference_key, sample_key = jax.random.split(key, 3)
       labels = jax.random.categorical(label_key, jnp.log(label_probs), shape=(friend.batch_size,))
@@ -346,11 +394,15 @@ class APFL(FedAvg):
         )
       )
       grads = jax.grad(loss_fn)(weights, samples, labels)
-      updates, opt_state = optimizer.update(grads, opt_state, weights)
-      return (optax.apply_updates(weights, updates), opt_state), None
+      updates, new_opt_state = optimizer.update(grads, opt_state, weights)
+      stepped = (optax.apply_updates(weights, updates), new_opt_state)
+      # Padded steps are masked, not branched on: every friend scans `keys`.
+      return jax.tree.map(
+        lambda new, old: jnp.where(index < num_steps, new, old), stepped, carry
+      ), None
 
     (trained, _), _ = jax.lax.scan(
-      step, (trainable, optimizer.init(trainable)), jax.random.split(rng, friend.steps)
+      step, (trainable, optimizer.init(trainable)), (keys, jnp.arange(keys.shape[0]))
     )
     return {'body': init_params['body'], 'head': trained} if feature_space else trained
 
