@@ -15,6 +15,8 @@ finished run, and the result equals a run trained with those settings.
 
 from collections.abc import Sequence
 import dataclasses
+import glob
+import os
 from typing import Any
 
 import jax
@@ -86,6 +88,28 @@ def parse_settings(text: str, allowed: Sequence[str], option: str) -> list[dict[
 def parse_friend_settings(text: str) -> list[dict[str, str]]:
   """The --friend_settings list (`parse_settings` of `FRIEND_FLAGS`)."""
   return parse_settings(text, FRIEND_FLAGS, 'friend_settings')
+
+
+def seed_workdirs(runs: str, seeds: str) -> list[str]:
+  """The seed<k>/ workdirs of `runs` named by `seeds` ('0,2'; '': every seed*/ folder).
+
+  Raises:
+    UserError: naming --seeds (or --runs) for a bad list or a missing folder.
+  """
+  if not seeds:
+    workdirs = sorted(glob.glob(os.path.join(runs, 'seed*')))
+    if not workdirs:
+      raise UserError(f'--runs: no seed*/ folders in {runs}')
+    return workdirs
+  try:
+    numbers = [int(s) for s in seeds.split(',')]
+  except ValueError:
+    raise UserError(f'--seeds: expected comma-separated integers, got {seeds!r}') from None
+  workdirs = [os.path.join(runs, f'seed{s}') for s in numbers]
+  missing = [w for w in workdirs if not os.path.isdir(w)]
+  if missing:
+    raise UserError(f'--seeds: no workdir {missing[0]}')
+  return workdirs
 
 
 def changed_config(config: Any, changes: dict[str, str], option: str) -> Any:

@@ -10,7 +10,6 @@ Other friend settings, scored on the same runs (each retrains every client's fri
       --out=docs/results/dirichlet/friend_study.md
 """
 
-import glob
 import os
 import sys
 
@@ -27,6 +26,9 @@ flags.DEFINE_string(
   "Friend settings to score besides the run's own: ';'-separated, each comma-separated "
   f'FLAG=VALUE pairs with FLAG one of {", ".join(beta_sweep.FRIEND_FLAGS)}.',
 )
+flags.DEFINE_string(
+  'seeds', '', "Comma-separated seeds: the seed<k>/ workdirs to score ('': every seed*/)."
+)
 flags.DEFINE_string('out', None, 'Markdown file to write the table to.')
 FLAGS = flags.FLAGS
 
@@ -39,9 +41,7 @@ def main(argv):
       raise UserError('--runs and --out are required')
     betas = beta_sweep.parse_betas(FLAGS.betas)
     friend_settings = beta_sweep.parse_friend_settings(FLAGS.friend_settings)
-    workdirs = sorted(glob.glob(os.path.join(FLAGS.runs, 'seed*')))
-    if not workdirs:
-      raise UserError(f'--runs: no seed*/ folders in {FLAGS.runs}')
+    workdirs = beta_sweep.seed_workdirs(FLAGS.runs, FLAGS.seeds)
     per_run = [beta_sweep.evaluate_run(w, betas, friend_settings) for w in workdirs]
   except UserError as e:
     sys.exit(f'error: {e}')

@@ -34,14 +34,7 @@ def main(argv):
       raise UserError('--runs and --out are required')
     betas = beta_sweep.parse_betas(FLAGS.betas)
     settings = generator_study.parse_generator_settings(FLAGS.generator_settings)
-    try:
-      seeds = [int(s) for s in FLAGS.seeds.split(',')]
-    except ValueError:
-      raise UserError(f'--seeds: expected comma-separated integers, got {FLAGS.seeds!r}') from None
-    workdirs = [os.path.join(FLAGS.runs, f'seed{s}') for s in seeds]
-    missing = [w for w in workdirs if not os.path.isdir(w)]
-    if missing:
-      raise UserError(f'--seeds: no workdir {missing[0]}')
+    workdirs = beta_sweep.seed_workdirs(FLAGS.runs, FLAGS.seeds)
     per_run = [generator_study.evaluate_run(w, betas, settings) for w in workdirs]
   except UserError as e:
     sys.exit(f'error: {e}')

@@ -140,3 +140,15 @@ def test_command_line_names_the_flag_of_a_missing_runs_folder(tmp_path):
   assert result.stderr.strip().splitlines() == [
     f'error: --runs: no seed*/ folders in {tmp_path / "none"}'
   ]
+
+
+def test_seed_workdirs_picks_the_named_seeds(tmp_path):
+  for seed in (0, 1, 2):
+    (tmp_path / f'seed{seed}').mkdir()
+  runs = str(tmp_path)
+  assert beta_sweep.seed_workdirs(runs, '') == [f'{runs}/seed{s}' for s in (0, 1, 2)]
+  assert beta_sweep.seed_workdirs(runs, '2,0') == [f'{runs}/seed2', f'{runs}/seed0']
+  with pytest.raises(UserError, match=f'--seeds: no workdir {runs}/seed5'):
+    beta_sweep.seed_workdirs(runs, '0,5')
+  with pytest.raises(UserError, match="--seeds: expected comma-separated integers, got 'a'"):
+    beta_sweep.seed_workdirs(runs, 'a')
