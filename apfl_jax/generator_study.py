@@ -11,9 +11,10 @@ models theta_k (every client that trained, weighted by its training label counts
 the global model: the paper's weighted cross-entropy over client models, read with the
 persistent local models as the client models. For each generator the study reports the
 spread of its samples and the personalized accuracy of friends trained on them
-(`beta_sweep.sweep`). The run's own generator comes first, and the run's own setting
-retrained comes next. That second row shows how close the retraining is to the run, where
-the teacher changed every round.
+(`beta_sweep.sweep`). A setting may also change friend flags (`beta_sweep.FRIEND_FLAGS`):
+its friends then train with them, on its generator. The run's own generator comes first,
+and the run's own setting retrained comes next. That second row shows how close the
+retraining is to the run, where the teacher changed every round.
 
 Spread, on the memorized classes, 32 samples each, in the classifier's input space
 (standardised pixels or head inputs):
@@ -48,8 +49,10 @@ SAMPLES_PER_CLASS = 32
 
 
 def parse_generator_settings(text: str) -> list[dict[str, str]]:
-  """The --generator_settings list (`beta_sweep.parse_settings` of `GENERATOR_FLAGS`)."""
-  return beta_sweep.parse_settings(text, tuple(GENERATOR_FLAGS), 'generator_settings')
+  """The --generator_settings list (`beta_sweep.parse_settings` of `GENERATOR_FLAGS` and
+  `beta_sweep.FRIEND_FLAGS`)."""
+  allowed = (*GENERATOR_FLAGS, *beta_sweep.FRIEND_FLAGS)
+  return beta_sweep.parse_settings(text, allowed, 'generator_settings')
 
 
 def spread(
@@ -162,7 +165,7 @@ def evaluate_run(
     raise UserError(f'--runs: {workdir} has memorized fewer than 2 classes')
   probe_key = jax.random.key(config.seed + 3)
 
-  def score(generator):
+  def score(generator, scoring=experiment):
     scored = state.replace(server=state.server.replace(generator=generator))
     return {
       'spread': spread(
@@ -173,15 +176,18 @@ def evaluate_run(
         classes,
         probe_key,
       ),
-      'betas': beta_sweep.sweep(experiment, scored, betas),
+      'betas': beta_sweep.sweep(scoring, scored, betas),
     }
 
   results = {'run': score(state.server.generator)}
   results['retrained'] = score(retrain_generator(experiment, state, algorithm.setup))
   for changes, setting in zip(settings, changed):
-    fields = {GENERATOR_FLAGS[name]: getattr(setting, name) for name in changes}
+    fields = {GENERATOR_FLAGS[n]: getattr(setting, n) for n in changes if n in GENERATOR_FLAGS}
     setup = dataclasses.replace(algorithm.setup, **fields)
-    results[beta_sweep.setting_name(changes)] = score(retrain_generator(experiment, state, setup))
+    friend_changed = any(name not in GENERATOR_FLAGS for name in changes)
+    scoring = beta_sweep.with_friend_config(experiment, setting) if friend_changed else experiment
+    generator = retrain_generator(experiment, state, setup)
+    results[beta_sweep.setting_name(changes)] = score(generator, scoring)
   return results
 
 

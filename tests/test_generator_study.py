@@ -98,6 +98,25 @@ def test_client_models_teach_with_the_weights_of_their_label_counts(apfl_run):
   np.testing.assert_allclose(same, own, atol=2e-3)
 
 
+def test_a_setting_with_friend_flags_trains_its_friends_with_them(apfl_run, monkeypatch):
+  friend_rates = []
+  sweep = generator_study.beta_sweep.sweep
+
+  def recording_sweep(experiment, state, betas):
+    friend_rates.append(experiment.algorithm.friend.learning_rate)
+    return sweep(experiment, state, betas)
+
+  monkeypatch.setattr(generator_study.beta_sweep, 'sweep', recording_sweep)
+  settings = generator_study.parse_generator_settings('friend_learning_rate=0.125')
+  studied = generator_study.evaluate_run(apfl_run, [1.0, 0.0], settings)
+  run_rate = run_folder.read_config(apfl_run).validate().friend_learning_rate
+  assert run_rate != 0.125
+  # The run's generator, the run's setting retrained, then the setting's friends ...
+  assert friend_rates == [run_rate, run_rate, 0.125]
+  # ... trained on the same generator as the run's setting retrained.
+  assert studied['friend_learning_rate=0.125']['spread'] == studied['retrained']['spread']
+
+
 def test_bad_settings_and_client_taught_runs_are_refused(apfl_run, tmp_path):
   with pytest.raises(UserError, match='--generator_settings: expected FLAG=VALUE'):
     generator_study.parse_generator_settings('beta=0.5')
