@@ -302,3 +302,43 @@ def virtual_time_markdown(
     + '. Population std over seeds.',
   ]
   return '\n'.join(lines)
+
+
+def gain_by_client_size(
+  client_accs: dict[str, Sequence[np.ndarray]],
+  train_sizes: Sequence[np.ndarray],
+  reference: str,
+) -> list[dict[str, Any]]:
+  """Per-client accuracy gain of each method over `reference`, split at the median size.
+
+  Clients of every seed are pooled; "small" are those with fewer training examples than
+  the median of the pool, "large" the others.
+
+  Args:
+    client_accs: method -> one [num_clients] accuracy array per seed (same seeds, same
+      order for every method, `reference` included).
+    train_sizes: one [num_clients] training-set size array per seed.
+    reference: the method the gains are measured against.
+
+  Returns:
+    One row per method other than `reference`: {'method', 'small', 'large', 'all',
+    'clients'}, the mean gains (accuracy points as fractions) and the pooled client count.
+  """
+  sizes = np.concatenate([np.asarray(s, np.float64) for s in train_sizes])
+  small = sizes < np.median(sizes)
+  base = np.concatenate([np.asarray(a, np.float64) for a in client_accs[reference]])
+  rows = []
+  for method, accs in client_accs.items():
+    if method == reference:
+      continue
+    gain = np.concatenate([np.asarray(a, np.float64) for a in accs]) - base
+    rows.append(
+      {
+        'method': method,
+        'small': float(gain[small].mean()),
+        'large': float(gain[~small].mean()),
+        'all': float(gain.mean()),
+        'clients': int(gain.size),
+      }
+    )
+  return rows

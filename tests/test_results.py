@@ -1,9 +1,14 @@
 """Tests of apfl_jax.results on hand-made runs (no training)."""
 
 import csv
+import json
 import math
+import os
+import subprocess
+import sys
 
 from conftest import make_run
+import numpy as np
 import pytest
 
 from apfl_jax import results
@@ -128,3 +133,38 @@ def test_virtual_time_table_target_never_reached_is_na():
   budgets, (row,) = results.virtual_time_table({'a': [results.Curve([1.0], [0.1])]}, target=0.9)
   assert row['time_to_target'] is None and row['reached'] == 0
   assert '| n/a | 0/1 |' in results.virtual_time_markdown(budgets, [row], 0.9, 'acc')
+
+
+def test_gain_by_client_size_splits_the_pooled_clients_at_the_median():
+  # Two seeds of 2 clients: sizes 10, 30 | 20, 40, median 25: small = sizes 10 and 20.
+  accs = {
+    'local': [np.array([0.5, 0.9]), np.array([0.6, 0.8])],
+    'other': [np.array([0.7, 0.8]), np.array([0.6, 0.9])],
+  }
+  sizes = [np.array([10, 30]), np.array([20, 40])]
+  (row,) = results.gain_by_client_size(accs, sizes, 'local')
+  assert row['method'] == 'other' and row['clients'] == 4
+  assert row['small'] == pytest.approx((0.2 + 0.0) / 2)
+  assert row['large'] == pytest.approx((-0.1 + 0.1) / 2)
+  assert row['all'] == pytest.approx(0.2 / 4)
+
+
+def test_client_gains_command_prints_one_row_per_method(tmp_path):
+  for algorithm, accs in (('local', [0.5, 0.9]), ('other', [0.7, 0.8])):
+    folder = tmp_path / algorithm / 'seed0'
+    folder.mkdir(parents=True)
+    (folder / 'metrics.jsonl').write_text(
+      json.dumps({'round': 1, 'client_personalized_acc': accs}) + '\n'
+    )
+    (folder / 'partition.json').write_text(json.dumps({'train_counts': [[4, 6], [30, 0]]}))
+  script = os.path.join(
+    os.path.dirname(os.path.dirname(__file__)), 'experiments', 'client_gains.py'
+  )
+  args = [sys.executable, script, f'--runs={tmp_path}', '--algorithms=other', '--seeds=0']
+  done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr
+  assert '| other | +20.00 | -10.00 | +5.00 |' in done.stdout
+  missing = subprocess.run([*args[:-1], '--seeds=1'], capture_output=True, text=True, timeout=120)
+  assert missing.stderr.strip().splitlines() == [
+    f'error: --runs/--seeds: no run folder {tmp_path}/local/seed1'
+  ]
