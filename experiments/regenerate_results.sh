@@ -7,9 +7,11 @@
 # Sections (each writes docs/results/<folder>; finished runs in <folder>/runs are re-read):
 #   dirichlet   issue #10's table: fashion_mnist.flags, 9 algorithms, seeds 0-2, 50 rounds,
 #               then the beta sweep, the friend study and the generator study on its
-#               AP-FL runs
+#               AP-FL runs, then AP-FL taught by the clients' local models
+#               (docs/results/client_teachers)
 #   dropout     fashion_mnist_dropout.flags, 9 algorithms, seeds 0-2, then the beta sweep and
-#               the friend study on its AP-FL runs
+#               the friend study on its AP-FL runs, then AP-FL taught by the clients' local
+#               models (docs/results/client_teachers_dropout)
 #   async       fashion_mnist_async.flags: FedBuff and sync FedAvg, seeds 0-2, plot_async
 #   pfllib      PFLlib's Fashion-MNIST settings (rounds: $PFLLIB_ROUNDS, default 12)
 #
@@ -35,8 +37,18 @@ dirichlet() {
     --friend_settings="friend_learning_rate=0.005;friend_learning_rate=0.01;friend_labels=all;synthetic_per_class=100;friend_init=global" \
     --out=docs/results/dirichlet/friend_study.md
   $PY experiments/generator_study.py --runs=docs/results/dirichlet/runs/apfl --seeds=0,1,2 \
-    --generator_settings="diversity_pairs=same_label;global_teacher_weight=0" \
+    --generator_settings="diversity_pairs=same_label;global_teacher_weight=0;global_teacher_weight=0,friend_learning_rate=0.005" \
     --out=docs/results/dirichlet/generator_study.md
+  client_teachers fashion_mnist.flags docs/results/client_teachers
+}
+
+# AP-FL whose generator the clients' local models teach (--global_teacher_weight=0), with
+# the beta sweep and the gentle friend on its runs.
+client_teachers() {
+  $PY experiments/compare.py --flagfile=$1 --algorithms=apfl \
+    --algorithm_flags=apfl.global_teacher_weight=0 --seeds=0,1,2 --out=$2
+  $PY experiments/beta_sweep.py --runs=$2/runs/apfl/global_teacher_weight=0 --betas=$FRIEND_BETAS \
+    --friend_settings=friend_learning_rate=0.005 --out=$2/beta_sweep.md
 }
 
 dropout() {
@@ -48,6 +60,7 @@ dropout() {
     --out=docs/results/dropout/beta_sweep.md
   $PY experiments/beta_sweep.py --runs=docs/results/dropout/runs/apfl --betas=$FRIEND_BETAS \
     --friend_settings="$FRIENDS" --out=docs/results/dropout/friend_study.md
+  client_teachers fashion_mnist_dropout.flags docs/results/client_teachers_dropout
 }
 
 async() {
