@@ -29,20 +29,32 @@ def apfl_run(tmp_path_factory):
     yield workdir
 
 
-def test_rows_are_the_run_its_setting_retrained_and_each_setting(apfl_run):
-  settings = generator_study.parse_generator_settings('diversity_pairs=same_label')
+def test_rows_are_the_run_its_setting_retrained_and_each_setting(apfl_run, monkeypatch):
+  friend_rates = []
+  sweep = generator_study.beta_sweep.sweep
+
+  def recording_sweep(experiment, state, betas):
+    friend_rates.append(experiment.algorithm.friend.learning_rate)
+    return sweep(experiment, state, betas)
+
+  monkeypatch.setattr(generator_study.beta_sweep, 'sweep', recording_sweep)
+  name = 'diversity_pairs=same_label,friend_learning_rate=0.125'
+  settings = generator_study.parse_generator_settings(name)
   studied = generator_study.evaluate_run(apfl_run, [1.0, 0.0], settings)
-  assert list(studied) == ['run', 'retrained', 'diversity_pairs=same_label']
+  assert list(studied) == ['run', 'retrained', name]
   for row in studied.values():
     assert row['spread']['within_class_l1'] > 0
     assert row['spread']['between_class_l1'] > 0
     assert 0.0 <= row['spread']['teacher_acc'] <= 1.0
-    # beta=1 reads only the local models, which no generator touches.
+    # beta=1 reads only the local models, which no generator or friend touches.
     assert row['betas'][1.0] == studied['run']['betas'][1.0]
-  # Another diversity loss trains another generator from the same start and keys.
-  assert studied['diversity_pairs=same_label']['spread'] != studied['retrained']['spread']
+  # Another diversity loss trains another generator from the same start and keys ...
+  assert studied[name]['spread'] != studied['retrained']['spread']
+  # ... and the setting's friend flag trains its friends (the run's own before it).
+  run_rate = run_folder.read_config(apfl_run).validate().friend_learning_rate
+  assert run_rate != 0.125 and friend_rates == [run_rate, run_rate, 0.125]
   text = generator_study.table('runs', [studied, studied], [1.0, 0.0])
-  assert '| diversity_pairs=same_label |' in text
+  assert f'| {name} |' in text
   assert text.count('\n| ') == 4  # header and 3 generators
 
 
@@ -96,25 +108,6 @@ def test_client_models_teach_with_the_weights_of_their_label_counts(apfl_run):
   )
   same = samples(generator_study.retrain_generator(experiment, as_global, client_taught))
   np.testing.assert_allclose(same, own, atol=2e-3)
-
-
-def test_a_setting_with_friend_flags_trains_its_friends_with_them(apfl_run, monkeypatch):
-  friend_rates = []
-  sweep = generator_study.beta_sweep.sweep
-
-  def recording_sweep(experiment, state, betas):
-    friend_rates.append(experiment.algorithm.friend.learning_rate)
-    return sweep(experiment, state, betas)
-
-  monkeypatch.setattr(generator_study.beta_sweep, 'sweep', recording_sweep)
-  settings = generator_study.parse_generator_settings('friend_learning_rate=0.125')
-  studied = generator_study.evaluate_run(apfl_run, [1.0, 0.0], settings)
-  run_rate = run_folder.read_config(apfl_run).validate().friend_learning_rate
-  assert run_rate != 0.125
-  # The run's generator, the run's setting retrained, then the setting's friends ...
-  assert friend_rates == [run_rate, run_rate, 0.125]
-  # ... trained on the same generator as the run's setting retrained.
-  assert studied['friend_learning_rate=0.125']['spread'] == studied['retrained']['spread']
 
 
 def test_bad_settings_and_client_taught_runs_are_refused(apfl_run, tmp_path):
