@@ -157,10 +157,10 @@ def run_jax_vmap(
   import jax.numpy as jnp
   import optax
 
-  from apfl_jax import local_training
   from apfl_jax.algorithms.base import classification_loss, init_model_params
   from apfl_jax.algorithms.fedavg import FedAvg
-  from apfl_jax.cohort import ClientMap
+  from apfl_jax.core import local_training
+  from apfl_jax.core.cohort import ClientMap
   from apfl_jax.data import client_data
   from apfl_jax.data.partition import Partition
   from apfl_jax.models import create_model

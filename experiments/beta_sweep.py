@@ -1,4 +1,4 @@
-"""Command line of `apfl_jax.beta_sweep`: AP-FL runs re-scored at several beta values.
+"""Command line of `apfl_jax.studies.beta_sweep`: AP-FL runs re-scored at several beta values.
 
   python experiments/beta_sweep.py --runs=docs/results/dropout/runs/apfl \
       --betas=0.001,0.01,0.1,0.5,1.0 --out=docs/results/dropout/beta_sweep.md
@@ -6,7 +6,8 @@
 Other friend settings, scored on the same runs (each retrains every client's friend):
 
   python experiments/beta_sweep.py --runs=docs/results/dirichlet/runs/apfl --betas=0.1,1.0 \
-      --friend_settings="friend_learning_rate=0.01;friend_labels=all,synthetic_per_class=100" \
+      --friend_settings="apfl_friend_learning_rate=0.01;apfl_friend_labels=all,\
+apfl_synthetic_per_class=100" \
       --out=docs/results/dirichlet/friend_study.md
 """
 
@@ -15,8 +16,8 @@ import sys
 
 from absl import app, flags, logging
 
-from apfl_jax import beta_sweep
-from apfl_jax.errors import UserError
+from apfl_jax.core.errors import UserError
+from apfl_jax.studies import beta_sweep
 
 flags.DEFINE_string('runs', None, 'Folder holding seed*/ workdirs of finished AP-FL runs.')
 flags.DEFINE_string('betas', '0.001,0.01,0.1,0.5,1.0', 'Comma-separated beta values.')

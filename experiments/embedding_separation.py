@@ -16,11 +16,10 @@ import time
 
 import numpy as np
 
-from apfl_jax.data import fashion_mnist_debian
-
 # Run as a script from anywhere: make the repository root importable.
-from apfl_jax.embeddings import DEFAULT_TEMPLATE, load_text_encoder
-from apfl_jax.errors import UserError
+from apfl_jax.algorithms.generative.embeddings import DEFAULT_TEMPLATE, load_text_encoder
+from apfl_jax.core.errors import UserError
+from apfl_jax.data import fashion_mnist_debian
 
 FASHION_MNIST = fashion_mnist_debian.CLASS_NAMES
 CIFAR10 = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')

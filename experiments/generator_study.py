@@ -1,4 +1,4 @@
-"""Command line of `apfl_jax.generator_study`: fresh generators on finished AP-FL runs.
+"""Command line of `apfl_jax.studies.generator_study`: fresh generators on finished AP-FL runs.
 
   python experiments/generator_study.py --runs=docs/results/dirichlet/runs/apfl --seeds=0 \
       --generator_settings="diversity_pairs=same_label" \
@@ -10,8 +10,8 @@ import sys
 
 from absl import app, flags, logging
 
-from apfl_jax import beta_sweep, generator_study
-from apfl_jax.errors import UserError
+from apfl_jax.core.errors import UserError
+from apfl_jax.studies import beta_sweep, generator_study
 
 flags.DEFINE_string('runs', None, 'Folder holding seed*/ workdirs of finished AP-FL runs.')
 flags.DEFINE_string('seeds', '0', 'Comma-separated seeds: the seed<k>/ workdirs to study.')

@@ -12,9 +12,10 @@ import sys
 
 from absl import app, flags, logging
 
-from apfl_jax import config as config_lib
-from apfl_jax import sharding, train
-from apfl_jax.errors import UserError
+from apfl_jax.config import config as config_lib
+from apfl_jax.core import sharding
+from apfl_jax.core.errors import UserError
+from apfl_jax.runner import train
 
 config_lib.define_flags()
 

@@ -14,74 +14,10 @@ virtual time among the runs of the same seed; every folder needs the same seeds)
 virtual time to --target accuracy (over the seeds that reach it).
 """
 
-import os
-import sys
+from absl import app
 
-from absl import app, flags
-
-from apfl_jax import plots, results, run_folder
-from apfl_jax.errors import ConfigError, UserError
-
-flags.DEFINE_string('runs', None, 'Comma-separated workdirs or folders of seed workdirs.')
-flags.DEFINE_string('out', None, 'Output folder.')
-flags.DEFINE_float('target', 0.8, 'Target accuracy.')
-flags.DEFINE_string('metric', 'personalized_acc', 'Metric to plot.')
-FLAGS = flags.FLAGS
-
-
-def seed_workdirs(folder: str) -> list[str]:
-  """The run itself if `folder` is a workdir, else its subfolders that are workdirs."""
-  if os.path.exists(os.path.join(folder, run_folder.METRICS)):
-    return [folder]
-  subfolders = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-  runs = [
-    os.path.join(folder, name)
-    for name in subfolders
-    if os.path.exists(os.path.join(folder, name, run_folder.METRICS))
-  ]
-  if not runs:
-    raise ConfigError(f'--runs: {folder} holds no {run_folder.METRICS}, nor do its subfolders')
-  return runs
-
-
-def main(argv):
-  del argv
-  try:
-    write_summary()
-  except UserError as e:
-    sys.exit(f'error: {e}')
-
-
-def write_summary():
-  """Reads the runs, writes the figures and summary.md, prints the table."""
-  if not FLAGS.runs or not FLAGS.out:
-    raise ConfigError('--runs and --out are required')
-  os.makedirs(FLAGS.out, exist_ok=True)
-  groups, staleness = {}, []
-  for folder in FLAGS.runs.split(','):
-    curves, servers = [], set()
-    for workdir in seed_workdirs(folder):
-      rows = run_folder.read_metrics(workdir)
-      if not rows or FLAGS.metric not in rows[-1]:
-        raise ConfigError(f'--metric: {workdir}/{run_folder.METRICS} has no {FLAGS.metric}')
-      servers.add(run_folder.read_config_values(workdir)['server'])
-      curves.append(
-        results.Curve([r['virtual_time'] for r in rows], [r.get(FLAGS.metric) for r in rows])
-      )
-      for r in rows:
-        staleness.extend(r.get('staleness', []))
-    groups[f'{os.path.basename(folder.rstrip("/"))} ({"/".join(sorted(servers))})'] = curves
-  budgets, table = results.virtual_time_table(groups, FLAGS.target)
-  summary = results.virtual_time_markdown(budgets, table, FLAGS.target, FLAGS.metric)
-  plots.plot_accuracy_vs_virtual_time(
-    groups, os.path.join(FLAGS.out, 'accuracy_vs_virtual_time.png'), FLAGS.metric
-  )
-  if staleness:
-    plots.plot_staleness_histogram(staleness, os.path.join(FLAGS.out, 'staleness_histogram.png'))
-  with open(os.path.join(FLAGS.out, 'summary.md'), 'w') as f:
-    f.write(summary + '\n')
-  print(summary)
-
+from apfl_jax.studies import async_curves
 
 if __name__ == '__main__':
-  app.run(main)
+  async_curves.define_flags()
+  app.run(async_curves.main)

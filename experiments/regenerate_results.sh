@@ -24,7 +24,7 @@ PY=${PYTHON:-$(command -v python || command -v python3)}
 PFLLIB_ROUNDS=${PFLLIB_ROUNDS:-12}
 BETAS=0.001,0.01,0.1,0.5,1.0
 FRIEND_BETAS=0.01,0.1,0.5,1.0
-FRIENDS="friend_learning_rate=0.005;friend_learning_rate=0.01;synthetic_per_class=100"
+FRIENDS="apfl_friend_learning_rate=0.005;apfl_friend_learning_rate=0.01;apfl_synthetic_per_class=100"
 
 dirichlet() {
   $PY experiments/compare.py --flagfile=fashion_mnist.flags \
@@ -34,10 +34,10 @@ dirichlet() {
   $PY experiments/beta_sweep.py --runs=docs/results/dirichlet/runs/apfl --betas=$BETAS \
     --out=docs/results/dirichlet/beta_sweep.md
   $PY experiments/beta_sweep.py --runs=docs/results/dirichlet/runs/apfl --betas=$FRIEND_BETAS \
-    --friend_settings="friend_learning_rate=0.005;friend_learning_rate=0.01;friend_labels=all;synthetic_per_class=100;friend_init=global" \
+    --friend_settings="apfl_friend_learning_rate=0.005;apfl_friend_learning_rate=0.01;apfl_friend_labels=all;apfl_synthetic_per_class=100;apfl_friend_init=global" \
     --out=docs/results/dirichlet/friend_study.md
   $PY experiments/generator_study.py --runs=docs/results/dirichlet/runs/apfl --seeds=0,1,2 \
-    --generator_settings="diversity_pairs=same_label;global_teacher_weight=0;global_teacher_weight=0,friend_learning_rate=0.005" \
+    --generator_settings="diversity_pairs=same_label;global_teacher_weight=0;global_teacher_weight=0,apfl_friend_learning_rate=0.005" \
     --out=docs/results/dirichlet/generator_study.md
   client_teachers fashion_mnist.flags docs/results/client_teachers
 }
@@ -48,7 +48,7 @@ client_teachers() {
   $PY experiments/compare.py --flagfile=$1 --algorithms=apfl \
     --algorithm_flags=apfl.global_teacher_weight=0 --seeds=0,1,2 --out=$2
   $PY experiments/beta_sweep.py --runs=$2/runs/apfl/global_teacher_weight=0 --betas=$FRIEND_BETAS \
-    --friend_settings=friend_learning_rate=0.005 --out=$2/beta_sweep.md
+    --friend_settings=apfl_friend_learning_rate=0.005 --out=$2/beta_sweep.md
 }
 
 dropout() {

@@ -4,11 +4,11 @@ from conftest import TinyModel
 import numpy as np
 import optax
 
-from apfl_jax import local_training
-from apfl_jax.algorithms import knowledge_transfer
 from apfl_jax.algorithms.apfl import APFL, FriendSetup
 from apfl_jax.algorithms.fedgen import FedGen
-from apfl_jax.config import Config
+from apfl_jax.algorithms.generative import knowledge_transfer
+from apfl_jax.config.config import Config
+from apfl_jax.core import local_training
 
 
 def generator_setup(num_classes=4, global_teacher_weight=0.0):

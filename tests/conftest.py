@@ -19,10 +19,10 @@ import numpy as np
 import optax
 import pytest
 
-from apfl_jax import results
 from apfl_jax.algorithms.fedavg import FedAvg
 from apfl_jax.data import client_data
 from apfl_jax.data import partition as partition_lib
+from apfl_jax.studies import results
 
 
 @pytest.fixture(scope='session', autouse=True)

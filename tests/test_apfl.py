@@ -14,12 +14,12 @@ import numpy as np
 import optax
 import pytest
 
-from apfl_jax import generator as generator_lib
-from apfl_jax import local_training
 from apfl_jax.algorithms import apfl as apfl_lib
-from apfl_jax.algorithms import knowledge_transfer
+from apfl_jax.algorithms.generative import generator as generator_lib
+from apfl_jax.algorithms.generative import knowledge_transfer
 from apfl_jax.algorithms.local import LocalOnly
-from apfl_jax.config import Config
+from apfl_jax.config.config import Config
+from apfl_jax.core import local_training
 from apfl_jax.data import client_data
 from apfl_jax.data import partition as partition_lib
 

@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from apfl_jax import local_training
 from apfl_jax.algorithms.apfl_deng import APFLDeng
 from apfl_jax.algorithms.local import LocalOnly
+from apfl_jax.core import local_training
 
 
 def make_schedule(data):

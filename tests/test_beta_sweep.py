@@ -1,4 +1,4 @@
-"""Tests of apfl_jax.beta_sweep: one friend training, then any beta (tiny AP-FL run)."""
+"""Tests of apfl_jax.studies.beta_sweep: one friend training, then any beta (tiny AP-FL run)."""
 
 import json
 import os
@@ -10,8 +10,15 @@ import numpy as np
 import pytest
 from test_train import APFL_TINY, tiny_config
 
-from apfl_jax import beta_sweep, evaluation, run_folder, train
-from apfl_jax.errors import UserError
+from apfl_jax.core import evaluation
+from apfl_jax.core.errors import UserError
+from apfl_jax.data import datasets
+from apfl_jax.runner import checkpoints, run_folder, train
+from apfl_jax.runner import experiment as experiment_lib
+from apfl_jax.studies import beta_sweep
+
+# End-to-end runs of the study on tiny federations: CI runs them, `-m 'not slow'` skips them.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope='module')
@@ -19,7 +26,7 @@ def dropout_run(tmp_path_factory):
   """(workdir, final metrics row) of a 2-round AP-FL run whose monopoly client drops out."""
   dataset = make_synthetic_dataset(num_classes=4, per_class=20, shape=(28, 28, 1))
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(train.datasets, 'load_dataset', lambda name, data_dir=None: dataset)
+    patch.setattr(datasets, 'load_dataset', lambda name, data_dir=None: dataset)
     config = tiny_config(
       **APFL_TINY,
       partition='monopoly',
@@ -29,7 +36,7 @@ def dropout_run(tmp_path_factory):
       dropout_clients='monopoly',
       dropout_round=0,
       num_rounds=2,
-      beta=0.3,
+      apfl_beta=0.3,
     )
     workdir = str(tmp_path_factory.mktemp('apfl'))
     train.train_and_evaluate(config, workdir)
@@ -48,10 +55,10 @@ def test_the_runs_own_beta_gives_its_logged_metrics(dropout_run):
 
 def test_beta_one_scores_the_local_models(dropout_run):
   workdir, _ = dropout_run
-  experiment, state, _ = run_folder.restore_latest(workdir)
+  experiment, state, _ = checkpoints.restore_latest(workdir)
   local = experiment.algorithm.local_models(state)
   correct = evaluation.client_correct_counts(
-    experiment.model, local, experiment.data, train.EVAL_CHUNK
+    experiment.model, local, experiment.data, experiment_lib.EVAL_CHUNK
   )
   expected = evaluation.accuracy_summary(
     np.asarray(correct), np.asarray(experiment.data.test_count), experiment.groups, 'p'
@@ -84,29 +91,32 @@ def test_table_leaves_out_metrics_the_setting_does_not_report():
 
 def test_table_has_a_setting_column_only_for_several_settings():
   per_run = [
-    {'run': {1.0: {'personalized_acc': 0.5}}, 'friend_labels=all': {1.0: {'personalized_acc': 0.7}}}
+    {
+      'run': {1.0: {'personalized_acc': 0.5}},
+      'apfl_friend_labels=all': {1.0: {'personalized_acc': 0.7}},
+    }
   ]
   text = beta_sweep.table('runs', per_run, [1.0])
   assert '| friend setting | beta | personalized_acc |' in text
   assert '| run | 1 | 0.5000 ± 0.0000 |' in text
-  assert '| friend_labels=all | 1 | 0.7000 ± 0.0000 |' in text
+  assert '| apfl_friend_labels=all | 1 | 0.7000 ± 0.0000 |' in text
 
 
 def test_friend_settings_retrain_the_friends_and_leave_the_local_models(dropout_run):
   workdir, _ = dropout_run
-  own_batch = run_folder.read_config(workdir).friend_batch_size
+  own_batch = run_folder.read_config(workdir).apfl_friend_batch_size
   settings = beta_sweep.parse_friend_settings(
-    f'friend_batch_size={own_batch}; friend_labels=all,friend_learning_rate=0.9'
+    f'apfl_friend_batch_size={own_batch}; apfl_friend_labels=all,apfl_friend_learning_rate=0.9'
   )
   swept = beta_sweep.evaluate_run(workdir, [1.0, 0.0], settings)
   assert list(swept) == [
     'run',
-    f'friend_batch_size={own_batch}',
-    'friend_labels=all,friend_learning_rate=0.9',
+    f'apfl_friend_batch_size={own_batch}',
+    'apfl_friend_labels=all,apfl_friend_learning_rate=0.9',
   ]
   # The run's own value is the run: the same friends, bit for bit.
-  assert swept[f'friend_batch_size={own_batch}'] == swept['run']
-  changed = swept['friend_labels=all,friend_learning_rate=0.9']
+  assert swept[f'apfl_friend_batch_size={own_batch}'] == swept['run']
+  changed = swept['apfl_friend_labels=all,apfl_friend_learning_rate=0.9']
   # beta=1 reads only the local models; beta=0 only the (other) friends.
   assert changed[1.0] == swept['run'][1.0]
   assert changed[0.0] != swept['run'][0.0]
@@ -115,10 +125,10 @@ def test_friend_settings_retrain_the_friends_and_leave_the_local_models(dropout_
 @pytest.mark.parametrize(
   'text, message',
   [
-    ('beta=0.5', 'FLAG one of'),
-    ('friend_labels', 'FLAG one of'),
-    ('synthetic_per_class=x', "synthetic_per_class='x' is not of type int"),
-    ('friend_labels=bogus', 'friend_labels'),
+    ('apfl_beta=0.5', 'FLAG one of'),
+    ('apfl_friend_labels', 'FLAG one of'),
+    ('apfl_synthetic_per_class=x', "apfl_synthetic_per_class='x' is not of type int"),
+    ('apfl_friend_labels=bogus', 'apfl_friend_labels'),
   ],
 )
 def test_bad_friend_settings_are_refused_naming_the_flag(dropout_run, text, message):

@@ -1,4 +1,4 @@
-"""Tests of apfl_jax.callbacks (no training: hand-made reports and rows)."""
+"""Tests of apfl_jax.runner.callbacks (no training: hand-made reports and rows)."""
 
 import json
 import types
@@ -6,8 +6,8 @@ import types
 import numpy as np
 import pytest
 
-from apfl_jax import callbacks
-from apfl_jax.errors import ConfigError, TrainingDivergedError
+from apfl_jax.core.errors import ConfigError, TrainingDivergedError
+from apfl_jax.runner import callbacks
 
 
 def report(finite=(True, True), clients=(3, 5), loss=(0.5, 1.5)):

@@ -17,10 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from apfl_jax import asynchrony, local_training, sharding
 from apfl_jax.algorithms.fedavg import FedAvg
-from apfl_jax.cohort import ClientMap
-from apfl_jax.config import Config
+from apfl_jax.asynchrony import clock, simulator
+from apfl_jax.config.config import Config
+from apfl_jax.core import local_training, sharding
+from apfl_jax.core.cohort import ClientMap
 from apfl_jax.data import client_data
 from apfl_jax.data import partition as partition_lib
 
@@ -154,9 +155,7 @@ def test_async_buffer_trains_in_size_groups():
     max_client_buckets=3,
   )
   counts = np.asarray(data.train_count)
-  sim = asynchrony.AsyncSimulator(
-    algorithm, config, 6, asynchrony.client_step_counts(schedule, counts)
-  )
+  sim = simulator.AsyncSimulator(algorithm, config, 6, clock.client_step_counts(schedule, counts))
   state = sim.init(algorithm.init(jax.random.key(0)))
   ids = np.arange(6, dtype=np.int32)
   args = (

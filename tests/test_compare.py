@@ -1,7 +1,6 @@
-"""End-to-end tests of experiments/compare.py (synthetic data, tiny runs, in-process)."""
+"""End-to-end tests of apfl_jax.studies.compare (synthetic data, tiny runs, in-process)."""
 
 import csv
-import importlib.util
 import json
 import os
 
@@ -9,14 +8,12 @@ from conftest import make_synthetic_dataset
 import numpy as np
 import pytest
 
-from apfl_jax import results, train
+from apfl_jax.data import datasets
+from apfl_jax.runner import drivers
+from apfl_jax.studies import compare, results
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_SPEC = importlib.util.spec_from_file_location(
-  'compare', os.path.join(REPO, 'experiments', 'compare.py')
-)
-compare = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(compare)
+# End-to-end runs of the study on tiny federations: CI runs them, `-m 'not slow'` skips them.
+pytestmark = pytest.mark.slow
 
 TINY = [
   '--dataset=mnist',
@@ -36,7 +33,7 @@ TINY = [
 @pytest.fixture
 def synthetic_data(monkeypatch):
   dataset = make_synthetic_dataset(num_classes=4, per_class=20, shape=(28, 28, 1))
-  monkeypatch.setattr(train.datasets, 'load_dataset', lambda name, data_dir=None: dataset)
+  monkeypatch.setattr(datasets, 'load_dataset', lambda name, data_dir=None: dataset)
   return dataset
 
 
@@ -103,7 +100,7 @@ def test_two_algorithms_two_seeds(tmp_path, synthetic_data, monkeypatch):
   assert '--partition=iid' in flags_line and '--generator' not in flags_line
 
   # A rerun finds every run finished and trains no round.
-  monkeypatch.setattr(train, 'cohort_for_round', lambda *a, **k: pytest.fail('retrained'))
+  monkeypatch.setattr(drivers, 'cohort_for_round', lambda *a, **k: pytest.fail('retrained'))
   assert compare.main(argv) == 0
   assert read_csv(out)[1] == rows
 
@@ -125,8 +122,8 @@ def test_sweep_rows_failed_run_and_generated_samples(tmp_path, synthetic_data):
     '--embedding=onehot',
     '--generator_steps=2',
     '--generator_batch_size=8',
-    '--synthetic_per_class=4',
-    '--friend_batch_size=8',
+    '--apfl_synthetic_per_class=4',
+    '--apfl_friend_batch_size=8',
     '--seeds=0',
     '--sweep=batch_size:8,0',
     f'--out={out}',
@@ -155,14 +152,14 @@ def test_sweep_rows_failed_run_and_generated_samples(tmp_path, synthetic_data):
 
 def test_algorithm_flags_apply_to_one_algorithm_and_label_its_row():
   parsed = compare.parse_algorithm_flags(
-    ['fedgen.fedgen_alpha=2', 'fedgen.fedgen_beta=0.5', 'apfl.beta=0.01'], ['fedgen', 'apfl']
+    ['fedgen.fedgen_alpha=2', 'fedgen.fedgen_beta=0.5', 'apfl.apfl_beta=0.01'], ['fedgen', 'apfl']
   )
   assert parsed == {
     'fedgen': ('fedgen_alpha=2,fedgen_beta=0.5', {'fedgen_alpha': 2.0, 'fedgen_beta': 0.5}),
-    'apfl': ('beta=0.01', {'beta': 0.01}),
+    'apfl': ('apfl_beta=0.01', {'apfl_beta': 0.01}),
   }
-  assert compare.run_workdir('out', 'fedgen', 'fedgen_alpha=2 beta=0.1', 0) == os.path.join(
-    'out', 'runs', 'fedgen', 'fedgen_alpha=2_beta=0.1', 'seed0'
+  assert compare.run_workdir('out', 'fedgen', 'fedgen_alpha=2 apfl_beta=0.1', 0) == os.path.join(
+    'out', 'runs', 'fedgen', 'fedgen_alpha=2_apfl_beta=0.1', 'seed0'
   )
   for bad in ('fedavg.learning_rate=0.1', 'fedgen.no_such_flag=1', 'fedgen.seed=1', 'fedgen'):
     with pytest.raises(compare.ConfigError, match='ALGORITHM.FLAG=VALUE'):

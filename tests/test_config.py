@@ -1,4 +1,4 @@
-"""Tests of apfl_jax.config: components composed into one Config, flags and flagfiles."""
+"""Tests of apfl_jax.config.config: components composed into one Config, flags and flagfiles."""
 
 import collections
 import dataclasses
@@ -9,9 +9,9 @@ import re
 from absl import flags
 import pytest
 
-from apfl_jax import config as config_lib
-from apfl_jax import options
-from apfl_jax.errors import ConfigError
+from apfl_jax.config import config as config_lib
+from apfl_jax.core import options
+from apfl_jax.core.errors import ConfigError
 
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'experiments')
 FLAGFILES = sorted(glob.glob(os.path.join(EXPERIMENTS, '*.flags')))
@@ -59,7 +59,7 @@ def test_unvalidated_flags_take_the_defaults_of_the_algorithm_set_later(parsed_f
   )
   apfl = given.validate()
   assert (apfl.generator, apfl.embedding, apfl.global_teacher_weight) == ('image', 'minilm', 1.0)
-  assert apfl.friend_learning_rate == 0.05
+  assert apfl.apfl_friend_learning_rate == 0.05
 
 
 def test_an_explicit_flag_beats_the_algorithm_default():
@@ -75,7 +75,7 @@ def test_an_explicit_flag_beats_the_algorithm_default():
     ({'generator': 'gan'}, "--generator: unknown value 'gan'"),
     ({'algorithm': 'fedfoo'}, "--algorithm: unknown value 'fedfoo'"),
     ({'fedprox_mu': -1.0}, '--fedprox_mu must be >= 0'),
-    ({'beta': 1.5}, '--beta must be in [0, 1]'),
+    ({'apfl_beta': 1.5}, '--apfl_beta must be in [0, 1]'),
     ({'local_steps': 5}, 'exactly one of --local_epochs and --local_steps'),
     ({'fedasync_rho': 0.1}, '--fedasync_rho=0.1 needs --server=fedasync'),
     ({'seed': -1}, '--seed must be in [0, 2^32)'),
@@ -100,9 +100,9 @@ def test_a_run_made_before_a_behaviour_changing_flag_restores_as_it_ran():
   values = dataclasses.asdict(config_lib.Config(algorithm='apfl'))
   assert values['apfl_client_teachers'] == 'local_model'
   assert config_lib.Config.from_dict(values) == config_lib.Config(algorithm='apfl')
-  del values['apfl_client_teachers'], values['synthetic_budget']
+  del values['apfl_client_teachers'], values['apfl_synthetic_budget']
   old = config_lib.Config.from_dict(values)
-  assert (old.apfl_client_teachers, old.synthetic_budget) == ('update', 'all_classes')
+  assert (old.apfl_client_teachers, old.apfl_synthetic_budget) == ('update', 'all_classes')
 
 
 def test_help_groups_flags_by_component(parsed_flags):

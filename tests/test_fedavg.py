@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from apfl_jax import local_training
 from apfl_jax.algorithms.fedavg import FedAvg
+from apfl_jax.core import local_training
 
 
 def make_fedavg(data, server_optimizer=None):

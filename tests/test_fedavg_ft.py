@@ -13,10 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from apfl_jax import config as config_lib
-from apfl_jax import local_training
 from apfl_jax.algorithms import registry
 from apfl_jax.algorithms.fedavg_ft import FedAvgFT
+from apfl_jax.config import config as config_lib
+from apfl_jax.core import local_training
 
 
 def make_fedavg_ft(dataset, partition, finetune_epochs, server_optimizer='sgd', dropout=''):

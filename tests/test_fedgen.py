@@ -9,7 +9,7 @@ import optax
 
 from apfl_jax.algorithms import create_algorithm
 from apfl_jax.algorithms.fedavg import FedAvg
-from apfl_jax.config import Config
+from apfl_jax.config.config import Config
 
 
 def test_alpha_zero_trains_clients_exactly_like_fedavg(synthetic_federation):

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from apfl_jax import local_training
 from apfl_jax.algorithms.fedavg import FedAvg
 from apfl_jax.algorithms.fedprox import FedProx
+from apfl_jax.core import local_training
 
 
 def make_schedule(data):

@@ -1,4 +1,4 @@
-"""Tests for apfl_jax.generator (small shapes; CPU)."""
+"""Tests for apfl_jax.algorithms.generative.generator (small shapes; CPU)."""
 
 import functools
 import math
@@ -9,8 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from apfl_jax import generator as gen_lib
-from apfl_jax.errors import ConfigError
+from apfl_jax.algorithms.generative import generator as gen_lib
+from apfl_jax.core.errors import ConfigError
 
 NUM_CLASSES = 5
 EMBED_DIM = 8

@@ -1,4 +1,4 @@
-"""Tests of apfl_jax.generator_study: fresh generators on a finished tiny AP-FL run."""
+"""Tests of apfl_jax.studies.generator_study: fresh generators on a finished tiny AP-FL run."""
 
 import dataclasses
 import json
@@ -13,9 +13,14 @@ import numpy as np
 import pytest
 from test_train import APFL_TINY, tiny_config
 
-from apfl_jax import generator as generator_lib
-from apfl_jax import generator_study, run_folder, train
-from apfl_jax.errors import UserError
+from apfl_jax.algorithms.generative import generator as generator_lib
+from apfl_jax.core.errors import UserError
+from apfl_jax.data import datasets
+from apfl_jax.runner import checkpoints, run_folder, train
+from apfl_jax.studies import generator_study
+
+# End-to-end runs of the study on tiny federations: CI runs them, `-m 'not slow'` skips them.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope='module')
@@ -23,7 +28,7 @@ def apfl_run(tmp_path_factory):
   """The workdir of a finished 2-round AP-FL run (global model as the generator's teacher)."""
   dataset = make_synthetic_dataset(num_classes=4, per_class=20, shape=(28, 28, 1))
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(train.datasets, 'load_dataset', lambda name, data_dir=None: dataset)
+    patch.setattr(datasets, 'load_dataset', lambda name, data_dir=None: dataset)
     workdir = str(tmp_path_factory.mktemp('apfl'))
     train.train_and_evaluate(tiny_config(**APFL_TINY, num_rounds=2), workdir)
     yield workdir
@@ -38,7 +43,7 @@ def test_rows_are_the_run_its_setting_retrained_and_each_setting(apfl_run, monke
     return sweep(experiment, state, betas)
 
   monkeypatch.setattr(generator_study.beta_sweep, 'sweep', recording_sweep)
-  name = 'diversity_pairs=same_label,friend_learning_rate=0.125'
+  name = 'diversity_pairs=same_label,apfl_friend_learning_rate=0.125'
   settings = generator_study.parse_generator_settings(name)
   studied = generator_study.evaluate_run(apfl_run, [1.0, 0.0], settings)
   assert list(studied) == ['run', 'retrained', name]
@@ -51,7 +56,7 @@ def test_rows_are_the_run_its_setting_retrained_and_each_setting(apfl_run, monke
   # Another diversity loss trains another generator from the same start and keys ...
   assert studied[name]['spread'] != studied['retrained']['spread']
   # ... and the setting's friend flag trains its friends (the run's own before it).
-  run_rate = run_folder.read_config(apfl_run).validate().friend_learning_rate
+  run_rate = run_folder.read_config(apfl_run).validate().apfl_friend_learning_rate
   assert run_rate != 0.125 and friend_rates == [run_rate, run_rate, 0.125]
   text = generator_study.table('runs', [studied, studied], [1.0, 0.0])
   assert f'| {name} |' in text
@@ -59,7 +64,7 @@ def test_rows_are_the_run_its_setting_retrained_and_each_setting(apfl_run, monke
 
 
 def test_spread_is_zero_within_a_class_whose_samples_ignore_the_noise(apfl_run):
-  experiment, state, _ = run_folder.restore_latest(apfl_run)
+  experiment, state, _ = checkpoints.restore_latest(apfl_run)
   algorithm = experiment.algorithm
   params = jax.tree.map(np.array, state.server.generator.params)  # writable copies
   first = params['Dense_0']['kernel']
@@ -73,7 +78,7 @@ def test_spread_is_zero_within_a_class_whose_samples_ignore_the_noise(apfl_run):
 
 
 def test_client_models_teach_with_the_weights_of_their_label_counts(apfl_run):
-  experiment, state, _ = run_folder.restore_latest(apfl_run)
+  experiment, state, _ = checkpoints.restore_latest(apfl_run)
   algorithm = experiment.algorithm
   setup = algorithm.setup
   client_taught = dataclasses.replace(setup, global_teacher_weight=0.0)
@@ -112,7 +117,7 @@ def test_client_models_teach_with_the_weights_of_their_label_counts(apfl_run):
 
 def test_bad_settings_and_client_taught_runs_are_refused(apfl_run, tmp_path):
   with pytest.raises(UserError, match='--generator_settings: expected FLAG=VALUE'):
-    generator_study.parse_generator_settings('beta=0.5')
+    generator_study.parse_generator_settings('apfl_beta=0.5')
   with pytest.raises(UserError, match='--generator_settings: .*diversity_pairs'):
     generator_study.evaluate_run(
       apfl_run, [0.1], generator_study.parse_generator_settings('diversity_pairs=bogus')

@@ -15,9 +15,6 @@ import numpy as np
 import optax
 import pytest
 
-from apfl_jax import asynchrony, local_training
-from apfl_jax import generator as generator_lib
-from apfl_jax.algorithms import knowledge_transfer
 from apfl_jax.algorithms.apfl import APFL, FriendSetup
 from apfl_jax.algorithms.apfl_deng import APFLDeng
 from apfl_jax.algorithms.ditto import Ditto
@@ -25,7 +22,11 @@ from apfl_jax.algorithms.fedavg import FedAvg
 from apfl_jax.algorithms.fedgen import FedGen, generator_optimizer
 from apfl_jax.algorithms.fedprox import FedProx
 from apfl_jax.algorithms.fedrep import FedRep
-from apfl_jax.config import Config
+from apfl_jax.algorithms.generative import generator as generator_lib
+from apfl_jax.algorithms.generative import knowledge_transfer
+from apfl_jax.asynchrony import simulator
+from apfl_jax.config.config import Config
+from apfl_jax.core import local_training
 from apfl_jax.data.client_data import FederatedData
 
 NUM_CLASSES = 3
@@ -564,7 +565,7 @@ def test_fedasync_mixing_with_staleness_and_proximal_term(function, rho):
     staleness_function=function,
     fedasync_rho=rho,
   )
-  sim = asynchrony.AsyncSimulator(alg, config, 2, np.ones(2))
+  sim = simulator.AsyncSimulator(alg, config, 2, np.ones(2))
   init = alg.init(jax.random.key(0))
   async_state = sim.init(init)
   x0 = to_numpy(init.server.params)
@@ -592,7 +593,7 @@ def test_fedbuff_step_is_the_staleness_weighted_buffer_mean_times_server_lr(weig
   config = async_config(
     server='fedbuff', buffer_size=2, staleness_function='polynomial', fedbuff_weighting=weighting
   )
-  sim = asynchrony.AsyncSimulator(alg, config, 3, np.full(3, 2))
+  sim = simulator.AsyncSimulator(alg, config, 3, np.full(3, 2))
   init = alg.init(jax.random.key(0))
   async_state = sim.init(init)
   x = to_numpy(init.server.params)

@@ -1,4 +1,4 @@
-"""Tests of apfl_jax.algorithms.knowledge_transfer."""
+"""Tests of apfl_jax.algorithms.generative.knowledge_transfer."""
 
 from apfl_fixtures import generator_setup
 from conftest import TinyModel
@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from apfl_jax import generator as generator_lib
-from apfl_jax.algorithms import knowledge_transfer
+from apfl_jax.algorithms.generative import generator as generator_lib
+from apfl_jax.algorithms.generative import knowledge_transfer
 
 
 def test_client_label_counts_match_the_partition(synthetic_federation):

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from apfl_jax import local_training
 from apfl_jax.algorithms.local import LocalOnly
+from apfl_jax.core import local_training
 
 
 def test_only_the_cohort_trains_and_nothing_is_shared(synthetic_federation):

@@ -1,4 +1,4 @@
-"""Tests of apfl_jax.local_training: masking, step counts, vmap = sequential."""
+"""Tests of apfl_jax.core.local_training: masking, step counts, vmap = sequential."""
 
 from conftest import TinyModel
 import jax
@@ -7,8 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from apfl_jax import local_training
 from apfl_jax.algorithms import base
+from apfl_jax.core import local_training
 
 
 def schedule_for(data, batch_size=8, epochs=1, steps=0):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apfl_jax.errors import ConfigError
+from apfl_jax.core.errors import ConfigError
 from apfl_jax.models import MODELS, create_model
 
 pytestmark = pytest.mark.usefixtures('float32_matmuls')

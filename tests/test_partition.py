@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
+from apfl_jax.core.errors import ConfigError
 from apfl_jax.data import partition as partition_lib
-from apfl_jax.errors import ConfigError
 
 NUM_CLASSES = 10
 TRAIN = np.repeat(np.arange(NUM_CLASSES), 100)

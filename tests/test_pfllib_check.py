@@ -1,19 +1,11 @@
-"""Tests of experiments/pfllib_check.py (hand-written run folders, no training)."""
+"""Tests of apfl_jax.studies.pfllib_check (hand-written run folders, no training)."""
 
-import importlib.util
 import json
-import os
 
 import pytest
 
-from apfl_jax.config import Config
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_SPEC = importlib.util.spec_from_file_location(
-  'pfllib_check', os.path.join(REPO, 'experiments', 'pfllib_check.py')
-)
-pfllib_check = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(pfllib_check)
+from apfl_jax.config.config import Config
+from apfl_jax.studies import pfllib_check
 
 
 def write_run(folder, algorithm, seed, accuracies, partition='dirichlet', setting='', **changes):

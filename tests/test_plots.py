@@ -1,11 +1,11 @@
-"""Tests of apfl_jax.plots on hand-made runs (no training)."""
+"""Tests of apfl_jax.studies.plots on hand-made runs (no training)."""
 
 import os
 
 from conftest import make_run
 import numpy as np
 
-from apfl_jax import plots, results
+from apfl_jax.studies import plots, results
 
 
 def test_plots_write_pngs(tmp_path, runs):

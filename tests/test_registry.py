@@ -8,8 +8,8 @@ import sys
 import pytest
 from test_reliability import write_fake_fashion_mnist
 
-from apfl_jax import config as config_lib
 from apfl_jax.algorithms import registry
+from apfl_jax.config import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,7 +31,7 @@ def test_every_algorithm_is_registered_with_its_options():
   assert registry.get('apfl').defaults['generator'] == 'image'
   # Each algorithm's options are Config fields, hence flags.
   assert config_lib.Config().fedprox_mu == 0.01
-  assert config_lib.Config().beta == 0.1
+  assert config_lib.Config().apfl_beta == 0.1
 
 
 def test_registering_another_class_under_a_taken_name_is_refused():
@@ -42,13 +42,18 @@ def test_registering_another_class_under_a_taken_name_is_refused():
     registry.register('fedavg')(Other)
 
 
-def test_a_new_algorithm_file_runs_by_name_with_no_other_edit(tmp_path):
-  """A copy of fedavg.py registered as 'fedavg_copy' is all a new algorithm needs."""
+@pytest.mark.slow
+def test_a_new_algorithm_file_runs_by_name_and_keeps_the_contract_with_no_other_edit(tmp_path):
+  """A copy of fedavg.py registered as 'fedavg_copy' is all a new algorithm needs: main.py
+  runs it by name, and the registry's contract tests (`test_contract.py`) pick it up."""
   tree = tmp_path / 'tree'
   shutil.copytree(
     os.path.join(REPO, 'apfl_jax'), tree / 'apfl_jax', ignore=shutil.ignore_patterns('__pycache__')
   )
   shutil.copytree(os.path.join(REPO, 'experiments'), tree / 'experiments')
+  shutil.copytree(
+    os.path.join(REPO, 'tests'), tree / 'tests', ignore=shutil.ignore_patterns('__pycache__')
+  )
   source = (tree / 'apfl_jax' / 'algorithms' / 'fedavg.py').read_text()
   assert "@registry.register('fedavg')" in source
   copy = source.replace("@registry.register('fedavg')", "@registry.register('fedavg_copy')")
@@ -73,3 +78,24 @@ def test_a_new_algorithm_file_runs_by_name_with_no_other_edit(tmp_path):
   assert result.returncode == 0, result.stderr
   assert (tmp_path / 'run' / 'metrics.jsonl').read_text().count('"round": 1') == 1
   assert '"algorithm": "fedavg_copy"' in (tmp_path / 'run' / 'config.json').read_text()
+
+  contract = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'pytest',
+      '-q',
+      '-p',
+      'no:cacheprovider',
+      '-k',
+      'fedavg_copy',
+      str(tree / 'tests' / 'test_contract.py'),
+    ],
+    cwd=tree,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert contract.returncode == 0, contract.stdout[-2000:]
+  assert '1 passed' in contract.stdout

@@ -30,10 +30,13 @@ import numpy as np
 import pytest
 from test_train import read_rows
 
-from apfl_jax import models, preflight, train
-from apfl_jax.config import Config
+from apfl_jax import models
+from apfl_jax.config import preflight
+from apfl_jax.config.config import Config
+from apfl_jax.core.errors import ConfigError, TrainingDivergedError, UserError
 from apfl_jax.data import datasets
-from apfl_jax.errors import ConfigError, TrainingDivergedError, UserError
+from apfl_jax.runner import drivers, train
+from apfl_jax.runner import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(REPO, 'experiments', 'main.py')
@@ -187,8 +190,8 @@ FLAG_CASES = [
   ('dirichlet_alpha', {'dirichlet_alpha': math.nan}),
   ('join_ratio', {'join_ratio': 0.0}),
   ('join_ratio', {'join_ratio': 1.5}),
-  ('beta', {'algorithm': 'apfl', 'beta': 2.0}),
-  ('beta', {'beta': math.nan}),
+  ('apfl_beta', {'algorithm': 'apfl', 'apfl_beta': 2.0}),
+  ('apfl_beta', {'apfl_beta': math.nan}),
   ('local_epochs', {'local_epochs': -1}),
   ('local_epochs', {'local_epochs': 0, 'local_steps': 0}),
   ('min_samples_per_client', {'min_samples_per_client': 0}),
@@ -291,6 +294,7 @@ def main_results(env):
     return dict(pool.map(one, cases))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name,args,names', MAIN_CASES, ids=[c[0] for c in MAIN_CASES])
 def test_main_bad_input_is_one_line_and_leaves_no_workdir(env, main_results, name, args, names):
   del args
@@ -300,6 +304,7 @@ def test_main_bad_input_is_one_line_and_leaves_no_workdir(env, main_results, nam
   assert not os.path.exists('/nonexistent/apfl_data')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', [c[0] for c in HELP_CASES])
 def test_help_lists_project_flags_by_component_and_exits_0(main_results, name):
   result = main_results[name]
@@ -313,12 +318,13 @@ def test_help_lists_project_flags_by_component_and_exits_0(main_results, name):
     < out.index('Bookkeeping:')
     < out.index('--workdir')
   )
-  assert '--fedprox_mu' in out and '--beta' in out
+  assert '--fedprox_mu' in out and '--apfl_beta' in out
 
 
 # ---------------------------------------------------------------------------- faults
 
 
+@pytest.mark.slow
 def test_second_live_run_refused_then_kill_9_mid_round_then_resume(env, reference):
   workdir = env.root / 'kill9'
   runs = [start(env, *SMALL_RUN, f'--workdir={workdir}') for _ in range(2)]
@@ -338,6 +344,7 @@ def test_second_live_run_refused_then_kill_9_mid_round_then_resume(env, referenc
   assert read_rows(workdir) == reference.rows
 
 
+@pytest.mark.slow
 def test_sigint_and_sigterm_end_in_one_line_and_the_run_resumes(env, reference):
   workdir = env.root / 'interrupted'
   for sig in (signal.SIGINT, signal.SIGTERM):
@@ -361,6 +368,7 @@ def test_sigint_and_sigterm_end_in_one_line_and_the_run_resumes(env, reference):
   assert read_rows(workdir) == reference.rows
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_falls_back_to_the_previous_one(env, reference):
   workdir = copy_of_reference(env, reference, 'truncated_checkpoint', ROUNDS)
   victim = largest_file(workdir / 'checkpoints' / str(ROUNDS))
@@ -374,6 +382,7 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(env, reference):
   assert len(os.listdir(workdir / 'corrupt_checkpoints')) == 1  # kept for inspection
 
 
+@pytest.mark.slow
 def test_kill_mid_checkpoint_save_resumes_from_the_previous_one(env, reference):
   # What orbax leaves when the process dies while saving: the step's files, partly
   # written, in a temporary folder that is renamed to the step only once complete.
@@ -387,6 +396,7 @@ def test_kill_mid_checkpoint_save_resumes_from_the_previous_one(env, reference):
   assert read_rows(workdir) == reference.rows
 
 
+@pytest.mark.slow
 def test_torn_last_metrics_line_is_repaired_on_resume(env, reference):
   workdir = copy_of_reference(env, reference, 'torn_metrics', ROUNDS - 1)
   last = (reference.workdir / 'metrics.jsonl').read_text().splitlines()[-1]
@@ -398,6 +408,7 @@ def test_torn_last_metrics_line_is_repaired_on_resume(env, reference):
   assert read_rows(workdir) == reference.rows
 
 
+@pytest.mark.slow
 def test_disk_full_is_one_line_and_keeps_the_checkpoints(env, reference):
   # /dev/full fails every write with ENOSPC, also for root (which a read-only chmod
   # would not stop): the resumed run's first write into the workdir goes there.
@@ -421,12 +432,12 @@ def test_disk_full_is_one_line_and_keeps_the_checkpoints(env, reference):
 )
 def test_failure_in_round_1_leaves_nothing_it_created(tmp_path, monkeypatch, failure, flag):
   dataset = make_synthetic_dataset(num_classes=4, per_class=20, shape=(28, 28, 1))
-  monkeypatch.setattr(train.datasets, 'load_dataset', lambda name, data_dir=None: dataset)
+  monkeypatch.setattr(datasets, 'load_dataset', lambda name, data_dir=None: dataset)
 
   def fail(*args):
     raise failure
 
-  monkeypatch.setattr(train.SyncRounds, 'step', fail)
+  monkeypatch.setattr(drivers.SyncRounds, 'step', fail)
   config = Config(
     dataset='mnist',
     num_clients=4,
@@ -469,10 +480,10 @@ def test_corrupt_data_cache_is_rebuilt_with_one_warning(tmp_path, monkeypatch, c
 
 
 def test_stale_lock_of_a_dead_process_is_taken_and_a_live_one_refused(tmp_path):
-  (tmp_path / train.LOCK_NAME).write_text('pid 999999\n')  # left by a killed run
-  lock = train.lock_workdir(str(tmp_path))
-  assert (tmp_path / train.LOCK_NAME).read_text() == f'pid {os.getpid()}\n'
+  (tmp_path / workdir_lib.LOCK_NAME).write_text('pid 999999\n')  # left by a killed run
+  lock = workdir_lib.lock_workdir(str(tmp_path))
+  assert (tmp_path / workdir_lib.LOCK_NAME).read_text() == f'pid {os.getpid()}\n'
   with pytest.raises(ConfigError, match=f'--workdir .* in use .*pid {os.getpid()}'):
-    train.lock_workdir(str(tmp_path))  # flock: a second open file conflicts, same process
+    workdir_lib.lock_workdir(str(tmp_path))  # flock: a second open file conflicts, same process
   lock.close()
-  train.lock_workdir(str(tmp_path)).close()  # released with its file
+  workdir_lib.lock_workdir(str(tmp_path)).close()  # released with its file

@@ -1,4 +1,4 @@
-"""Tests of apfl_jax.results on hand-made runs (no training)."""
+"""Tests of apfl_jax.studies.results on hand-made runs (no training)."""
 
 import csv
 import json
@@ -11,8 +11,8 @@ from conftest import make_run
 import numpy as np
 import pytest
 
-from apfl_jax import results
-from apfl_jax.errors import ConfigError
+from apfl_jax.core.errors import ConfigError
+from apfl_jax.studies import results
 
 
 def test_mean_std_skips_missing_values():

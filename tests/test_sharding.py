@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from apfl_jax import sharding
+from apfl_jax.core import sharding
 
 
 def test_no_distributed_job_without_coordinator(monkeypatch):

@@ -1,4 +1,4 @@
-"""End-to-end tests of apfl_jax.train and experiments/main.py (synthetic data, tiny runs)."""
+"""End-to-end tests of apfl_jax.runner.train and experiments/main.py (synthetic data, tiny runs)."""
 
 import json
 import os
@@ -10,9 +10,12 @@ from conftest import make_synthetic_dataset
 import numpy as np
 import pytest
 
-from apfl_jax import train
-from apfl_jax.config import Config
-from apfl_jax.errors import ConfigError, TrainingDivergedError
+from apfl_jax.config.config import Config
+from apfl_jax.core.errors import ConfigError, TrainingDivergedError
+from apfl_jax.data import datasets
+from apfl_jax.runner import checkpoints, drivers, run_folder, train
+from apfl_jax.runner import experiment as experiment_lib
+from apfl_jax.runner import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(REPO, 'experiments', 'main.py')
@@ -21,7 +24,7 @@ MAIN = os.path.join(REPO, 'experiments', 'main.py')
 @pytest.fixture
 def synthetic_data(monkeypatch):
   dataset = make_synthetic_dataset(num_classes=4, per_class=20, shape=(28, 28, 1))
-  monkeypatch.setattr(train.datasets, 'load_dataset', lambda name, data_dir=None: dataset)
+  monkeypatch.setattr(datasets, 'load_dataset', lambda name, data_dir=None: dataset)
   return dataset
 
 
@@ -72,7 +75,7 @@ def test_run_writes_metrics_partition_and_checkpoints(tmp_path, synthetic_data, 
 
 def test_pooled_test_split_trains_and_tests_on_one_device_copy(tmp_path, synthetic_data):
   config = tiny_config(test_split='pooled', num_rounds=1)
-  experiment = train.build_experiment(config)
+  experiment = experiment_lib.build_experiment(config)
   pool = len(synthetic_data.train_labels) + len(synthetic_data.test_labels)
   assert experiment.data.train_images is experiment.data.test_images
   assert experiment.data.train_images.shape[0] == pool
@@ -98,11 +101,12 @@ APFL_TINY = dict(
   generator_hidden_dim=16,
   generator_steps=2,
   generator_batch_size=8,
-  synthetic_per_class=4,
-  friend_batch_size=8,
+  apfl_synthetic_per_class=4,
+  apfl_friend_batch_size=8,
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('changes', [{'max_client_buckets': 4}, APFL_TINY], ids=['fedavg', 'apfl'])
 def test_resumed_run_equals_uninterrupted_run(tmp_path, synthetic_data, monkeypatch, changes):
   config = tiny_config(
@@ -110,19 +114,19 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, synthetic_data, monkeypa
   ).validate()
   train.train_and_evaluate(config, str(tmp_path / 'straight'))
 
-  original = train.cohort_for_round
+  original = drivers.cohort_for_round
 
   def interrupt_at_round_4(seed, round_index, *args, **kwargs):
     if round_index == 4:
       raise KeyboardInterrupt
     return original(seed, round_index, *args, **kwargs)
 
-  monkeypatch.setattr(train, 'cohort_for_round', interrupt_at_round_4)
+  monkeypatch.setattr(drivers, 'cohort_for_round', interrupt_at_round_4)
   with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(config, str(tmp_path / 'resumed'))
   # Rounds 1-3 were evaluated, but only round 2 was checkpointed.
   assert [r['round'] for r in read_rows(tmp_path / 'resumed')] == [1, 2, 3]
-  monkeypatch.setattr(train, 'cohort_for_round', original)
+  monkeypatch.setattr(drivers, 'cohort_for_round', original)
   train.train_and_evaluate(config, str(tmp_path / 'resumed'))
   assert read_rows(tmp_path / 'resumed') == read_rows(tmp_path / 'straight')
 
@@ -155,21 +159,23 @@ def test_workdir_of_an_older_version_is_used_with_a_warning_naming_the_new_flags
   tmp_path, monkeypatch
 ):
   config = tiny_config(num_rounds=1)
-  train.commit_workdir(str(tmp_path), config)
+  workdir_lib.commit_workdir(str(tmp_path), config)
   with open(tmp_path / 'config.json') as f:
     written = json.load(f)
   del written['fedrep_head_epochs'], written['fedasync_rho']
   with open(tmp_path / 'config.json', 'w') as f:
     json.dump(written, f)
   warnings = []
-  monkeypatch.setattr(train.logging, 'warning', lambda msg, *args: warnings.append(msg % args))
-  assert train.open_workdir(str(tmp_path), config) == str(tmp_path)
+  monkeypatch.setattr(
+    workdir_lib.logging, 'warning', lambda msg, *args: warnings.append(msg % args)
+  )
+  assert workdir_lib.open_workdir(str(tmp_path), config) == str(tmp_path)
   assert len(warnings) == 1
   # The flags in Config's field order, each named once.
   assert 'without --fedasync_rho, --fedrep_head_epochs: its run is used as if' in warnings[0]
-  train.commit_workdir(str(tmp_path), config)
+  workdir_lib.commit_workdir(str(tmp_path), config)
   warnings.clear()
-  train.open_workdir(str(tmp_path), config)
+  workdir_lib.open_workdir(str(tmp_path), config)
   assert warnings == []
 
 
@@ -179,10 +185,10 @@ def test_nan_names_round_and_client(tmp_path, synthetic_data):
 
 
 def test_cohort_is_deterministic_and_sized_by_join_ratio():
-  a = train.cohort_for_round(0, 5, 10, 0.3)
-  np.testing.assert_array_equal(a, train.cohort_for_round(0, 5, 10, 0.3))
+  a = drivers.cohort_for_round(0, 5, 10, 0.3)
+  np.testing.assert_array_equal(a, drivers.cohort_for_round(0, 5, 10, 0.3))
   assert len(a) == 3 and len(np.unique(a)) == 3
-  assert not all(np.array_equal(a, train.cohort_for_round(0, r, 10, 0.3)) for r in range(6, 9))
+  assert not all(np.array_equal(a, drivers.cohort_for_round(0, r, 10, 0.3)) for r in range(6, 9))
 
 
 def run_main(*args, cwd=REPO):
@@ -203,7 +209,7 @@ def run_main(*args, cwd=REPO):
     ('partition', 'zipf'),
     ('num_clients', 0),
     ('join_ratio', 1.5),
-    ('beta', 2.0),
+    ('apfl_beta', 2.0),
     ('server', 'gossip'),
     ('dropout_clients', '3,x'),
     ('dropout_clients', '0,99'),
@@ -277,17 +283,17 @@ def test_async_run_resumes_exactly_and_logs_virtual_time(tmp_path, synthetic_dat
   assert times == sorted(times) and times[0] > 0
   assert all(r['staleness_mean'] >= 0 for r in rows)
 
-  original = train.AsyncRounds.step
+  original = drivers.AsyncRounds.step
 
   def interrupt_at_round_4(self, async_state, round_index, rng):
     if round_index == 4:
       raise KeyboardInterrupt
     return original(self, async_state, round_index, rng)
 
-  monkeypatch.setattr(train.AsyncRounds, 'step', interrupt_at_round_4)
+  monkeypatch.setattr(drivers.AsyncRounds, 'step', interrupt_at_round_4)
   with pytest.raises(KeyboardInterrupt):
     train.train_and_evaluate(config, str(tmp_path / 'resumed'))
-  monkeypatch.setattr(train.AsyncRounds, 'step', original)
+  monkeypatch.setattr(drivers.AsyncRounds, 'step', original)
   train.train_and_evaluate(config, str(tmp_path / 'resumed'))
   assert read_rows(tmp_path / 'resumed') == rows
 
@@ -304,7 +310,7 @@ def test_summary_has_final_and_best_of_every_accuracy():
     {'round': 2, 'personalized_acc': 0.4, 'dropout_personalized_acc_no_label_prior': 0.6,
      'client_personalized_acc': [0.4], 'train_loss': 0.5},
   ]  # fmt: skip
-  summary = train.summarize(rows)
+  summary = run_folder.summarize(rows)
   assert summary['final_personalized_acc'] == 0.4
   assert (summary['best_personalized_acc'], summary['best_personalized_acc_round']) == (0.5, 1)
   assert summary['final_dropout_personalized_acc_no_label_prior'] == 0.6
@@ -312,10 +318,7 @@ def test_summary_has_final_and_best_of_every_accuracy():
   assert not any('loss' in key or 'client_' in key for key in summary)
 
 
-def test_abandoned_orbax_reads_are_dropped_and_other_unraisables_passed_on(monkeypatch):
-  passed_on = []
-  monkeypatch.setattr(train, '_PREVIOUS_UNRAISABLEHOOK', [passed_on.append])
-
+def test_abandoned_orbax_reads_are_recognised_and_other_unraisables_are_not():
   async def read():  # a coroutine whose code lives in an orbax file
     pass
 
@@ -323,8 +326,9 @@ def test_abandoned_orbax_reads_are_dropped_and_other_unraisables_passed_on(monke
   coroutine = types.FunctionType(orbax_code, {})()
   closed_loop = types.SimpleNamespace(object=None, exc_value=RuntimeError('Event loop is closed'))
   other = types.SimpleNamespace(object=None, exc_value=ValueError('a real problem'))
-  train._drop_abandoned_orbax_reads(types.SimpleNamespace(object=coroutine, exc_value=None))
-  train._drop_abandoned_orbax_reads(closed_loop)
-  train._drop_abandoned_orbax_reads(other)
+  assert checkpoints.is_abandoned_orbax_read(
+    types.SimpleNamespace(object=coroutine, exc_value=None)
+  )
+  assert checkpoints.is_abandoned_orbax_read(closed_loop)
+  assert not checkpoints.is_abandoned_orbax_read(other)
   coroutine.close()
-  assert passed_on == [other]

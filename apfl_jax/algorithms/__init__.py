@@ -10,12 +10,12 @@ import importlib
 import pkgutil
 from typing import TYPE_CHECKING, Any
 
-from apfl_jax import local_training
 from apfl_jax.algorithms import registry
 from apfl_jax.algorithms.base import Algorithm
+from apfl_jax.core import local_training
 
 if TYPE_CHECKING:
-  from apfl_jax.config import Config
+  from apfl_jax.config.config import Config
 
 for _module in pkgutil.iter_modules(__path__):
   importlib.import_module(f'{__name__}.{_module.name}')

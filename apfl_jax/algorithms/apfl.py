@@ -39,7 +39,7 @@ trains only its head on generated features.
 covered every class uniformly, scored on the classes no active client holds.
 `label_prior_free_params` gives dropout clients' personalized models with friends trained
 on every class uniformly, i.e. without the knowledge of the client's own label set that
-`--friend_labels=client` uses.
+`--apfl_friend_labels=client` uses.
 """
 
 from __future__ import annotations
@@ -54,11 +54,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from apfl_jax import generator as generator_lib
-from apfl_jax import local_training, options
-from apfl_jax.algorithms import base, knowledge_transfer, registry
+from apfl_jax.algorithms import base, registry
 from apfl_jax.algorithms.fedavg import FedAvg
-from apfl_jax.errors import ConfigError
+from apfl_jax.algorithms.generative import generator as generator_lib
+from apfl_jax.algorithms.generative import knowledge_transfer
+from apfl_jax.core import local_training, options
+from apfl_jax.core.errors import ConfigError
 
 FRIEND_INITS = ('local', 'global')
 FRIEND_LABELS = ('client', 'present', 'all')
@@ -78,33 +79,33 @@ class APFLOptions(options.Options):
   `knowledge_transfer.GeneratorOptions`)."""
 
   TITLE = 'AP-FL friend models and interpolation'
-  beta: float = options.option(
+  apfl_beta: float = options.option(
     0.1,
     'AP-FL interpolation: personalized = beta*local + (1-beta)*friend.',
     check=options.unit_interval,
   )
-  synthetic_per_class: int = options.option(
+  apfl_synthetic_per_class: int = options.option(
     600, 'AP-FL: generated samples per class for one friend-model epoch.', check=options.positive
   )
-  synthetic_budget: str = options.option(
+  apfl_synthetic_budget: str = options.option(
     'all_classes',
-    'AP-FL: a friend epoch has --synthetic_per_class samples for each class the friend '
+    'AP-FL: a friend epoch has --apfl_synthetic_per_class samples for each class the friend '
     'trains on (friend_classes: a client with 2 classes gets 2x600) or for every class of '
     'the data set (all_classes), whatever its label mix.',
     choices=SYNTHETIC_BUDGETS,
   )
-  friend_batch_size: int = options.option(
+  apfl_friend_batch_size: int = options.option(
     64, 'AP-FL: friend-model batch size.', check=options.positive
   )
-  friend_learning_rate: float = options.option(
+  apfl_friend_learning_rate: float = options.option(
     0.0,
     'AP-FL: friend-model SGD learning rate (0: --learning_rate).',
     check=_friend_learning_rate,
   )
-  friend_init: str = options.option(
+  apfl_friend_init: str = options.option(
     'local', 'AP-FL: friend model starts from the local or the global model.', choices=FRIEND_INITS
   )
-  friend_labels: str = options.option(
+  apfl_friend_labels: str = options.option(
     'client',
     "AP-FL: friend trains on generated samples of the client's own label mix (client), of "
     "the client's classes uniformly (present) or of every class uniformly (all).",
@@ -126,8 +127,8 @@ class APFLOptions(options.Options):
   )
 
   def resolve(self, config: Any) -> dict[str, Any]:
-    if self.friend_learning_rate == 0:
-      return {'friend_learning_rate': config.learning_rate}
+    if self.apfl_friend_learning_rate == 0:
+      return {'apfl_friend_learning_rate': config.learning_rate}
     return {}
 
 
@@ -161,7 +162,7 @@ class FriendSetup:
 
   Attributes:
     steps: optimizer steps of a friend that trains on every class,
-      ceil(synthetic_per_class * num_classes / batch_size); every friend's scan is this
+      ceil(apfl_synthetic_per_class * num_classes / batch_size); every friend's scan is this
       long.
     batch_size: generated samples per step.
     learning_rate: SGD learning rate.
@@ -172,7 +173,7 @@ class FriendSetup:
     samples_per_trained_class: 0: every friend takes `steps` steps; n > 0: a friend
       training on C classes (labels of nonzero weight) takes
       min(steps, ceil(n * C / batch_size)) steps and its later steps are masked
-      (`--synthetic_budget=friend_classes`).
+      (`--apfl_synthetic_budget=friend_classes`).
   """
 
   steps: int
@@ -186,14 +187,16 @@ class FriendSetup:
   @classmethod
   def from_config(cls, config: Any, num_classes: int) -> 'FriendSetup':
     return cls(
-      steps=math.ceil(config.synthetic_per_class * num_classes / config.friend_batch_size),
-      batch_size=config.friend_batch_size,
-      learning_rate=config.friend_learning_rate or config.learning_rate,
-      init=config.friend_init,
-      labels=config.friend_labels,
-      beta=config.beta,
+      steps=math.ceil(
+        config.apfl_synthetic_per_class * num_classes / config.apfl_friend_batch_size
+      ),
+      batch_size=config.apfl_friend_batch_size,
+      learning_rate=config.apfl_friend_learning_rate or config.learning_rate,
+      init=config.apfl_friend_init,
+      labels=config.apfl_friend_labels,
+      beta=config.apfl_beta,
       samples_per_trained_class=(
-        config.synthetic_per_class if config.synthetic_budget == 'friend_classes' else 0
+        config.apfl_synthetic_per_class if config.apfl_synthetic_budget == 'friend_classes' else 0
       ),
     )
 

@@ -15,7 +15,7 @@ hyper-parameters); its methods are pure functions of explicit state:
         # algorithm's personalized models never use it)
 
 `run_round` composes them: the cohort's `client_update`s run over stacked client states
-through the algorithm's client map (`apfl_jax.cohort`: one vmapped call, chunks, or a
+through the algorithm's client map (`apfl_jax.core.cohort`: one vmapped call, chunks, or a
 device mesh; one call per size group in epoch mode: see `map_client_updates`), then one
 `server_update`. The runner jits `run_round` once; an
 algorithm with extra server work (a generator, friend models) overrides `run_round` and
@@ -31,9 +31,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from apfl_jax.cohort import ClientMap
+from apfl_jax.core.cohort import ClientMap
+from apfl_jax.core.local_training import Params, masked_cross_entropy
 from apfl_jax.data.client_data import FederatedData
-from apfl_jax.local_training import Params, masked_cross_entropy
 
 
 @flax.struct.dataclass
@@ -102,7 +102,7 @@ class Algorithm:
     personalized_axis: 0 when `personalized_params` returns one model per client
       (stacked), None when every client uses the same model.
     client_map: how per-client functions run over a cohort (vmap, chunks, a mesh);
-      see `apfl_jax.cohort`. Set with `with_client_map`.
+      see `apfl_jax.core.cohort`. Set with `with_client_map`.
   """
 
   personalized_axis: int | None = None

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from apfl_jax import local_training
 from apfl_jax.algorithms import base, registry
+from apfl_jax.core import local_training
 
 
 @flax.struct.dataclass

@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from apfl_jax import local_training, options
 from apfl_jax.algorithms import base, registry
 from apfl_jax.algorithms.fedavg import FedAvg
+from apfl_jax.core import local_training, options
 
 # Folded into key(seed) so that the fine-tuning keys differ from the runner's round keys
 # fold_in(key(seed), round).
@@ -138,7 +138,8 @@ class FedAvgFT(FedAvg):
 
   def personalized_params(self, state, data):
     server = state.server
-    if self.finetune_schedule is None:
+    schedule = self.finetune_schedule
+    if schedule is None:
       return server.params
     key = self.finetune_key(server)
     keys = jax.vmap(lambda c: jax.random.fold_in(key, c))(jnp.arange(data.num_clients))
@@ -152,7 +153,7 @@ class FedAvgFT(FedAvg):
         index_row,
         count,
         key,
-        self.finetune_schedule,
+        schedule,
       )
       return params
 

@@ -36,11 +36,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from apfl_jax import generator as generator_lib
-from apfl_jax import local_training, options
-from apfl_jax.algorithms import base, knowledge_transfer, registry
+from apfl_jax.algorithms import base, registry
 from apfl_jax.algorithms.fedavg import FedAvg
-from apfl_jax.errors import ConfigError
+from apfl_jax.algorithms.generative import generator as generator_lib
+from apfl_jax.algorithms.generative import knowledge_transfer
+from apfl_jax.core import local_training, options
+from apfl_jax.core.errors import ConfigError
 
 FEDGEN_REGULARIZERS = ('fedgen', 'pfllib')
 

@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from apfl_jax import local_training, options
 from apfl_jax.algorithms import base, registry
 from apfl_jax.algorithms.fedavg import FedAvg
+from apfl_jax.core import local_training, options
 
 
 def proximal_term(params: base.Params, anchor: base.Params, strength: float) -> jax.Array:

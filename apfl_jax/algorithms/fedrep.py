@@ -35,9 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from apfl_jax import local_training, options
 from apfl_jax.algorithms import base, registry
 from apfl_jax.algorithms.fedavg import FedAvg
+from apfl_jax.core import local_training, options
 
 
 @flax.struct.dataclass

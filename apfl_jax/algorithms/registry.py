@@ -8,7 +8,7 @@ An algorithm is one module in `apfl_jax/algorithms/` that registers its class:
       def from_config(cls, config, context): ...
 
 `apfl_jax.algorithms` imports every module of the package, so a new file is found with no
-other edit; its options dataclass (`apfl_jax.options.Options`) becomes part of `Config` and
+other edit; its options dataclass (`apfl_jax.core.options.Options`) becomes part of `Config` and
 its fields become flags.
 """
 

@@ -39,10 +39,10 @@ from absl import logging as absl_logging
 import numpy as np
 import tensorflow_datasets as tfds
 
-from apfl_jax import options
+from apfl_jax.core import options
+from apfl_jax.core.errors import ConfigError, DataUnavailableError
 from apfl_jax.data import fashion_mnist_debian
 from apfl_jax.data import partition as partition_lib
-from apfl_jax.errors import ConfigError, DataUnavailableError
 
 # apfl_jax name -> tfds name ('dataset[/config]').
 _TFDS_NAMES = {

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from apfl_jax.errors import ConfigError
+from apfl_jax.core.errors import ConfigError
 
 PARTITIONS = ('iid', 'dirichlet', 'pathological', 'monopoly')
 TEST_SPLITS = ('proportional', 'pooled')

@@ -12,8 +12,8 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from apfl_jax import options
-from apfl_jax.errors import ConfigError
+from apfl_jax.core import options
+from apfl_jax.core.errors import ConfigError
 from apfl_jax.models.cnn import FedAvgCNN
 from apfl_jax.models.conv import COMPUTE_DTYPES, CONV_IMPLS
 from apfl_jax.models.resnet import resnet8, resnet18

@@ -1,0 +1,107 @@
+"""A run's folder (its --workdir): what `train.train_and_evaluate` writes and scripts read.
+
+  <workdir>/config.json        the run's Config (`read_config`)
+  <workdir>/metrics.jsonl      one JSON object per evaluated round (`read_metrics`)
+  <workdir>/summary.json       final and best values of every accuracy (`summarize`)
+  <workdir>/checkpoints/<k>/   see `checkpoints`
+  <workdir>/partition.json, partition.txt, tensorboard/, run.lock
+
+Every reader names the file in a one-line `ConfigError` when it is missing or unreadable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from absl import logging
+import numpy as np
+
+from apfl_jax.config.config import Config
+from apfl_jax.core.errors import ConfigError
+
+CONFIG = 'config.json'
+METRICS = 'metrics.jsonl'
+SUMMARY = 'summary.json'
+
+
+def read_config_values(workdir: str) -> dict[str, Any]:
+  """config.json as written (a run of an older version may lack flags added since)."""
+  path = os.path.join(workdir, CONFIG)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except OSError as e:
+    raise ConfigError(f'{path}: cannot read it ({e.strerror or e})') from None
+  except json.JSONDecodeError as e:
+    raise ConfigError(f'{path}: not JSON ({e})') from None
+
+
+def read_config(workdir: str) -> Config:
+  """The run's `Config` (flags added since the run take their defaults)."""
+  from apfl_jax.config.config import Config  # config imports every component
+
+  return Config.from_dict(read_config_values(workdir))
+
+
+def read_metrics(workdir: str, up_to_round: int | None = None) -> list[dict[str, Any]]:
+  """The rows of metrics.jsonl (up to `up_to_round`); [] when there is none yet.
+
+  A torn last line (a kill while it was written) is dropped with a one-line warning.
+
+  Raises:
+    ConfigError: naming the file when a line before the last is not JSON.
+  """
+  path = os.path.join(workdir, METRICS)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  rows = []
+  for number, line in enumerate(lines, 1):
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      if number < len(lines):
+        raise ConfigError(
+          f'--workdir: line {number} of {path} is not JSON; fix or delete that line'
+        ) from None
+      logging.warning('dropping the torn last line of %s (a run was killed while writing it)', path)
+  if up_to_round is None:
+    return rows
+  return [r for r in rows if r['round'] <= up_to_round]
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+  """Final and best-over-rounds values of every accuracy metric in `rows`."""
+  summary: dict[str, Any] = {}
+  if not rows:
+    return summary
+  for key in rows[-1]:
+    # Accuracies: *_acc, *_acc_weighted and *_acc_no_label_prior (not the per-client lists).
+    if isinstance(rows[-1][key], list) or '_acc' not in key:
+      continue
+    values = [(r[key], r['round']) for r in rows if r.get(key) is not None and not np.isnan(r[key])]
+    summary[f'final_{key}'] = rows[-1][key]
+    if values:
+      best, best_round = max(values)
+      summary[f'best_{key}'] = best
+      summary[f'best_{key}_round'] = best_round
+  return summary
+
+
+def format_summary(summary: dict[str, Any], workdir: str) -> str:
+  """A small table of final and best accuracies."""
+  lines = [f'results in {workdir}', f'{"metric":<34} {"final":>8} {"best":>8} {"round":>6}']
+  for key in summary:
+    if not key.startswith('final_'):
+      continue
+    name = key[len('final_') :]
+    final = summary[key]
+    best = summary.get(f'best_{name}')
+    fmt = lambda v: (
+      '     n/a' if v is None or (isinstance(v, float) and np.isnan(v)) else f'{v:8.4f}'
+    )
+    lines.append(f'{name:<34} {fmt(final)} {fmt(best)} {summary.get(f"best_{name}_round", ""):>6}')
+  return '\n'.join(lines)
