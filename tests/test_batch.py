@@ -1,0 +1,171 @@
+"""Tests of apfl_jax.runner.batch: experiments as one more vmapped axis.
+
+A batch of experiments must equal the separate runs of the same configs, metrics.jsonl
+field for field (except elapsed_s). The values agree within float32 rounding (`RTOL`):
+the batched program computes the same operations on an extra axis, which XLA may
+schedule and fuse differently.
+"""
+
+import json
+import os
+
+from conftest import make_synthetic_dataset
+import numpy as np
+import pytest
+
+from apfl_jax.config.config import Config
+from apfl_jax.core.errors import ConfigError, RunInterrupted
+from apfl_jax.data import datasets
+from apfl_jax.runner import batch, train
+
+RTOL = 1e-5
+APFL_TINY = dict(
+  embedding='onehot',
+  generator='feature',
+  noise_dim=8,
+  generator_hidden_dim=16,
+  generator_steps=2,
+  generator_batch_size=8,
+  apfl_synthetic_per_class=4,
+  apfl_friend_batch_size=8,
+)
+
+
+@pytest.fixture
+def synthetic_data(monkeypatch):
+  dataset = make_synthetic_dataset(num_classes=4, per_class=20, shape=(28, 28, 1))
+  monkeypatch.setattr(datasets, 'load_dataset', lambda name, data_dir=None: dataset)
+  return dataset
+
+
+def tiny_config(**changes):
+  config = Config(
+    dataset='mnist',
+    num_clients=4,
+    partition='dirichlet',
+    dirichlet_alpha=0.5,
+    min_samples_per_client=5,
+    num_rounds=3,
+    batch_size=8,
+    local_epochs=1,
+    join_ratio=0.75,
+    learning_rate=0.05,
+    checkpoint_every=2,
+    eval_every=1,
+    verbose=False,
+  )
+  return config.replace(**changes)
+
+
+def read_rows(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  for r in rows:
+    r.pop('elapsed_s')
+  return rows
+
+
+def assert_rows_close(batched, separate):
+  assert [r['round'] for r in batched] == [r['round'] for r in separate]
+  for b, s in zip(batched, separate):
+    assert b.keys() == s.keys()
+    for key in s:
+      if isinstance(s[key], float):
+        assert b[key] == pytest.approx(s[key], rel=RTOL, abs=1e-6), key
+      elif isinstance(s[key], list):
+        np.testing.assert_allclose(
+          np.asarray(b[key], np.float64), np.asarray(s[key], np.float64), rtol=RTOL, atol=1e-6
+        )
+      else:
+        assert b[key] == s[key], key
+
+
+def run_both(tmp_path, configs):
+  batched = [str(tmp_path / 'batch' / str(k)) for k in range(len(configs))]
+  summaries = batch.train_and_evaluate_batch(configs, batched)
+  assert all(isinstance(s, dict) for s in summaries)
+  for k, config in enumerate(configs):
+    separate = str(tmp_path / 'separate' / str(k))
+    train.train_and_evaluate(config, separate)
+    assert_rows_close(read_rows(batched[k]), read_rows(separate))
+  return batched
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+  'changes',
+  [
+    {'algorithm': 'fedavg'},
+    {'algorithm': 'ditto'},
+    {'algorithm': 'fedrep'},
+    {'algorithm': 'apfl', **APFL_TINY},
+  ],
+  ids=['fedavg', 'ditto', 'fedrep', 'apfl'],
+)
+def test_three_seeds_in_one_program_equal_three_runs(tmp_path, synthetic_data, changes):
+  run_both(tmp_path, [tiny_config(seed=seed, **changes) for seed in (0, 1, 2)])
+
+
+@pytest.mark.slow
+def test_a_beta_sweep_shares_the_program_with_the_seeds(tmp_path, synthetic_data):
+  configs = [
+    tiny_config(algorithm='apfl', seed=seed, apfl_beta=beta, **APFL_TINY)
+    for seed in (0, 1)
+    for beta in (0.1, 0.6)
+  ]
+  run_both(tmp_path, configs)
+
+
+def test_flags_that_change_the_program_are_refused_in_one_line():
+  with pytest.raises(ConfigError, match='--batch_size: experiments of one program must share'):
+    batch.check_batchable([tiny_config(), tiny_config(batch_size=4)])
+  with pytest.raises(ConfigError, match='--server=fedbuff: the experiment axis runs sync'):
+    batch.check_batchable([tiny_config(server='fedbuff')])
+  assert batch.check_batchable([tiny_config(seed=0), tiny_config(seed=3)]) == ('seed',)
+
+
+@pytest.mark.slow
+def test_resumed_batch_equals_uninterrupted_and_rounds_compile_once(
+  tmp_path, synthetic_data, monkeypatch
+):
+  configs = [tiny_config(algorithm='fedprox', seed=seed, num_rounds=4) for seed in (0, 1)]
+  straight = [str(tmp_path / 'straight' / str(k)) for k in range(2)]
+  batch.train_and_evaluate_batch(configs, straight)
+
+  original = batch.cohort_for_round
+
+  def interrupt_at_round_4(seed, round_index, *args, **kwargs):
+    if round_index == 4:
+      raise KeyboardInterrupt
+    return original(seed, round_index, *args, **kwargs)
+
+  monkeypatch.setattr(batch, 'cohort_for_round', interrupt_at_round_4)
+  resumed = [str(tmp_path / 'resumed' / str(k)) for k in range(2)]
+  with pytest.raises(RunInterrupted, match='interrupted in round 4/4'):
+    batch.train_and_evaluate_batch(configs, resumed)
+  monkeypatch.setattr(batch, 'cohort_for_round', original)
+  compiled = []
+  monkeypatch.setattr(
+    batch.ExperimentBatch, 'run_round', record_compiles(batch.ExperimentBatch.run_round, compiled)
+  )
+  batch.train_and_evaluate_batch(configs, resumed)
+  assert compiled == [1, 1]  # rounds 3 and 4 (resumed after round 2), one compilation
+  for k in range(2):
+    assert read_rows(resumed[k]) == read_rows(straight[k])
+
+
+def record_compiles(run_round, compiled):
+  def wrapped(self, *args):
+    out = run_round(self, *args)
+    compiled.append(self._run_round._cache_size())
+    return out
+
+  return wrapped
+
+
+@pytest.mark.slow
+def test_with_client_chunks_the_experiments_take_turns_and_equal_separate_runs(
+  tmp_path, synthetic_data
+):
+  configs = [tiny_config(seed=seed, client_chunk_size=2, num_rounds=2) for seed in (0, 1)]
+  run_both(tmp_path, configs)
