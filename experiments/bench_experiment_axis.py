@@ -55,26 +55,35 @@ def main(argv):
       f'{jax.devices()[0].device_kind} x{jax.device_count()}'
     )
     print(
-      '| experiments | one after another (s) | one program (s) | ratio | first round '
-      'sequential / batched (s) | later round sequential / batched (s) |'
+      '| experiments | one after another (s) | one program, taking turns (s) | one program, '
+      'side by side (s) | first round: separate / turns / side by side (s) | later round: '
+      'separate x N / turns / side by side (s) |'
     )
     print('|---|---|---|---|---|---|')
     for n in counts:
       configs = [base.replace(seed=s) for s in range(n)]
-      sequential = [os.path.join(FLAGS.out, f'n{n}', 'sequential', f'seed{s}') for s in range(n)]
-      batched = [os.path.join(FLAGS.out, f'n{n}', 'batched', f'seed{s}') for s in range(n)]
+      folder = os.path.join(FLAGS.out, f'n{n}')
+      sequential = [os.path.join(folder, 'sequential', f'seed{s}') for s in range(n)]
       t0 = time.perf_counter()
       for config, workdir in zip(configs, sequential):
         train.train_and_evaluate(config, workdir)
-      t_sequential = time.perf_counter() - t0
-      t0 = time.perf_counter()
-      batch.train_and_evaluate_batch(configs, batched)
-      t_batched = time.perf_counter() - t0
-      first_s, later_s = round_times(sequential)
-      first_b, later_b = round_times(batched)
+      times = {'sequential': time.perf_counter() - t0}
+      rounds = {'sequential': round_times(sequential)}
+      for mode, side_by_side in (('turns', False), ('side', True)):
+        workdirs = [os.path.join(folder, mode, f'seed{s}') for s in range(n)]
+        t0 = time.perf_counter()
+        batch.train_and_evaluate_batch(configs, workdirs, side_by_side=side_by_side)
+        times[mode] = time.perf_counter() - t0
+        rounds[mode] = round_times(workdirs)
+      first = ' / '.join(f'{rounds[m][0]:.1f}' for m in ('sequential', 'turns', 'side'))
+      later = ' / '.join(
+        f'{rounds[m][1]:.2f}' + (f' x {n}' if m == 'sequential' else '')
+        for m in ('sequential', 'turns', 'side')
+      )
       print(
-        f'| {n} | {t_sequential:.1f} | {t_batched:.1f} | {t_batched / t_sequential:.2f} | '
-        f'{first_s:.1f} / {first_b:.1f} | {later_s:.2f} x {n} / {later_b:.2f} |',
+        f'| {n} | {times["sequential"]:.1f} | {times["turns"]:.1f} '
+        f'({times["turns"] / times["sequential"]:.2f}x) | {times["side"]:.1f} '
+        f'({times["side"] / times["sequential"]:.2f}x) | {first} | {later} |',
         flush=True,
       )
   except UserError as e:

@@ -34,13 +34,17 @@ Presets:
   pfl_cifar10: 50 clients x 5 steps x batch 10, 32x32x3, 10 classes.
   sweep: the small configuration with 10, 100, 1000 and 10,000 clients, the last in
     chunks of 1000 clients (`--client_chunk_size`; `--max_clients` drops the larger
-    ones, e.g. on CPU).
+    ones, e.g. on CPU). jax_vmap records XLA's memory analysis of its compiled round
+    (`temp_bytes`, `argument_bytes`, `output_bytes`); `--memory_only` reports only that,
+    compiled from shapes without running anything (docs/benchmarks.md: with a fixed
+    --client_chunk_size, temp bytes do not grow with the cohort).
   tiny: 3 clients x 2 steps x batch 4 on 16x16x1 (for tests).
 
 Usage:
   python experiments/benchmark.py --preset=small [--backends=jax_vmap,torch_loop]
     [--rounds=5] [--json=PATH] [--conv_impl=auto] [--device=auto|cpu|gpu]
     [--max_clients=N] [--client_chunk_size=N] [--compute_dtype=float32|bfloat16]
+  python experiments/benchmark.py --preset=sweep --memory_only --client_chunk_size=100
 
 The markdown table goes to stdout. The JSON file holds `device`, `versions`, `runs`
 (every configuration with its `backends`) and, at the top level, `backends` of the
@@ -54,6 +58,7 @@ bfloat16; null for a device not in `PEAK_FLOPS`, e.g. any CPU).
 
 import argparse
 import dataclasses
+import glob
 import importlib.util
 import json
 import os
@@ -70,6 +75,8 @@ import numpy as np
 # Run as a script from anywhere: make the repository root importable.
 
 BACKENDS = ('jax_vmap', 'torch_loop', 'torch_func')
+# apfl_jax.models.conv.CONV_IMPLS, here so that the parent process does not import jax.
+CONV_IMPLS = ('auto', 'lax', 'im2col', 'patches')
 # Published dense peak FLOP/s by `device_kind` (vendor data sheets; SXM parts).
 PEAK_FLOPS = {
   'NVIDIA H100 80GB HBM3': {'float32': 66.9e12, 'tf32': 494.7e12, 'bfloat16': 989.4e12},
@@ -220,7 +227,9 @@ def run_jax_vmap(
     key,
   )
   step_flops = jax.jit(jax.grad(loss_fn)).lower(*batch).compile().cost_analysis()['flops']
+  memory = compiled_memory(run.lower(state['value'], cohort, key, data).compile())
   return {
+    **memory,
     'device': f'{dev.platform} ({dev.device_kind})',
     'conv_impl': resolve_conv_impl(conv_impl),
     'compute_dtype': compute_dtype,
@@ -233,7 +242,96 @@ def run_jax_vmap(
   }
 
 
-def _torch_setup(config: Config, device: str):
+def compiled_memory(compiled) -> dict:
+  """XLA's memory analysis of a compiled round, in bytes (per device).
+
+  `temp_bytes` is the scratch the round needs beyond its inputs and outputs: with
+  --client_chunk_size it should not grow with the cohort.
+  """
+  analysis = compiled.memory_analysis()
+  return {
+    'temp_bytes': int(analysis.temp_size_in_bytes),
+    'argument_bytes': int(analysis.argument_size_in_bytes),
+    'output_bytes': int(analysis.output_size_in_bytes),
+  }
+
+
+def jax_round_memory(
+  config: Config, conv_impl: str, device: str, compute_dtype: str = 'float32'
+) -> dict:
+  """`compiled_memory` of apfl_jax's FedAvg round, compiled from shapes only.
+
+  Nothing is allocated or run (no data set, no state), so a 10,000-client round is
+  measured in seconds on any machine.
+  """
+  if device == 'cpu':
+    os.environ['JAX_PLATFORMS'] = 'cpu'
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from apfl_jax.algorithms.fedavg import FedAvg
+  from apfl_jax.core import local_training
+  from apfl_jax.core.cohort import ClientMap
+  from apfl_jax.data.client_data import FederatedData
+  from apfl_jax.models import create_model
+
+  k, n = config.clients, config.steps * config.batch
+  shape = jax.ShapeDtypeStruct
+  data = FederatedData(
+    train_images=shape((k * n, *config.image_shape), jnp.uint8),
+    train_labels=shape((k * n,), jnp.int32),
+    test_images=shape((1, *config.image_shape), jnp.uint8),
+    test_labels=shape((1,), jnp.int32),
+    train_index=shape((k, n), jnp.int32),
+    train_count=shape((k,), jnp.int32),
+    test_index=shape((k, 1), jnp.int32),
+    test_count=shape((k,), jnp.int32),
+    union_test_index=shape((1,), jnp.int32),
+    union_test_client=shape((1,), jnp.int32),
+    mean=shape(config.image_shape[-1:], jnp.float32),
+    std=shape(config.image_shape[-1:], jnp.float32),
+  )
+  schedule = local_training.Schedule.create(
+    batch_size=config.batch, local_epochs=0, local_steps=config.steps, min_count=n, max_count=n
+  )
+  model = create_model('cnn', NUM_CLASSES, conv_impl, compute_dtype)
+  algorithm = FedAvg(
+    model, config.image_shape, schedule, optax.sgd(LEARNING_RATE), optax.sgd(1.0)
+  ).with_client_map(ClientMap(chunk_size=config.chunk))
+  state = jax.eval_shape(algorithm.init, jax.random.key(0))
+  start = time.perf_counter()
+  compiled = (
+    jax.jit(algorithm.run_round)
+    .lower(state, shape((k,), jnp.int32), jax.random.key(1), data)
+    .compile()
+  )
+  dev = jax.devices()[0]
+  return {
+    **compiled_memory(compiled),
+    'compile_s': time.perf_counter() - start,
+    'device': f'{dev.platform} ({dev.device_kind})',
+  }
+
+
+def memory_table(runs: list[dict]) -> str:
+  """The --memory_only results as one markdown table."""
+  first = runs[0]['memory']['temp_bytes']
+  lines = [
+    '| configuration | temp MiB | vs first | arguments MiB | outputs MiB | compile s |',
+    '|---|---:|---:|---:|---:|---:|',
+  ]
+  for run in runs:
+    m = run['memory']
+    lines.append(
+      f'| {run["config_text"]} | {m["temp_bytes"] / 2**20:,.1f} | '
+      f'{m["temp_bytes"] / first:.3f} | {m["argument_bytes"] / 2**20:,.1f} | '
+      f'{m["output_bytes"] / 2**20:,.1f} | {m["compile_s"]:.1f} |'
+    )
+  return '\n'.join(lines)
+
+
+def torch_setup(config: Config, device: str):
   """(torch device, model, images, labels, client index rows, normalise)."""
   import torch
   from torch import nn
@@ -292,7 +390,7 @@ def run_torch_loop(config: Config, rounds: int, device: str) -> dict:
   import torch
 
   base_mem = _cpu_rss_mb()
-  dev, model, images, labels, index, normalize = _torch_setup(config, device)
+  dev, model, images, labels, index, normalize = torch_setup(config, device)
   loss_fn = torch.nn.functional.cross_entropy
   n = index.shape[1]
   global_state = {'value': {k: v.clone() for k, v in model.state_dict().items()}}
@@ -327,7 +425,7 @@ def run_torch_func(config: Config, rounds: int, device: str) -> dict:
   from torch import func
 
   base_mem = _cpu_rss_mb()
-  dev, model, images, labels, index, normalize = _torch_setup(config, device)
+  dev, model, images, labels, index, normalize = torch_setup(config, device)
   n = index.shape[1]
 
   def loss(params, x, y):
@@ -385,7 +483,12 @@ def run_backend(
 
 
 def run_backend_subprocess(backend: str, config: Config, args: argparse.Namespace) -> dict:
-  """Runs one backend in a fresh Python process (so its peak memory is its own)."""
+  """Runs one backend in a fresh Python process (so its peak memory is its own).
+
+  Raises:
+    SystemExit: one line naming the backend when the worker fails (its own error is
+      printed above it).
+  """
   spec = json.dumps(
     {
       'backend': backend,
@@ -396,9 +499,17 @@ def run_backend_subprocess(backend: str, config: Config, args: argparse.Namespac
       'compute_dtype': args.compute_dtype,
     }
   )
-  out = subprocess.run(
-    [sys.executable, __file__, f'--_worker={spec}'], check=True, stdout=subprocess.PIPE, text=True
-  ).stdout
+  try:
+    out = subprocess.run(
+      [sys.executable, __file__, f'--_worker={spec}'],
+      check=True,
+      stdout=subprocess.PIPE,
+      text=True,
+    ).stdout
+  except subprocess.CalledProcessError as e:
+    raise SystemExit(
+      f'error: the {backend} worker failed (exit status {e.returncode}) on {config.describe()}'
+    ) from None
   return json.loads(out.strip().splitlines()[-1])
 
 
@@ -453,9 +564,60 @@ def _versions() -> dict:
   return versions
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse with its errors as one line (not the multi-line usage)."""
+
+  def error(self, message: str):  # type: ignore[override]
+    raise SystemExit(f'error: {message} (see --help)')
+
+
+def has_nvidia_gpu() -> bool:
+  """Whether this machine shows an NVIDIA device (without importing jax or torch)."""
+  return bool(glob.glob('/dev/nvidia[0-9]*'))
+
+
+def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
+  """Checks the flags before any worker starts; returns the backends to run.
+
+  Raises:
+    SystemExit: one line naming the flag.
+  """
+  if args.rounds < 1:
+    parser.error(f'--rounds must be at least 1 (timed rounds after the first), got {args.rounds}')
+  if args.max_clients < 0:
+    parser.error(f'--max_clients must be 0 (no cap) or positive, got {args.max_clients}')
+  if args.client_chunk_size < -1:
+    parser.error(
+      f"--client_chunk_size must be -1 (the preset's), 0 (all at once) or positive, "
+      f'got {args.client_chunk_size}'
+    )
+  if args.device == 'gpu' and not has_nvidia_gpu():
+    parser.error('--device=gpu: this machine has no NVIDIA GPU (no /dev/nvidia*)')
+  backends = [b for b in args.backends.split(',') if b]
+  unknown = set(backends) - set(BACKENDS)
+  if unknown:
+    parser.error(f'--backends: unknown backends {sorted(unknown)}; choose from {BACKENDS}')
+  if not backends:
+    parser.error(f'--backends is empty; choose from {BACKENDS}')
+  if len(set(backends)) < len(backends):
+    parser.error(f'--backends names a backend more than once: {args.backends}')
+  if args.json:
+    from apfl_jax.core.errors import UserError
+    from apfl_jax.studies import outputs
+
+    try:
+      outputs.check_output_file(args.json, 'json')
+    except UserError as e:
+      parser.error(str(e))
+  return backends
+
+
 def main(argv: list[str] | None = None) -> dict:
-  """Parses flags, runs every configuration and backend, prints the table."""
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  """Parses flags, runs every configuration and backend, prints the table.
+
+  Every flag (and that --json can be written) is checked before the first worker starts.
+  """
+  parser = _Parser(description=__doc__.splitlines()[0])
   parser.add_argument('--preset', default='small', choices=sorted(PRESETS))
   parser.add_argument(
     '--backends', default=','.join(BACKENDS), help='comma-separated subset of ' + ','.join(BACKENDS)
@@ -465,7 +627,10 @@ def main(argv: list[str] | None = None) -> dict:
   )
   parser.add_argument('--json', default='', help='also write the results here')
   parser.add_argument(
-    '--conv_impl', default='auto', help='apfl_jax conv backend: auto, lax, im2col or patches'
+    '--conv_impl',
+    default='auto',
+    choices=CONV_IMPLS,
+    help='apfl_jax conv backend: auto, lax, im2col or patches',
   )
   parser.add_argument('--device', default='auto', choices=('auto', 'cpu', 'gpu'))
   parser.add_argument(
@@ -484,16 +649,19 @@ def main(argv: list[str] | None = None) -> dict:
     choices=('float32', 'bfloat16'),
     help='jax_vmap: activations and patches in this dtype',
   )
+  parser.add_argument(
+    '--memory_only',
+    action='store_true',
+    help="jax_vmap: only compile each configuration's round from shapes and report XLA's "
+    'memory analysis (temp, argument and output bytes); nothing runs',
+  )
   parser.add_argument('--_worker', default='', help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args._worker:
     _worker(args._worker)
     return {}
 
-  backends = [b for b in args.backends.split(',') if b]
-  unknown = set(backends) - set(BACKENDS)
-  if unknown:
-    parser.error(f'unknown backends {sorted(unknown)}; choose from {BACKENDS}')
+  backends = validate(args, parser)
   if importlib.util.find_spec('torch') is None and any(b != 'jax_vmap' for b in backends):
     print(
       'note: torch is not installed (pip install -r requirements-bench.txt); running jax_vmap only'
@@ -505,9 +673,15 @@ def main(argv: list[str] | None = None) -> dict:
   if args.max_clients:
     skipped = [c for c in configs if c.clients > args.max_clients]
     configs = tuple(c for c in configs if c.clients <= args.max_clients)
+    if not configs:
+      parser.error(
+        f'--max_clients={args.max_clients} skips every configuration of --preset={args.preset}'
+      )
     for c in skipped:
       print(f'note: --max_clients={args.max_clients} skips {c.describe()}')
 
+  if args.memory_only:
+    return memory_report(configs, args)
   runs, device = [], {}
   for config in configs:
     results = {}
@@ -533,6 +707,30 @@ def main(argv: list[str] | None = None) -> dict:
   }
   print(markdown_table(runs))
   if args.json:
+    pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(args.json).write_text(json.dumps(report, indent=2) + '\n')
+  return report
+
+
+def memory_report(configs: tuple[Config, ...], args: argparse.Namespace) -> dict:
+  """--memory_only: `jax_round_memory` of every configuration, as a table and JSON."""
+  runs = []
+  for config in configs:
+    print(f'compiling jax_vmap: {config.describe()} ...', file=sys.stderr, flush=True)
+    memory = jax_round_memory(config, args.conv_impl, args.device, args.compute_dtype)
+    runs.append(
+      {'config': dataclasses.asdict(config), 'config_text': config.describe(), 'memory': memory}
+    )
+  report = {
+    'preset': args.preset,
+    'device': {'jax': runs[0]['memory']['device']} if runs else {},
+    'versions': _versions(),
+    'date': time.strftime('%Y-%m-%d'),
+    'runs': runs,
+  }
+  print(memory_table(runs))
+  if args.json:
+    pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.json).write_text(json.dumps(report, indent=2) + '\n')
   return report
 

@@ -17,7 +17,7 @@ import sys
 from absl import app, flags, logging
 
 from apfl_jax.core.errors import UserError
-from apfl_jax.studies import beta_sweep
+from apfl_jax.studies import beta_sweep, outputs
 
 flags.DEFINE_string('runs', None, 'Folder holding seed*/ workdirs of finished AP-FL runs.')
 flags.DEFINE_string('betas', '0.001,0.01,0.1,0.5,1.0', 'Comma-separated beta values.')
@@ -35,14 +35,16 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  del argv
   logging.set_verbosity(logging.WARNING)
   try:
+    if len(argv) > 1:
+      raise UserError(f'unexpected argument {argv[1]!r}: flags are written --name=value')
     if not FLAGS.runs or not FLAGS.out:
       raise UserError('--runs and --out are required')
     betas = beta_sweep.parse_betas(FLAGS.betas)
     friend_settings = beta_sweep.parse_friend_settings(FLAGS.friend_settings)
     workdirs = beta_sweep.seed_workdirs(FLAGS.runs, FLAGS.seeds)
+    outputs.check_output_file(FLAGS.out, 'out')  # before the work, not after
     per_run = [beta_sweep.evaluate_run(w, betas, friend_settings) for w in workdirs]
   except UserError as e:
     sys.exit(f'error: {e}')

@@ -11,7 +11,7 @@ import sys
 from absl import app, flags, logging
 
 from apfl_jax.core.errors import UserError
-from apfl_jax.studies import beta_sweep, generator_study
+from apfl_jax.studies import beta_sweep, generator_study, outputs
 
 flags.DEFINE_string('runs', None, 'Folder holding seed*/ workdirs of finished AP-FL runs.')
 flags.DEFINE_string('seeds', '0', 'Comma-separated seeds: the seed<k>/ workdirs to study.')
@@ -27,14 +27,16 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  del argv
   logging.set_verbosity(logging.WARNING)
   try:
+    if len(argv) > 1:
+      raise UserError(f'unexpected argument {argv[1]!r}: flags are written --name=value')
     if not FLAGS.runs or not FLAGS.out:
       raise UserError('--runs and --out are required')
     betas = beta_sweep.parse_betas(FLAGS.betas)
     settings = generator_study.parse_generator_settings(FLAGS.generator_settings)
     workdirs = beta_sweep.seed_workdirs(FLAGS.runs, FLAGS.seeds)
+    outputs.check_output_file(FLAGS.out, 'out')  # before the work, not after
     per_run = [generator_study.evaluate_run(w, betas, settings) for w in workdirs]
   except UserError as e:
     sys.exit(f'error: {e}')

@@ -1,8 +1,8 @@
 """Runs one federated experiment: `python experiments/main.py --flagfile=cifar10.flags`.
 
 A bare flagfile name that is not in the working directory is looked up in experiments/.
-Invalid flags, missing data, diverged training and an interrupt (Ctrl-C, SIGTERM) end
-with one line on stderr and a non-zero exit status; `--help` lists the project's flags
+Invalid flags, missing data, diverged training and an interrupt (Ctrl-C, SIGTERM, SIGHUP)
+end with one line on stderr and a non-zero exit status; `--help` lists the project's flags
 by component and exits 0.
 """
 
@@ -10,12 +10,29 @@ import os
 import signal
 import sys
 
-from absl import app, flags, logging
+# Signals that end a run as Ctrl-C does. Until main() turns them into KeyboardInterrupt
+# (while jax and the project import), they end the process with one line.
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
-from apfl_jax.config import config as config_lib
-from apfl_jax.core import sharding
-from apfl_jax.core.errors import UserError
-from apfl_jax.runner import train
+
+def _stop_before_start(signum, frame):
+  # Nothing is written before main() starts: end at once, from wherever the signal landed
+  # (an exception raised there could be swallowed, e.g. by a garbage-collector callback).
+  del frame
+  name = signal.Signals(signum).name
+  os.write(2, f'error: {name} before the run started; rerun the same command\n'.encode())
+  os._exit(1)
+
+
+for _signal in _STOP_SIGNALS:
+  signal.signal(_signal, _stop_before_start)
+
+from absl import app, flags, logging  # noqa: E402 -- after the signal handlers
+
+from apfl_jax.config import config as config_lib  # noqa: E402
+from apfl_jax.core import sharding  # noqa: E402
+from apfl_jax.core.errors import UserError  # noqa: E402
+from apfl_jax.runner import train  # noqa: E402
 
 config_lib.define_flags()
 
@@ -23,7 +40,7 @@ _HELP_ARGS = ('--help', '-h', '-?', '--helpshort', '--helpfull')
 
 
 def _interrupt(signum, frame):
-  """SIGTERM ends the run as Ctrl-C does (the round loop turns it into one line)."""
+  """SIGTERM and SIGHUP end the run as Ctrl-C does (the round loop turns it into one line)."""
   del signum, frame
   raise KeyboardInterrupt
 
@@ -37,18 +54,32 @@ def _parse_flags(argv):
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    # absl passes on what is not a flag: a stray word, or a flagfile line without dashes.
+    sys.exit(
+      f'error: unexpected argument {argv[1]!r}: flags are written --name=value, on the '
+      'command line and in a --flagfile (see --help)'
+    )
   logging.set_verbosity(logging.WARNING)  # keeps orbax's per-save INFO lines out
-  signal.signal(signal.SIGTERM, _interrupt)
+  for stop in _STOP_SIGNALS:
+    signal.signal(stop, _interrupt)
   try:
     config = config_lib.from_flags(flags.FLAGS)
     if config.distributed:
-      sharding.maybe_initialize_distributed(auto_detect=True)
+      sharding.maybe_initialize_distributed(
+        auto_detect=True, timeout_s=config.distributed_timeout_s
+      )
     train.train_and_evaluate(config, config.workdir)
+  # fail_fast: sys.exit with the line; in a multi-process run, the line names the process
+  # that failed and the other processes are stopped.
   except UserError as e:
-    sys.exit(f'error: {e}')
+    sharding.fail_fast(str(e))
   except KeyboardInterrupt as e:
-    sys.exit(f'error: {e or "interrupted before the rounds started; rerun the same command"}')
+    sharding.fail_fast(str(e) or 'interrupted before the rounds started; rerun the same command')
+  except Exception as e:
+    if not sharding.in_job():
+      raise
+    sharding.fail_fast(f'{type(e).__name__}: {" ".join(str(e).split())[:300]}')
 
 
 if __name__ == '__main__':

@@ -18,6 +18,7 @@ from apfl_jax.algorithms import apfl as apfl_lib
 from apfl_jax.algorithms.generative import generator as generator_lib
 from apfl_jax.algorithms.generative import knowledge_transfer
 from apfl_jax.algorithms.local import LocalOnly
+from apfl_jax.asynchrony import simulator
 from apfl_jax.config.config import Config
 from apfl_jax.core import local_training
 from apfl_jax.data import client_data
@@ -86,6 +87,21 @@ def test_persistent_local_model_is_the_local_only_model(synthetic_federation):
     assert not np.allclose(
       row(alg.local_models(state), c)['head']['kernel'], state.server.params['head']['kernel']
     )
+
+
+def test_fedasync_proximal_term_pulls_the_update_not_the_local_model(synthetic_federation):
+  """--fedasync_rho wraps `client_optimizer`; theta_local trains with `personal_optimizer`."""
+  _, partition, data = synthetic_federation
+  alg = make_apfl(data, partition, global_teacher_weight=1.0)
+  proximal = simulator.with_proximal_client_optimizer(alg, 5.0)
+  plain_state = run_rounds(alg, data, [(0, 1, 2, 3)])
+  proximal_state = run_rounds(proximal, data, [(0, 1, 2, 3)])
+  assert_trees_close(proximal_state.clients.local_params, plain_state.clients.local_params)
+  moved = lambda s: np.abs(
+    np.asarray(s.server.params['head']['kernel'])
+    - alg.init(jax.random.key(0)).server.params['head']['kernel']
+  ).sum()
+  assert moved(proximal_state) < 0.9 * moved(plain_state)
 
 
 def test_persistent_local_model_survives_rounds_it_skips(synthetic_federation):

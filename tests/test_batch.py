@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from apfl_jax.config.config import Config
-from apfl_jax.core.errors import ConfigError, RunInterrupted
+from apfl_jax.core.errors import ConfigError, RunInterrupted, TrainingDivergedError
 from apfl_jax.data import datasets
 from apfl_jax.runner import batch, train
 
@@ -80,9 +80,9 @@ def assert_rows_close(batched, separate):
         assert b[key] == s[key], key
 
 
-def run_both(tmp_path, configs):
+def run_both(tmp_path, configs, side_by_side=None):
   batched = [str(tmp_path / 'batch' / str(k)) for k in range(len(configs))]
-  summaries = batch.train_and_evaluate_batch(configs, batched)
+  summaries = batch.train_and_evaluate_batch(configs, batched, side_by_side=side_by_side)
   assert all(isinstance(s, dict) for s in summaries)
   for k, config in enumerate(configs):
     separate = str(tmp_path / 'separate' / str(k))
@@ -92,28 +92,33 @@ def run_both(tmp_path, configs):
 
 
 @pytest.mark.slow
+def test_three_uneven_seeds_side_by_side_equal_three_runs(tmp_path, synthetic_data):
+  """vmap over experiments whose partitions differ in shape (padded index rows)."""
+  configs = [tiny_config(algorithm='fedavg', seed=seed) for seed in (0, 1, 2)]
+  run_both(tmp_path, configs, side_by_side=True)
+
+
+# IID partitions of equal shapes: the separate runs share their compilations (the suite's
+# persistent cache), so comparing with them stays cheap.
+@pytest.mark.slow
 @pytest.mark.parametrize(
   'changes',
-  [
-    {'algorithm': 'fedavg'},
-    {'algorithm': 'ditto'},
-    {'algorithm': 'fedrep'},
-    {'algorithm': 'apfl', **APFL_TINY},
-  ],
-  ids=['fedavg', 'ditto', 'fedrep', 'apfl'],
+  [{'algorithm': 'ditto'}, {'algorithm': 'fedrep'}, {'algorithm': 'apfl', **APFL_TINY}],
+  ids=['ditto', 'fedrep', 'apfl'],
 )
 def test_three_seeds_in_one_program_equal_three_runs(tmp_path, synthetic_data, changes):
-  run_both(tmp_path, [tiny_config(seed=seed, **changes) for seed in (0, 1, 2)])
+  configs = [tiny_config(seed=seed, partition='iid', **changes) for seed in (0, 1, 2)]
+  run_both(tmp_path, configs)
 
 
 @pytest.mark.slow
 def test_a_beta_sweep_shares_the_program_with_the_seeds(tmp_path, synthetic_data):
   configs = [
-    tiny_config(algorithm='apfl', seed=seed, apfl_beta=beta, **APFL_TINY)
+    tiny_config(algorithm='apfl', seed=seed, apfl_beta=beta, partition='iid', **APFL_TINY)
     for seed in (0, 1)
     for beta in (0.1, 0.6)
   ]
-  run_both(tmp_path, configs)
+  run_both(tmp_path, configs, side_by_side=True)
 
 
 def test_flags_that_change_the_program_are_refused_in_one_line():
@@ -121,6 +126,8 @@ def test_flags_that_change_the_program_are_refused_in_one_line():
     batch.check_batchable([tiny_config(), tiny_config(batch_size=4)])
   with pytest.raises(ConfigError, match='--server=fedbuff: the experiment axis runs sync'):
     batch.check_batchable([tiny_config(server='fedbuff')])
+  with pytest.raises(ConfigError, match='--learning_rate: experiments of one program must'):
+    batch.check_batchable([tiny_config(), tiny_config(learning_rate=0.1)])
   assert batch.check_batchable([tiny_config(seed=0), tiny_config(seed=3)]) == ('seed',)
 
 
@@ -169,3 +176,15 @@ def test_with_client_chunks_the_experiments_take_turns_and_equal_separate_runs(
 ):
   configs = [tiny_config(seed=seed, client_chunk_size=2, num_rounds=2) for seed in (0, 1)]
   run_both(tmp_path, configs)
+
+
+@pytest.mark.slow
+def test_a_diverging_experiment_is_reported_and_the_others_go_on(tmp_path, synthetic_data):
+  configs = [tiny_config(algorithm='fedprox', fedprox_mu=mu, num_rounds=2) for mu in (0.01, 1e38)]
+  workdirs = [str(tmp_path / 'ok'), str(tmp_path / 'diverged')]
+  summaries = batch.train_and_evaluate_batch(configs, workdirs)
+  assert isinstance(summaries[0], dict) and summaries[0]['final_personalized_acc'] > 0
+  assert isinstance(summaries[1], TrainingDivergedError)
+  assert 'NaN/Inf' in str(summaries[1])
+  assert [r['round'] for r in read_rows(workdirs[0])] == [1, 2]
+  assert not os.path.exists(os.path.join(workdirs[1], 'summary.json'))

@@ -54,7 +54,7 @@ def test_torch_model_matches_jax_parameter_count():
 
   benchmark = _load_benchmark()
   for config in (benchmark.PRESETS['small'][0], benchmark.PRESETS['pfl_cifar10'][0]):
-    model = benchmark._torch_setup(config, 'cpu')[1]
+    model = benchmark.torch_setup(config, 'cpu')[1]
     params = init_model_params(
       create_model('cnn', benchmark.NUM_CLASSES), jax.random.key(0), config.image_shape
     )

@@ -169,8 +169,8 @@ def test_async_buffer_trains_in_size_groups():
     data,
   )
   with jax.default_matmul_precision('highest'):
-    grouped, grouped_metrics = sim._step(*args, size_groups=True)
-    lockstep, lockstep_metrics = sim._step(*args, size_groups=False)
+    grouped, grouped_metrics = sim.device_step(*args, size_groups=True)
+    lockstep, lockstep_metrics = sim.device_step(*args, size_groups=False)
   np.testing.assert_allclose(grouped_metrics.loss, lockstep_metrics.loss, **_TOLERANCE)
   _assert_states_close(grouped.servers, lockstep.servers)
   # The largest client three times exceeds the bound of the third position.

@@ -124,6 +124,7 @@ def test_sweep_rows_failed_run_and_generated_samples(tmp_path, synthetic_data):
     '--generator_batch_size=8',
     '--apfl_synthetic_per_class=4',
     '--apfl_friend_batch_size=8',
+    '--apfl_unseen_control',
     '--seeds=0',
     '--sweep=batch_size:8,0',
     f'--out={out}',
@@ -136,7 +137,14 @@ def test_sweep_rows_failed_run_and_generated_samples(tmp_path, synthetic_data):
   summary = json.loads(
     (tmp_path / 'sweep' / 'runs' / 'apfl' / 'batch_size=8' / 'seed0' / 'summary.json').read_text()
   )
-  for metric in ('personalized_acc', 'dropout_personalized_acc', 'unseen_class_acc'):
+  for metric in (
+    'personalized_acc',
+    'dropout_personalized_acc',
+    'unseen_class_acc',
+    'unseen_class_seen_acc',
+    'unseen_class_balanced_acc',
+    'unseen_class_acc_onehot_control',
+  ):
     assert float(finished[f'final_{metric}_mean']) == pytest.approx(
       summary[f'final_{metric}'], abs=1e-6
     )
@@ -146,6 +154,7 @@ def test_sweep_rows_failed_run_and_generated_samples(tmp_path, synthetic_data):
   assert failed['final_personalized_acc_mean'] == 'n/a'
   markdown = (tmp_path / 'sweep' / 'results.md').read_text()
   assert 'seed 0 failed: --batch_size' in markdown and 'unseen classes (final)' in markdown
+  assert 'unseen classes, one-hot control (final)' in markdown
   assert os.path.getsize(os.path.join(out, 'generated_samples_batch_size=8.png')) > 0
   assert not os.path.exists(os.path.join(out, 'generated_samples_batch_size=0.png'))
 

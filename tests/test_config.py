@@ -14,7 +14,10 @@ from apfl_jax.core import options
 from apfl_jax.core.errors import ConfigError
 
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'experiments')
-FLAGFILES = sorted(glob.glob(os.path.join(EXPERIMENTS, '*.flags')))
+FLAGFILES = sorted(
+  glob.glob(os.path.join(EXPERIMENTS, '*.flags'))
+  + glob.glob(os.path.join(EXPERIMENTS, '*', '*.flags'))
+)
 
 
 @pytest.fixture
@@ -111,3 +114,17 @@ def test_help_groups_flags_by_component(parsed_flags):
     title = text.index(f'\n{component.TITLE}:\n')
     for field in options.own_fields(component):
       assert text.index(f'--{field.name} ', title) > title
+
+
+def test_old_flag_names_of_a_config_json_are_read_as_todays():
+  old = {'algorithm': 'apfl', 'beta': 0.01, 'friend_labels': 'all'}
+  assert config_lib.upgrade_config_values(old) == {
+    'algorithm': 'apfl',
+    'apfl_beta': 0.01,
+    'apfl_friend_labels': 'all',
+  }
+  assert config_lib.Config.from_dict(old).apfl_beta == 0.01
+  with pytest.raises(ConfigError, match='both beta and its new name apfl_beta'):
+    config_lib.upgrade_config_values({'beta': 0.1, 'apfl_beta': 0.2})
+  with pytest.raises(ConfigError, match='expected a JSON object'):
+    config_lib.upgrade_config_values([1, 2, 3])

@@ -40,7 +40,7 @@ def _fake_encoder(calls: list[list[str]]) -> embeddings.TextEncoder:
   def encode(sentences):
     calls.append(list(sentences))
     rng = np.random.default_rng(len(''.join(sentences)))
-    return embeddings._normalise(rng.normal(size=(len(sentences), 8)))
+    return embeddings.normalise(rng.normal(size=(len(sentences), 8)))
 
   return encode
 

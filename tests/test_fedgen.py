@@ -1,7 +1,7 @@
 """Tests of apfl_jax.algorithms.fedgen."""
 
 from apfl_fixtures import make_fedgen, schedule_for
-from conftest import TinyModel, run_two_rounds_compiling_once
+from conftest import TinyModel, assert_trees_close, run_two_rounds_compiling_once
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +9,9 @@ import optax
 
 from apfl_jax.algorithms import create_algorithm
 from apfl_jax.algorithms.fedavg import FedAvg
+from apfl_jax.algorithms.generative import knowledge_transfer
 from apfl_jax.config.config import Config
+from apfl_jax.core import local_training
 
 
 def test_alpha_zero_trains_clients_exactly_like_fedavg(synthetic_federation):
@@ -70,3 +72,63 @@ def test_official_setting_from_the_config_counts_rounds_and_compiles_once(synthe
   ]
   assert [int(c) for c in counts] == [2 * 3] * len(counts)
   assert bool(np.all(metrics.finite))
+
+
+def test_latent_target_of_a_one_label_batch_depends_on_the_label(synthetic_federation):
+  """The KL target softmax(head(G(z, y))) of a real batch whose labels are all equal: with
+  G's BatchNorm on the batch's own statistics the label's embedding was subtracted away
+  (the same target for every label); a reference batch keeps it (the official code's
+  eval mode). The loss difference between labels a and b is CE's plus beta_t KL's."""
+  _, partition, data = synthetic_federation
+  fedgen = make_fedgen(data, partition, regularizer='fedgen', beta=1.0)
+  server = fedgen.init(jax.random.key(0)).server.replace(
+    round=jnp.asarray(1, jnp.int32), seen_counts=jnp.ones(4)
+  )
+  images = data.normalize(data.train_images[:6])
+  loss = jax.jit(fedgen.client_loss(server))
+  model = fedgen.model
+
+  def kl_part(label):
+    labels = jnp.full((6,), label, jnp.int32)
+    ce = local_training.masked_cross_entropy(
+      model.apply({'params': server.params}, images), labels, jnp.ones(6)
+    )
+    # The teacher term does not depend on the real labels' values.
+    return loss(server.params, images, labels, jnp.ones(6), jax.random.key(5)) - ce
+
+  assert abs(float(kl_part(0) - kl_part(3))) > 1e-4
+
+
+def test_label_count_prior_smooths_the_client_teacher_weights():
+  """FedGen's code starts each client's label counts at 1: w_{k,y} = (n_{k,y} + 1) /
+  sum_j (n_{j,y} + 1) for a label some client holds; others keep the global model's row."""
+  counts = jnp.array([[3.0, 0.0, 0.0], [1.0, 2.0, 0.0]])
+  seen = jnp.array([4.0, 2.0, 5.0])
+  weights = knowledge_transfer.memory_teacher_weights(counts, seen, 0.0, label_count_prior=1.0)
+  expected = np.array([[4 / 6, 1 / 4, 0.0], [2 / 6, 3 / 4, 0.0], [0.0, 0.0, 1.0]])
+  np.testing.assert_allclose(weights, expected, rtol=1e-6)
+
+
+def test_client_lr_decay_scales_the_learning_rate_of_round_t(synthetic_federation):
+  """--fedgen_client_lr_decay=d: a client starting in round t trains at lr d^max(t-1, 0)."""
+  _, partition, data = synthetic_federation
+  decayed = make_fedgen(data, partition, alpha=0.0)
+  decayed.client_lr_decay = 0.5
+  reference = make_fedgen(data, partition, alpha=0.0)
+  reference.client_optimizer = optax.sgd(0.1 * 0.25)
+  server = decayed.init(jax.random.key(0)).server.replace(round=jnp.asarray(3, jnp.int32))
+  update = lambda alg: jax.jit(alg.client_update)(
+    server, (), data.train_index[1], data.train_count[1], jax.random.key(1), data
+  )[1]
+  assert_trees_close(update(decayed).update['delta'], update(reference).update['delta'])
+  config = Config(
+    algorithm='fedgen',
+    num_clients=4,
+    fedgen_client_lr_decay=0.99,
+    fedgen_teacher_ce='official',
+    fedgen_label_count_prior=1.0,
+  )
+  dataset, _, _ = synthetic_federation
+  built = create_algorithm(config, TinyModel(), dataset, partition, schedule_for(data))
+  assert built.client_lr_decay == 0.99
+  assert (built.setup.ce_weighting, built.setup.label_count_prior) == ('official', 1.0)

@@ -19,11 +19,13 @@ from apfl_jax.algorithms.apfl import APFL, FriendSetup
 from apfl_jax.algorithms.apfl_deng import APFLDeng
 from apfl_jax.algorithms.ditto import Ditto
 from apfl_jax.algorithms.fedavg import FedAvg
+from apfl_jax.algorithms.fedavg_ft import FedAvgFT
 from apfl_jax.algorithms.fedgen import FedGen, generator_optimizer
 from apfl_jax.algorithms.fedprox import FedProx
 from apfl_jax.algorithms.fedrep import FedRep
 from apfl_jax.algorithms.generative import generator as generator_lib
 from apfl_jax.algorithms.generative import knowledge_transfer
+from apfl_jax.algorithms.local import LocalOnly
 from apfl_jax.asynchrony import simulator
 from apfl_jax.config.config import Config
 from apfl_jax.core import local_training
@@ -62,11 +64,11 @@ def highest_precision():
     yield
 
 
-def tiny_data():
-  """(FederatedData, per-client float64 inputs, per-client labels)."""
-  rng = np.random.default_rng(0)
+def tiny_data(shape=(2, 2, 1), seed=0):
+  """(FederatedData, per-client float64 inputs, per-client labels) of `shape` images."""
+  rng = np.random.default_rng(seed)
   n = sum(COUNTS)
-  images = rng.integers(0, 256, size=(n, 2, 2, 1)).astype(np.uint8)
+  images = rng.integers(0, 256, size=(n, *shape)).astype(np.uint8)
   labels = np.array([0, 1, 2, 2, 0, 1, 1, 2, 0], np.int32)
   index = np.zeros((len(COUNTS), max(COUNTS)), np.int32)
   starts = np.cumsum((0,) + COUNTS)
@@ -254,6 +256,48 @@ def test_apfl_deng_alpha_update():
   assert_close(new_state.server.params, weighted(globals_, np.array(COUNTS) / sum(COUNTS)))
 
 
+def test_local_trains_each_client_alone_across_rounds():
+  """Local: v_k <- 2 SGD steps on k's data per round it joins, nothing shared (round 1:
+  clients 0, 1, 2; round 2: clients 0, 2)."""
+  data, xs, ys = tiny_data()
+  alg = LocalOnly(LinearModel(), (2, 2, 1), schedule(), optax.sgd(LR), 3)
+  run_round = jax.jit(alg.run_round)
+  state = alg.init(jax.random.key(0))
+  v0 = [to_numpy(jax.tree.map(lambda a, c=c: a[c], state.clients.params)) for c in range(3)]
+  state, _ = run_round(state, jnp.arange(3, dtype=jnp.int32), jax.random.key(1), data)
+  state, _ = run_round(state, jnp.array([0, 2], jnp.int32), jax.random.key(2), data)
+  personalized = alg.personalized_params(state, data)
+  for c, rounds in enumerate((2, 1, 2)):
+    expected = local_sgd(v0[c], lambda p, c=c: ce_grad(p, xs[c], ys[c]), steps=2 * rounds)
+    assert_close(jax.tree.map(lambda a, c=c: a[c], personalized), expected)
+
+
+def test_fedavg_ft_fine_tunes_the_global_model_on_each_client():
+  """FedAvg+FT: training is FedAvg's; client k's personalized model is w (the new global
+  model) after 2 SGD steps on k's data; dropout client 1 keeps w (it does not fine-tune)."""
+  data, xs, ys = tiny_data()
+  alg = FedAvgFT(
+    LinearModel(),
+    (2, 2, 1),
+    schedule(),
+    optax.sgd(LR),
+    optax.sgd(1.0),
+    schedule(),
+    seed=0,
+    dropout_clients=(1,),
+    num_clients=3,
+  )
+  state, new_state = one_round(alg, data)
+  w0 = to_numpy(state.server.params)
+  trained = [local_sgd(w0, lambda p, c=c: ce_grad(p, xs[c], ys[c])) for c in range(3)]
+  w1 = weighted(trained, np.array(COUNTS) / sum(COUNTS))
+  assert_close(new_state.server.params, w1)
+  personalized = alg.personalized_params(new_state, data)
+  for c in range(3):
+    expected = w1 if c == 1 else local_sgd(w1, lambda p, c=c: ce_grad(p, xs[c], ys[c]))
+    assert_close(jax.tree.map(lambda a, c=c: a[c], personalized), expected)
+
+
 # ---------------------------------------------------------------- AP-FL
 
 
@@ -315,7 +359,7 @@ def test_apfl_persistent_local_models_friends_and_interpolation():
 
   personalized = alg.personalized_params(state, data)
   server = state.server
-  keys = alg._friend_keys(server)
+  keys = alg.friend_keys(server)
   memory = jnp.log(knowledge_transfer.memory_label_probs(server.seen_counts))
   for c in range(3):
     theta = local[c]
@@ -367,11 +411,15 @@ class CapturingGenerator(nn.Module):
     return noise @ a + jax.nn.one_hot(labels, NUM_CLASSES) @ b
 
 
-@pytest.mark.parametrize('pairs', ['all', 'same_label'])
-def test_fedgen_generator_loss_with_diversity_term(pairs):
+@pytest.mark.parametrize(
+  'pairs,weighting', [('all', 'per_sample'), ('same_label', 'per_sample'), ('all', 'official')]
+)
+def test_fedgen_generator_loss_with_diversity_term(pairs, weighting):
   """L_G = lambda (1/B) sum_i sum_k w_{k,y_i} CE(f_k(G_i), y_i)
   + (1 - lambda) exp(-mean_{(i,j) in P} mean_d (z_i - z_j)^2 mean_d |G_i - G_j|),
-  w_{k,y} = n_{k,y} / sum_j n_{j,y}; P: every pair, or the pairs with y_i = y_j."""
+  w_{k,y} = n_{k,y} / sum_j n_{j,y}; P: every pair, or the pairs with y_i = y_j.
+  official (FedGen's code, torch.mean(nll[B] * weight[B, 1]) broadcast to [B, B]): the CE
+  term is sum_k mean_i(w_{k,y_i}) mean_i(CE_{k,i})."""
   gen = CapturingGenerator(noise_dim=2)
   state = generator_lib.init_generator(gen, optax.sgd(0.1), jax.random.key(0))
   jax.effects_barrier()
@@ -396,6 +444,7 @@ def test_fedgen_generator_loss_with_diversity_term(pairs):
     noise_dim=2,
     noise_distribution='uniform',
     diversity_pairs=pairs,
+    ce_weighting=weighting,
   )
   jax.effects_barrier()
   z, y = CAPTURED[0]
@@ -411,7 +460,11 @@ def test_fedgen_generator_loss_with_diversity_term(pairs):
         + np.asarray(teachers['bias'][k], np.float64)
       )
     )
-    ce += np.mean(weights[k, y] * -log_p[np.arange(5), y])
+    nll = -log_p[np.arange(5), y]
+    if weighting == 'official':
+      ce += np.mean(nll[None, :] * weights[k, y][:, None])  # torch: nll[B] * weight[B, 1]
+    else:
+      ce += np.mean(weights[k, y] * nll)
   d_z = np.mean((z[:, None] - z[None]) ** 2, -1)
   d_g = np.mean(np.abs(g[:, None] - g[None]), -1)
   same = (y[:, None] == y[None]) if pairs == 'same_label' else np.ones((5, 5), bool)
@@ -466,7 +519,7 @@ def test_fedgen_client_regularizer_at_round_t(regularizer, round_index):
   sampled = np.asarray(
     jax.random.categorical(label_key, jnp.log(jnp.array([1.0, 1.0, 0.0])), shape=(4,))
   )
-  generate = lambda k, labels: np.asarray(
+  generate = lambda k, labels, reference=None: np.asarray(
     generator_lib.generate(
       alg.setup.generator,
       server.generator.params,
@@ -474,10 +527,16 @@ def test_fedgen_client_regularizer_at_round_t(regularizer, round_index):
       jnp.asarray(labels),
       alg.setup.noise_dim,
       alg.setup.noise_distribution,
+      reference_labels=reference,
     ),
     np.float64,
   )
-  fake, same_label = generate(noise_key, sampled), generate(jax.random.fold_in(key, 2), y)
+  # The KL target's BatchNorm statistics come from a reference batch drawn from the memory.
+  reference = jax.random.categorical(
+    jax.random.fold_in(key, 3), jnp.log(jnp.array([1.0, 1.0, 0.0])), shape=(4,)
+  )
+  fake = generate(noise_key, sampled)
+  same_label = generate(jax.random.fold_in(key, 2), y, reference)
   p = to_numpy(server.params)
   head = lambda h: h @ p['head']['kernel'] + p['head']['bias']
   q = softmax(logits_of(p, x))

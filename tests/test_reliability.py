@@ -1,20 +1,25 @@
 """The README's reliability promise, tried as a user would: bad inputs and injected faults.
 
-Bad inputs (at least 40): each must end with a non-zero exit, at most 2 lines on stderr,
-no traceback, and the flag or file named. Most are checked in-process against the
-validation that main.py runs (`Config.validate`, `preflight`, `load_dataset`); a
-representative subset (one of each kind: flag, data size, data dir, flag parsing, missing
-data set) runs the real `python experiments/main.py`, all at once.
+Bad inputs (at least 90; 152 here): each must end with a non-zero exit, one line (at most 2
+for the absl-parsed mains) on stderr, no traceback, and the flag or file named, before any
+work. Most are checked in-process against what main.py and the study scripts run
+(`Config.validate`, `preflight`, `load_dataset`, `train_and_evaluate` on a bad workdir,
+`read_metrics`, `compare.main`, `benchmark.main`); a representative subset runs the real
+`python experiments/main.py`, all at once; the command lines of beta_sweep.py,
+generator_study.py and plot_async.py run through their main() in one process per script.
 
-Faults (at least 8): each must end in a resumed run whose metrics equal the uninterrupted
-run's (all but `elapsed_s`), or in a one-line error that loses nothing a checkpoint held.
-They run main.py on a tiny Fashion-MNIST stand-in (10 classes, 120 training images, in a
-data dir that holds a prepared tfds folder stub and the decoded-array cache, so nothing is
-decoded), 3 clients, 4 rounds of 2 local steps, with a shared persistent jax compilation
-cache so that only the first subprocess compiles.
+Faults (at least 25; 41 here): each must end in a resumed run whose metrics equal the
+uninterrupted run's (all but `elapsed_s`), or in a one-line error that loses nothing a
+checkpoint held. They run main.py on a tiny Fashion-MNIST stand-in (10 classes, 120
+training images, in a data dir that holds a prepared tfds folder stub and the
+decoded-array cache, so nothing is decoded), 3 clients, 4 rounds of 2 local steps, with a
+shared persistent jax compilation cache so that only the first subprocess compiles. The
+real full disk mounts a tmpfs (root only; skipped where mounting is not allowed).
 """
 
 from concurrent import futures
+import importlib.util
+import json
 import math
 import os
 import shutil
@@ -27,15 +32,16 @@ import types
 from conftest import make_synthetic_dataset
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from test_train import read_rows
 
 from apfl_jax import models
 from apfl_jax.config import preflight
 from apfl_jax.config.config import Config
-from apfl_jax.core.errors import ConfigError, TrainingDivergedError, UserError
+from apfl_jax.core.errors import ConfigError, RunInterrupted, TrainingDivergedError, UserError
 from apfl_jax.data import datasets
-from apfl_jax.runner import drivers, train
+from apfl_jax.runner import checkpoints, drivers, run_folder, train
 from apfl_jax.runner import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -277,6 +283,14 @@ MAIN_CASES = [
   ('data_dir', ('--data_dir=/nonexistent/apfl_data',), ('--data_dir',)),
   ('unknown_flag', ('--num_clientz=3',), ('num_clientz', '--help')),
   ('cifar10_offline', ('--dataset=cifar10',), ('cifar10', 'pip install tensorflow')),
+  # absl passes what is not a flag on as an argument: refused, not ignored.
+  ('flagfile_line_without_dashes', ('--flagfile=bad_line.flags',), ('num_clients=0', '--name')),
+  ('stray_argument', ('stray',), ("'stray'", '--name=value')),
+  (
+    'distributed_without_coordinator',
+    ('--distributed',),
+    ('--distributed', 'JAX_COORDINATOR_ADDRESS'),
+  ),
 ]
 HELP_CASES = [('help', ('--help',), ())]
 
@@ -289,6 +303,7 @@ def main_results(env):
     name, args, _ = case
     return name, run(env, *args, f'--workdir={env.root}/bad/{name}/run', timeout=300)
 
+  (env.root / 'bad_line.flags').write_text('--num_rounds=2\nnum_clients=0\n')
   cases = MAIN_CASES + HELP_CASES
   with futures.ThreadPoolExecutor(len(cases)) as pool:
     return dict(pool.map(one, cases))
@@ -345,9 +360,9 @@ def test_second_live_run_refused_then_kill_9_mid_round_then_resume(env, referenc
 
 
 @pytest.mark.slow
-def test_sigint_and_sigterm_end_in_one_line_and_the_run_resumes(env, reference):
+def test_sigint_sigterm_and_sighup_end_in_one_line_and_the_run_resumes(env, reference):
   workdir = env.root / 'interrupted'
-  for sig in (signal.SIGINT, signal.SIGTERM):
+  for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
     # A checkpoint this process writes: on a loaded machine the first run can save round 2
     # before SIGINT lands, and a signal sent before main() installs its handler kills the
     # process silently.
@@ -487,3 +502,715 @@ def test_stale_lock_of_a_dead_process_is_taken_and_a_live_one_refused(tmp_path):
     workdir_lib.lock_workdir(str(tmp_path))  # flock: a second open file conflicts, same process
   lock.close()
   workdir_lib.lock_workdir(str(tmp_path)).close()  # released with its file
+
+
+# ------------------------------------------------------------- checkpoints: checksums
+
+
+def tiny_manager(folder):
+  return ocp.CheckpointManager(os.path.abspath(folder))
+
+
+def save_tiny(folder, step, tree, host, args=None):
+  with tiny_manager(folder) as manager:
+    manager.save(step, args=args or checkpoints.save_args(tree, host))
+    manager.wait_until_finished()
+
+
+TINY_TREE = {'w': np.arange(4096, dtype=np.float32).reshape(64, 64), 'b': np.ones(64, np.int32)}
+
+
+@pytest.mark.parametrize('damage', ['flip_one_bit', 'xor_64_bytes', 'host_changed'])
+def test_checksum_catches_what_a_read_does_not(tmp_path, damage):
+  save_tiny(tmp_path, 1, TINY_TREE, {'clock': [1.5, 2]})
+  if damage == 'host_changed':
+    (tmp_path / '1' / 'host' / 'metadata').write_text('{"clock": [1.5, 3]}')
+  else:
+    victim = largest_file(tmp_path / '1' / 'state')
+    raw = bytearray(open(victim, 'rb').read())
+    middle = len(raw) // 2
+    for i in range(1 if damage == 'flip_one_bit' else 64):
+      raw[middle + i] ^= 0x01 if damage == 'flip_one_bit' else 0xFF
+    open(victim, 'wb').write(bytes(raw))
+  with tiny_manager(tmp_path) as manager:
+    with pytest.raises(Exception) as error:  # noqa: PT011 -- any read error, checked below
+      checkpoints.restore_step(manager, 1, TINY_TREE)
+  assert checkpoints.is_read_error(error.value)
+
+
+def test_checkpoint_without_a_checksum_still_restores(tmp_path):
+  # As checkpoints saved before the checksum: items state and host only.
+  old = ocp.args.Composite(
+    **{
+      checkpoints.STATE: ocp.args.StandardSave(TINY_TREE),
+      checkpoints.HOST: ocp.args.JsonSave({'clock': [1]}),
+    }
+  )
+  save_tiny(tmp_path, 3, None, None, args=old)
+  assert not (tmp_path / '3' / checkpoints.CHECKSUM).exists()
+  with tiny_manager(tmp_path) as manager:
+    tree, host = checkpoints.restore_step(manager, 3, TINY_TREE)
+  np.testing.assert_array_equal(tree['w'], TINY_TREE['w'])
+  assert host == {'clock': [1]}
+
+
+class FakeDriver:
+  """A driver whose state is its device pytree (split/join do nothing)."""
+
+  def split(self, tree):
+    return tree, {}
+
+  def join(self, device_tree, host):
+    return device_tree
+
+
+# (the error restore_step raises, whether it is the checkpoint's fault)
+RESTORE_FAILURES = [
+  (AttributeError("'Foo' object has no attribute 'bar'"), False),
+  (TypeError('unsupported operand'), False),
+  (NameError("name 'x' is not defined"), False),
+  (ValueError('DATA_LOSS: Error reading ...'), True),
+  (Exception('Encountered error while reading array index'), True),
+  (checkpoints.ChecksumMismatch('the state differs from its checksum'), True),
+  (FileNotFoundError(2, 'No such file or directory'), True),
+]
+
+
+@pytest.mark.parametrize(
+  'failure,damaged', RESTORE_FAILURES, ids=[type(f).__name__ for f, _ in RESTORE_FAILURES]
+)
+def test_only_read_failures_move_a_checkpoint_aside(tmp_path, monkeypatch, failure, damaged):
+  save_tiny(tmp_path / 'checkpoints', 1, TINY_TREE, {})
+  save_tiny(tmp_path / 'checkpoints', 2, TINY_TREE, {})
+
+  def restore(manager, step, template):
+    if step == 2:
+      raise failure
+    return TINY_TREE, {}
+
+  monkeypatch.setattr(checkpoints, 'restore_step', restore)
+  with tiny_manager(tmp_path / 'checkpoints') as manager:
+    if damaged:
+      _, step = checkpoints.restore_newest_good(manager, FakeDriver(), TINY_TREE, str(tmp_path))
+      assert step == 1 and len(os.listdir(tmp_path / 'corrupt_checkpoints')) == 1
+    else:
+      with pytest.raises(type(failure)):
+        checkpoints.restore_newest_good(manager, FakeDriver(), TINY_TREE, str(tmp_path))
+      assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1', '2']  # nothing moved
+      assert not (tmp_path / 'corrupt_checkpoints').exists()
+
+
+@pytest.mark.parametrize(
+  'failure,one_line',
+  [
+    (
+      ValueError(
+        'RESOURCE_EXHAUSTED: Error writing "x" in OCDBT database: Failed to write 1129798 '
+        "bytes to file 8: No space left on device [os_error_code='28']"
+      ),
+      'No space left on device',
+    ),
+    (PermissionError(13, 'Permission denied'), 'Permission denied'),
+  ],
+)
+def test_failed_checkpoint_write_is_one_line(tmp_path, failure, one_line):
+  with pytest.raises(ConfigError, match=f'--workdir: cannot write a checkpoint .*{one_line}'):
+    with checkpoints.write_errors(str(tmp_path)):
+      raise failure
+  with pytest.raises(KeyError):  # not a write failure: unchanged
+    with checkpoints.write_errors(str(tmp_path)):
+      raise KeyError('x')
+
+
+# ------------------------------------------------------------- workdir bad inputs
+
+
+def valid_config_values(**changes):
+  return json.loads(Config(**changes).to_json())
+
+
+def fake_checkpoint(workdir, step=2):
+  (workdir / 'checkpoints' / str(step)).mkdir(parents=True)
+
+
+def write(path, content):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  if isinstance(content, bytes):
+    path.write_bytes(content)
+  else:
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+
+
+def config_json(content, checkpoint=True):
+  def setup(workdir):
+    write(workdir / 'config.json', content)
+    if checkpoint:
+      fake_checkpoint(workdir)
+
+  return setup
+
+
+def without(key):
+  values = valid_config_values(dataset='mnist')
+  del values[key]
+  return values
+
+
+def entry(name, kind):
+  def setup(workdir):
+    config_json(valid_config_values(dataset='mnist'), checkpoint=False)(workdir)
+    path = workdir / name
+    if kind == 'file':
+      write(path, 'x')
+    else:
+      path.mkdir(parents=True)
+
+  return setup
+
+
+# (name, what the workdir holds, the config of the rerun's changes, names in the message).
+WORKDIR_CASES = [
+  ('config_empty_object', config_json({}), {}, ('config.json', 'lacks algorithm')),
+  ('config_list', config_json([1, 2, 3]), {}, ('config.json', 'JSON list')),
+  ('config_number', config_json(3), {}, ('config.json', 'JSON int')),
+  ('config_null', config_json('null'), {}, ('config.json', 'JSON NoneType')),
+  ('config_truncated', config_json('{"algorithm": "fed'), {}, ('config.json', 'not JSON')),
+  ('config_empty', config_json(''), {}, ('config.json', 'empty')),
+  ('config_binary', config_json(bytes(range(256))), {}, ('config.json', 'not JSON')),
+  ('config_without_algorithm', config_json(without('algorithm')), {}, ('config.json', 'lacks')),
+  ('config_without_dataset', config_json(without('dataset')), {}, ('config.json', 'dataset')),
+  ('config_damaged_no_checkpoint', config_json('{', checkpoint=False), {}, ('config.json',)),
+  ('checkpoints_without_config', fake_checkpoint, {}, ('--workdir', 'no config.json')),
+  (
+    'finished_run_whose_checkpoints_were_deleted',
+    lambda w: [
+      config_json(valid_config_values(dataset='mnist'), checkpoint=False)(w),
+      write(w / 'summary.json', {}),
+    ],
+    {'algorithm': 'fedprox'},
+    ('--algorithm=fedavg', '--algorithm=fedprox'),
+  ),
+  (
+    'other_algorithm',
+    config_json(valid_config_values(dataset='mnist')),
+    {'algorithm': 'fedprox'},
+    ('--algorithm=fedavg', '--algorithm=fedprox'),
+  ),
+  (
+    'num_rounds_below_the_newest_checkpoint',
+    config_json(valid_config_values(dataset='mnist', num_rounds=4)),
+    {'num_rounds': 1},
+    ('--num_rounds=1', 'round 2'),
+  ),
+  ('checkpoints_is_a_file', entry('checkpoints', 'file'), {}, ('--workdir', 'checkpoints')),
+  ('tensorboard_is_a_file', entry('tensorboard', 'file'), {}, ('--workdir', 'tensorboard')),
+  ('corrupt_is_a_file', entry('corrupt_checkpoints', 'file'), {}, ('corrupt_checkpoints',)),
+  ('run_lock_is_a_folder', entry('run.lock', 'folder'), {}, ('--workdir', 'run.lock')),
+  ('metrics_is_a_folder', entry('metrics.jsonl', 'folder'), {}, ('--workdir', 'metrics.jsonl')),
+  ('summary_is_a_folder', entry('summary.json', 'folder'), {}, ('--workdir', 'summary.json')),
+  ('partition_is_a_folder', entry('partition.json', 'folder'), {}, ('partition.json',)),
+  ('workdir_is_a_file', lambda w: write(w, 'x'), {}, ('--workdir', 'is a file')),
+  ('workdir_under_a_file', lambda w: write(w.parent, 'x'), {}, ('--workdir', 'Not a directory')),
+]
+
+
+@pytest.mark.parametrize(
+  'name,setup,changes,names', WORKDIR_CASES, ids=[c[0] for c in WORKDIR_CASES]
+)
+def test_workdir_that_cannot_be_a_run_is_one_line_and_untouched(
+  tmp_path, name, setup, changes, names
+):
+  workdir = tmp_path / 'parent' / 'run'
+  setup(workdir)
+  before = sorted(str(p) for p in tmp_path.rglob('*'))
+  with pytest.raises(ConfigError) as error:
+    train.train_and_evaluate(Config(dataset='mnist', **changes), str(workdir))
+  message = str(error.value)
+  assert '\n' not in message
+  for expected in names:
+    assert expected in message, message
+  assert sorted(str(p) for p in tmp_path.rglob('*')) == before  # nothing made or removed
+
+
+# ------------------------------------------------------------- metrics.jsonl bad inputs
+
+GOOD_ROWS = '{"round": 1, "personalized_acc": 0.5}\n{"round": 2, "personalized_acc": 0.6}\n'
+METRICS_CASES = [
+  ('binary_garbage', os.urandom(64).replace(b'\n', b'x') + b'\n' + GOOD_ROWS.encode(), 1),
+  ('binary_only_line', b'\x00\xff\xfe' + os.urandom(61).replace(b'\n', b'x'), 1),
+  ('binary_last_line', GOOD_ROWS.encode() + b'\x89PNG\r\x1a\x00', 3),
+  ('row_without_round', '{"personalized_acc": 0.5}\n' + GOOD_ROWS, 1),
+  ('bare_number', '3\n' + GOOD_ROWS, 1),
+  ('list_row', GOOD_ROWS + '[1, 2]\n', 3),
+  ('null_row', 'null\n' + GOOD_ROWS, 1),
+  ('round_as_text', '{"round": "1"}\n' + GOOD_ROWS, 1),
+  ('text_garbage_in_the_middle', '{"round": 1}\nhello\n{"round": 3}\n', 2),
+]
+
+
+@pytest.mark.parametrize('name,content,line', METRICS_CASES, ids=[c[0] for c in METRICS_CASES])
+def test_unreadable_metrics_line_is_one_line_naming_file_and_line(tmp_path, name, content, line):
+  write(tmp_path / 'metrics.jsonl', content)
+  with pytest.raises(ConfigError, match=f'line {line} of .*metrics.jsonl') as error:
+    run_folder.read_metrics(str(tmp_path), 2)
+  assert '\n' not in str(error.value)
+
+
+def test_torn_last_metrics_line_is_dropped_also_inside_a_character(tmp_path):
+  write(tmp_path / 'metrics.jsonl', GOOD_ROWS.encode() + '{"round": 3, "x": "é'.encode()[:-1])
+  assert [r['round'] for r in run_folder.read_metrics(str(tmp_path))] == [1, 2]
+
+
+# ------------------------------------------------------------- failures before round 1
+
+
+def test_out_of_memory_placing_the_data_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+  def place(config):
+    raise MemoryError('std::bad_alloc')
+
+  monkeypatch.setattr(train, 'build_experiment', place)
+  with pytest.raises(ConfigError, match='--dataset=mnist: out of memory while placing') as e:
+    train.train_and_evaluate(Config(dataset='mnist', verbose=False), str(tmp_path / 'runs' / 'a'))
+  assert '\n' not in str(e.value)
+  assert not (tmp_path / 'runs').exists()
+
+
+@pytest.mark.parametrize('num_rounds', [1, 3])
+def test_interrupt_names_the_round_that_was_running(tmp_path, monkeypatch, num_rounds):
+  dataset = make_synthetic_dataset(num_classes=4, per_class=20, shape=(28, 28, 1))
+  monkeypatch.setattr(datasets, 'load_dataset', lambda name, data_dir=None: dataset)
+
+  def interrupted(*args):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(drivers.SyncRounds, 'step', interrupted)
+  config = Config(
+    dataset='mnist', num_clients=4, min_samples_per_client=5, batch_size=8, verbose=False
+  )
+  with pytest.raises(RunInterrupted, match=f'interrupted in round 1/{num_rounds}: nothing'):
+    train.train_and_evaluate(config.replace(num_rounds=num_rounds), str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+
+
+# ------------------------------------------------------------- faults through main.py
+
+
+def wait_for_metrics(workdir, process, timeout=120):
+  """Waits until round 1's metrics row is written (the run has started, not checkpointed)."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  deadline = time.time() + timeout
+  while not (os.path.exists(path) and os.path.getsize(path) > 0):
+    assert process.poll() is None, process.stderr.read()
+    assert time.time() < deadline, f'no metrics row in {timeout} s'
+    time.sleep(0.02)
+
+
+def damage_middle(path, count):
+  """Flips the lowest bit of one byte (count=1), or XORs `count` bytes, mid-file."""
+  raw = bytearray(open(path, 'rb').read())
+  middle = len(raw) // 2
+  for i in range(count):
+    raw[middle + i] ^= 0x01 if count == 1 else 0xFF
+  open(path, 'wb').write(bytes(raw))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('count', [1, 64], ids=['flip_one_bit', 'xor_64_bytes'])
+def test_damaged_checkpoint_bytes_fall_back_to_the_previous_one(env, reference, count):
+  # Such damage still reads back: only the checksum saved with the checkpoint catches it.
+  workdir = copy_of_reference(env, reference, f'damaged_{count}', ROUNDS)
+  damage_middle(largest_file(workdir / 'checkpoints' / str(ROUNDS) / 'state'), count)
+  resumed = run(env, *SMALL_RUN, f'--workdir={workdir}')
+  assert resumed.returncode == 0, resumed.stderr
+  lines = resumed.stderr.strip().splitlines()
+  assert len(lines) == 1 and f'checkpoint of round {ROUNDS} does not restore' in lines[0]
+  assert read_rows(workdir) == reference.rows
+  assert len(os.listdir(workdir / 'corrupt_checkpoints')) == 1
+
+
+@pytest.mark.slow
+def test_kill_before_the_first_checkpoint_allows_a_retry_with_other_flags(env, reference):
+  workdir = env.root / 'killed_start'
+  # A mistaken start (another learning rate) that checkpoints only at round 1000.
+  mistaken = ('--learning_rate=0.04', '--checkpoint_every=1000', '--num_rounds=10000')
+  process = start(env, *SMALL_RUN, f'--workdir={workdir}', *mistaken)
+  wait_for_metrics(workdir, process)
+  process.send_signal(signal.SIGHUP)  # a closed terminal: as SIGTERM, one line
+  _, stderr = process.communicate(timeout=60)
+  assert_one_line_error(process.returncode, stderr, 'interrupted in round', 'nothing was')
+  assert not workdir.exists()  # the failed start removed what it made
+  process = start(env, *SMALL_RUN, f'--workdir={workdir}', *mistaken)
+  wait_for_metrics(workdir, process)
+  process.kill()  # no handler runs: config.json, metrics.jsonl, tensorboard/ stay
+  process.wait()
+  assert (workdir / 'config.json').exists() and not workdir_lib.has_checkpoint(str(workdir))
+  retried = run(env, *SMALL_RUN, f'--workdir={workdir}')
+  assert retried.returncode == 0, retried.stderr
+  assert read_rows(workdir) == reference.rows
+  assert len(os.listdir(workdir / 'tensorboard')) == 1  # the killed start's events went
+
+
+@pytest.mark.slow
+def test_sighup_before_the_run_starts_is_one_line(env):
+  process = start(env, *SMALL_RUN, f'--workdir={env.root}/early_hup')
+  time.sleep(0.3)  # importing jax and the project: no handler of main() yet
+  process.send_signal(signal.SIGHUP)
+  _, stderr = process.communicate(timeout=60)
+  assert_one_line_error(process.returncode, stderr, 'SIGHUP')
+  assert not (env.root / 'early_hup').exists()
+
+
+@pytest.mark.slow
+def test_workdir_removed_mid_run_or_holding_a_file_for_a_folder_is_one_line(env):
+  workdir = env.root / 'removed'
+  process = start(env, *SMALL_RUN, f'--workdir={workdir}', '--num_rounds=10000')
+  wait_for_checkpoint(workdir, 1, process)
+  while workdir.exists():
+    shutil.rmtree(workdir, ignore_errors=True)
+  _, stderr = process.communicate(timeout=60)
+  assert_one_line_error(process.returncode, stderr, '--workdir')
+  workdir.mkdir()
+  (workdir / 'checkpoints').write_text('')  # orbax would fail on it, then hang at exit
+  result = run(env, *SMALL_RUN, f'--workdir={workdir}', timeout=60)
+  assert_one_line_error(result.returncode, result.stderr, '--workdir', 'checkpoints')
+
+
+@pytest.mark.slow
+def test_closed_or_full_stdout_does_not_stop_the_run(env, reference):
+  verbose = [arg for arg in SMALL_RUN if arg != '--noverbose']
+  closed = env.root / 'stdout_closed'
+  piped = subprocess.Popen(
+    command(env, *verbose, f'--workdir={closed}'),
+    cwd=env.root,
+    env=env.variables,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  assert piped.stdout.readline().startswith('loading')
+  piped.stdout.close()  # as `| head -1` does
+  results = [(piped.wait(timeout=180), piped.stderr.read(), closed)]
+  full = env.root / 'stdout_full'
+  with open('/dev/full', 'w') as sink:
+    result = subprocess.run(
+      command(env, *verbose, f'--workdir={full}'),
+      cwd=env.root,
+      env=env.variables,
+      stdout=sink,
+      stderr=subprocess.PIPE,
+      text=True,
+      timeout=180,
+    )
+  results.append((result.returncode, result.stderr, full))
+  for returncode, stderr, workdir in results:
+    assert returncode == 0, stderr
+    assert len(stderr.strip().splitlines()) <= 1 and 'Traceback' not in stderr, stderr
+    assert read_rows(workdir) == reference.rows
+
+
+def mount_tmpfs(path, kilobytes):
+  path.mkdir()
+  if os.geteuid() != 0:
+    pytest.skip('mounting a tmpfs needs root')
+  result = subprocess.run(
+    ['mount', '-t', 'tmpfs', '-o', f'size={kilobytes}k', 'tmpfs', str(path)],
+    capture_output=True,
+    text=True,
+  )
+  if result.returncode:
+    pytest.skip(f'cannot mount a tmpfs here: {result.stderr.strip()}')
+
+
+@pytest.mark.slow
+def test_real_full_disk_is_one_line_fresh_and_on_resume(env, reference):
+  fresh = env.root / 'tmpfs_fresh'
+  mount_tmpfs(fresh, 1024)  # 1 MB: config.json and metrics fit, a checkpoint does not
+  try:
+    result = run(env, *SMALL_RUN, f'--workdir={fresh}/run')
+    assert_one_line_error(result.returncode, result.stderr, '--workdir', 'No space left')
+    assert os.listdir(fresh) == []  # the failed start removed what it made
+  finally:
+    subprocess.run(['umount', str(fresh)], check=True)
+  source = copy_of_reference(env, reference, 'tmpfs_source', ROUNDS - 1)
+  used = sum(os.path.getsize(p) for p in source.rglob('*') if p.is_file()) // 1024
+  full = env.root / 'tmpfs_resume'
+  mount_tmpfs(full, used + 512)  # room for what the run holds, not for one more checkpoint
+  try:
+    shutil.copytree(source, full / 'run')
+    result = run(env, *SMALL_RUN, f'--workdir={full}/run')
+    assert_one_line_error(result.returncode, result.stderr, '--workdir', 'No space left')
+    kept = full / 'run' / 'checkpoints' / str(ROUNDS - 1)
+    for path in (source / 'checkpoints' / str(ROUNDS - 1)).rglob('*'):
+      if path.is_file():
+        assert (kept / path.relative_to(source / 'checkpoints' / str(ROUNDS - 1))).read_bytes() == (
+          path.read_bytes()
+        )
+    shutil.copytree(full / 'run', env.root / 'tmpfs_after', ignore=shutil.ignore_patterns('*tmp*'))
+  finally:
+    subprocess.run(['umount', str(full)], check=True)
+  resumed = run(env, *SMALL_RUN, f'--workdir={env.root}/tmpfs_after')  # on a disk with room
+  assert resumed.returncode == 0, resumed.stderr
+  assert read_rows(env.root / 'tmpfs_after') == reference.rows
+
+
+# ------------------------------------------------------------- study scripts: bad inputs
+
+
+def one_line_naming(code, message, names):
+  assert code not in (0, None), message
+  assert 'Traceback' not in message, message
+  assert len(message.strip().splitlines()) == 1, message
+  for name in names:
+    assert name in message, message
+
+
+# (name, arguments; {out} and {file} are replaced, the names the message must hold).
+COMPARE_CASES = [
+  ('algorithms_repeated', ('--algorithms=fedavg,fedavg',), ('--algorithms', 'fedavg')),
+  ('algorithms_empty', ('--algorithms=',), ('--algorithms is empty',)),
+  ('algorithms_unknown', ('--algorithms=fedfoo',), ('--algorithms', 'fedfoo')),
+  ('seeds_repeated', ('--seeds=0,1,0',), ('--seeds', '0')),
+  ('seeds_not_integers', ('--seeds=a',), ('--seeds',)),
+  ('seeds_empty', ('--seeds=',), ('--seeds',)),
+  ('sweep_repeated', ('--algorithms=apfl', '--sweep=apfl_beta:0.1,0.1'), ('--sweep',)),
+  ('sweep_unknown_flag', ('--sweep=bogus:1',), ('--sweep',)),
+  ('sweep_bad_value', ('--sweep=apfl_beta:x',), ('--sweep', 'apfl_beta')),
+  ('algorithm_flags_bad', ('--algorithm_flags=fedavg.bogus=1',), ('--algorithm_flags',)),
+  ('out_missing', ('--out=',), ('--out',)),
+  ('out_is_a_file', ('--out={file}',), ('--out', 'is a file')),
+  ('out_under_a_file', ('--out={file}/sub',), ('--out',)),
+  ('stray_argument', ('stray',), ("'stray'",)),
+  ('invalid_run_flag', ('--num_clients=0',), ('--num_clients',)),
+  ('unknown_flag', ('--bogus=1',), ('bogus',)),
+]
+
+
+@pytest.mark.parametrize('name,args,names', COMPARE_CASES, ids=[c[0] for c in COMPARE_CASES])
+def test_compare_bad_input_is_one_line_before_any_run(tmp_path, name, args, names):
+  from absl import flags
+
+  from apfl_jax.studies import compare
+
+  (tmp_path / 'file').write_text('x')
+  out = tmp_path / 'out'
+  argv = [a.format(out=out, file=tmp_path / 'file') for a in args]
+  if not any(a.startswith('--out=') for a in argv):
+    argv.append(f'--out={out}')
+  with pytest.raises((UserError, flags.Error)) as error:
+    compare.main(['compare.py', '--algorithms=fedavg', '--seeds=0', *argv])
+  one_line_naming(1, f'error: {error.value}', names)
+  assert not out.exists()  # refused before any run
+
+
+def test_compare_whose_every_run_fails_exits_non_zero_with_the_table(env, tmp_path):
+  from apfl_jax.studies import compare
+
+  with pytest.raises(UserError, match='every run failed .*--num_clients') as error:
+    compare.main(
+      [
+        'compare.py',
+        '--algorithms=fedavg,local',
+        '--seeds=0',
+        f'--data_dir={env.data}',
+        '--dataset=fashion_mnist',
+        '--num_clients=100000',
+        f'--out={tmp_path}',
+      ]
+    )
+  assert '\n' not in str(error.value)
+  assert 'failed' in (tmp_path / 'results.md').read_text()
+
+
+# Runs each command line of a study script in one process: its main(), as absl's app.run
+# calls it, with the flags reset between cases. Prints [exit code, stderr] per case.
+CLI_DRIVER = r"""
+import contextlib, io, json, runpy, sys, traceback
+from absl import flags
+script, cases = sys.argv[1], json.loads(sys.argv[2])
+if script.endswith('plot_async.py'):
+  from apfl_jax.studies import async_curves
+  async_curves.define_flags()
+  main = async_curves.main
+else:
+  main = runpy.run_path(script, run_name='cli')['main']
+results = []
+for argv in cases:
+  flags.FLAGS.unparse_flags()
+  err = io.StringIO()
+  try:
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+      main(flags.FLAGS([script, *argv]))
+    results.append([0, err.getvalue()])
+  except SystemExit as e:
+    text = e.code if isinstance(e.code, str) else ''
+    results.append([e.code if isinstance(e.code, int) else 1, text + err.getvalue()])
+  except flags.Error as e:
+    results.append([1, f'error: {e}'])
+  except Exception:
+    results.append([99, err.getvalue() + traceback.format_exc()])
+print(json.dumps(results))
+"""
+
+
+def write_run_folder(workdir, algorithm='apfl', rows=None, config=None):
+  workdir.mkdir(parents=True)
+  values = valid_config_values(algorithm=algorithm) if config is None else config
+  write(workdir / 'config.json', values)
+  rows = rows if rows is not None else [{'round': 1, 'virtual_time': 1.0, 'personalized_acc': 0.5}]
+  write(workdir / 'metrics.jsonl', ''.join(json.dumps(r) + '\n' for r in rows))
+
+
+@pytest.fixture(scope='module')
+def study_folders(tmp_path_factory):
+  root = tmp_path_factory.mktemp('studies')
+  write_run_folder(root / 'apfl' / 'seed0')
+  write_run_folder(root / 'fedavg' / 'seed0', algorithm='fedavg')
+  (root / 'empty').mkdir()
+  (root / 'file').write_text('x')
+  (root / 'folder').mkdir()
+  write_run_folder(root / 'no_time' / 'seed0', rows=[{'round': 1, 'personalized_acc': 0.5}])
+  write_run_folder(root / 'list_config' / 'seed0', config=[1])
+  write_run_folder(root / 'garbage' / 'seed0')
+  write(root / 'garbage' / 'seed0' / 'metrics.jsonl', b'\x00\xff\n\x89PNG\n')
+  return root
+
+
+SWEEP_CASES = [
+  ('out_missing', ('--runs={apfl}',), ('--out',)),
+  ('out_is_a_folder', ('--runs={apfl}', '--out={folder}'), ('--out', 'is a folder')),
+  ('out_under_a_file', ('--runs={apfl}', '--out={file}/x.md'), ('--out',)),
+  ('betas_repeated', ('--runs={apfl}', '--out={out}', '--betas=0.1,0.1'), ('--betas',)),
+  ('betas_out_of_range', ('--runs={apfl}', '--out={out}', '--betas=1.5'), ('--betas',)),
+  ('betas_not_numbers', ('--runs={apfl}', '--out={out}', '--betas=x'), ('--betas',)),
+  ('seeds_repeated', ('--runs={apfl}', '--out={out}', '--seeds=0,0'), ('--seeds',)),
+  ('seeds_missing', ('--runs={apfl}', '--out={out}', '--seeds=7'), ('--seeds', 'seed7')),
+  ('seeds_not_integers', ('--runs={apfl}', '--out={out}', '--seeds=x'), ('--seeds',)),
+  ('runs_without_seeds', ('--runs={empty}', '--out={out}'), ('--runs',)),
+  ('friend_setting_unknown', ('--runs={apfl}', '--out={out}', '--friend_settings=a=1'), ('a=1',)),
+  ('stray_argument', ('--runs={apfl}', '--out={out}', 'stray'), ("'stray'",)),
+  ('not_an_apfl_run', ('--runs={fedavg}', '--out={out}'), ('--runs', 'fedavg')),
+]
+GENERATOR_CASES = [
+  ('out_missing', ('--runs={apfl}',), ('--out',)),
+  ('out_is_a_folder', ('--runs={apfl}', '--out={folder}'), ('--out', 'is a folder')),
+  ('setting_unknown', ('--runs={apfl}', '--out={out}', '--generator_settings=x=1'), ('x=1',)),
+  ('betas_out_of_range', ('--runs={apfl}', '--out={out}', '--betas=2'), ('--betas',)),
+  ('stray_argument', ('--runs={apfl}', '--out={out}', 'stray'), ("'stray'",)),
+  ('not_an_apfl_run', ('--runs={fedavg}', '--out={out}'), ('--runs', 'fedavg')),
+]
+PLOT_ASYNC_CASES = [
+  ('runs_missing', ('--out={out}',), ('--runs',)),
+  ('out_is_a_file', ('--runs={apfl}', '--out={file}'), ('--out', 'is a file')),
+  ('out_under_a_file', ('--runs={apfl}', '--out={file}/sub'), ('--out',)),
+  ('target_above_1', ('--runs={apfl}', '--out={out}', '--target=2'), ('--target',)),
+  ('runs_repeated', ('--runs={apfl},{apfl}', '--out={out}'), ('--runs',)),
+  ('runs_not_there', ('--runs={empty}/none', '--out={out}'), ('--runs',)),
+  ('metric_not_logged', ('--runs={apfl}', '--out={out}', '--metric=bogus'), ('--metric',)),
+  ('metrics_garbage', ('--runs={garbage}', '--out={out}'), ('metrics.jsonl', 'line 1')),
+  ('config_a_list', ('--runs={list_config}', '--out={out}'), ('config.json',)),
+  ('rows_without_time', ('--runs={no_time}', '--out={out}'), ('--runs', 'virtual_time')),
+  ('stray_argument', ('--runs={apfl}', '--out={out}', 'stray'), ("'stray'",)),
+]
+CLI_TABLES = {
+  'beta_sweep.py': SWEEP_CASES,
+  'generator_study.py': GENERATOR_CASES,
+  'plot_async.py': PLOT_ASYNC_CASES,
+}
+
+
+@pytest.fixture(scope='module')
+def cli_results(env, study_folders):
+  """Every CLI_TABLES case, one process per script (all three at once)."""
+
+  def one(script):
+    names = {p.name: p for p in study_folders.iterdir()}
+    cases = [
+      [a.format(out=study_folders / 'out' / script, **names) for a in args]
+      for _, args, _ in CLI_TABLES[script]
+    ]
+    result = subprocess.run(
+      [sys.executable, '-c', CLI_DRIVER, os.path.join(REPO, 'experiments', script)]
+      + [json.dumps(cases)],
+      cwd=env.root,
+      env=env.variables,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    return script, json.loads(result.stdout.strip().splitlines()[-1])
+
+  with futures.ThreadPoolExecutor(len(CLI_TABLES)) as pool:
+    return dict(pool.map(one, CLI_TABLES))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+  'script,name,names',
+  [(s, c[0], c[2]) for s, table in CLI_TABLES.items() for c in table],
+  ids=[f'{s}-{c[0]}' for s, table in CLI_TABLES.items() for c in table],
+)
+def test_study_script_bad_input_is_one_line_before_the_work(
+  cli_results, study_folders, script, name, names
+):
+  index = [c[0] for c in CLI_TABLES[script]].index(name)
+  code, message = cli_results[script][index]
+  one_line_naming(code, message, names)
+  assert not (study_folders / 'out' / script).exists()  # nothing written
+
+
+def load_benchmark():
+  spec = importlib.util.spec_from_file_location(
+    'benchmark', os.path.join(REPO, 'experiments', 'benchmark.py')
+  )
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+BENCHMARK_CASES = [
+  ('rounds_0', ('--rounds=0',), ('--rounds',)),
+  ('rounds_negative', ('--rounds=-3',), ('--rounds',)),
+  ('rounds_not_a_number', ('--rounds=x',), ('--rounds',)),
+  ('conv_impl_unknown', ('--conv_impl=bogus',), ('--conv_impl', 'bogus')),
+  ('device_gpu_without_one', ('--device=gpu',), ('--device=gpu',)),
+  ('device_unknown', ('--device=tpu',), ('--device',)),
+  ('preset_unknown', ('--preset=huge',), ('--preset',)),
+  ('compute_dtype_unknown', ('--compute_dtype=float16',), ('--compute_dtype',)),
+  ('backends_empty', ('--backends=',), ('--backends',)),
+  ('backends_unknown', ('--backends=tf',), ('--backends', 'tf')),
+  ('backends_repeated', ('--backends=jax_vmap,jax_vmap',), ('--backends',)),
+  ('max_clients_negative', ('--max_clients=-1',), ('--max_clients',)),
+  ('max_clients_below_every_config', ('--max_clients=1',), ('--max_clients=1',)),
+  ('client_chunk_size_below_minus_1', ('--client_chunk_size=-2',), ('--client_chunk_size',)),
+  ('json_is_a_folder', ('--json={folder}',), ('--json', 'is a folder')),
+  ('json_under_a_file', ('--json={file}/x.json',), ('--json',)),
+  ('stray_argument', ('stray',), ('stray',)),
+]
+
+
+@pytest.mark.parametrize('name,args,names', BENCHMARK_CASES, ids=[c[0] for c in BENCHMARK_CASES])
+def test_benchmark_bad_input_is_one_line_before_any_worker(
+  tmp_path, monkeypatch, capsys, name, args, names
+):
+  benchmark = load_benchmark()
+  if name == 'device_gpu_without_one' and benchmark.has_nvidia_gpu():
+    pytest.skip('this machine has an NVIDIA GPU')
+  (tmp_path / 'file').write_text('x')
+  (tmp_path / 'folder').mkdir()
+
+  def no_worker(*args):
+    raise AssertionError('a worker started')
+
+  monkeypatch.setattr(benchmark, 'run_backend_subprocess', no_worker)
+  argv = [a.format(folder=tmp_path / 'folder', file=tmp_path / 'file') for a in args]
+  with pytest.raises(SystemExit) as exit_:
+    benchmark.main(['--preset=small', '--backends=jax_vmap', *argv])
+  captured = capsys.readouterr()
+  one_line_naming(1, f'{exit_.value.code}{captured.err}', names)
+
+
+def test_benchmark_conv_impls_match_the_models():
+  from apfl_jax.models import conv
+
+  assert load_benchmark().CONV_IMPLS == conv.CONV_IMPLS

@@ -1,9 +1,11 @@
 """Tests of apfl_jax.studies.results on hand-made runs (no training)."""
 
 import csv
+import glob
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -168,3 +170,55 @@ def test_client_gains_command_prints_one_row_per_method(tmp_path):
   assert missing.stderr.strip().splitlines() == [
     f'error: --runs/--seeds: no run folder {tmp_path}/local/seed1'
   ]
+
+
+REPO_RESULTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'docs', 'results')
+COMMITTED_TABLES = sorted(
+  os.path.relpath(path, REPO_RESULTS)
+  for path in glob.glob(os.path.join(REPO_RESULTS, '**', 'results.csv'), recursive=True)
+)
+
+
+def table_cells(markdown_lines):
+  """Each table row's cells, numbers as floats (4 decimals as written)."""
+  number = re.compile(r'^-?\d+\.\d+$')
+  rows = []
+  for line in markdown_lines:
+    cells = []
+    for cell in line.strip('|').split('|'):
+      parts = [p.strip() for p in cell.split('±')]
+      cells.append(tuple(float(p) if number.match(p) else p for p in parts))
+    rows.append(cells)
+  return rows
+
+
+@pytest.mark.parametrize('name', COMMITTED_TABLES)
+def test_committed_results_reread_to_the_tables_they_were_written_with(name):
+  """Every committed results.csv reads back (today's code) into its results.md table.
+
+  The csv keeps 6 decimals of the value the table rounded to 4, so a cell may differ by
+  one unit in its last place (0.903750 is 0.9037 or 0.9038); nothing more.
+  """
+  csv_path = os.path.join(REPO_RESULTS, name)
+  with open(os.path.join(os.path.dirname(csv_path), 'results.md')) as f:
+    written = [line for line in f.read().splitlines() if line.startswith('| ')]
+  reread = results.markdown_table(results.read_csv(csv_path)).splitlines()
+  reread = [line for line in reread if line.startswith('| ')]
+  assert len(reread) == len(written)
+  for new_row, old_row in zip(table_cells(reread), table_cells(written)):
+    assert len(new_row) == len(old_row)
+    for new, old in zip(new_row, old_row):
+      assert len(new) == len(old)
+      for a, b in zip(new, old):
+        if isinstance(a, float):
+          assert abs(a - b) <= 1.0001e-4, (name, new_row[0], a, b)
+        else:
+          assert a == b, (name, a, b)
+
+
+def test_read_csv_is_the_inverse_of_write_csv(tmp_path, runs):
+  table = results.method_table(runs)
+  results.write_csv(table, str(tmp_path / 'results.csv'))
+  reread = results.read_csv(str(tmp_path / 'results.csv'))
+  assert results.markdown_table(reread) == results.markdown_table(table)
+  assert reread[-1]['failed'] == [(1, 'NaN/Inf in training at round 1, client 2')]

@@ -2,7 +2,7 @@
 
 import collections
 
-from apfl_fixtures import make_apfl
+from apfl_fixtures import make_apfl, make_fedgen
 from conftest import TinyModel, assert_trees_close
 import jax
 import jax.numpy as jnp
@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from apfl_jax.algorithms.fedavg import FedAvg
+from apfl_jax.algorithms.generative import knowledge_transfer
 from apfl_jax.asynchrony import clock, simulator
 from apfl_jax.config.config import Config
 from apfl_jax.core import local_training
@@ -98,6 +99,49 @@ def test_fedasync_mixes_each_client_model_from_its_start_version(synthetic_feder
     a = 0.5 * (tau + 1.0) ** -0.5
     expected = jax.tree.map(lambda x, c: (1 - a) * x + a * c, expected, client_model)
   assert_trees_close(sim.algorithm_state(async_state).server.params, expected)
+
+
+@pytest.mark.parametrize('algorithm', ['apfl', 'fedgen'])
+def test_fedasync_generator_is_taught_by_the_mixed_global_model(synthetic_federation, algorithm):
+  """The global teacher of a FedAsync step is (1 - a) x + a x_client, the model the server
+  holds after it, not x_client (AP-FL: the only teacher; FedGen: for memorized labels the
+  client does not hold); FedGen's client teacher is x_client."""
+  _, partition, data = synthetic_federation
+  if algorithm == 'apfl':
+    alg = make_apfl(data, partition, global_teacher_weight=1.0)
+  else:
+    alg = make_fedgen(data, partition)
+  state = alg.init(jax.random.key(0))
+  # The server remembers every label, so that the global model teaches FedGen too.
+  state = state.replace(server=state.server.replace(seen_counts=jnp.ones(4)))
+  config = async_config(server='fedasync', concurrency=1, server_mixing=0.5)
+  sim = simulator.AsyncSimulator(alg, config, 4, np.ones(4))
+  rng = jax.random.key(3)
+  async_state, metrics = sim.server_step(sim.init(state), rng, data)
+  (client,) = metrics['clients']
+  # One client with server sgd(1): the sync round's global model is x_client.
+  x_client = jax.jit(alg.run_round)(state, jnp.asarray([client], jnp.int32), rng, data)[
+    0
+  ].server.params
+  mixture = jax.tree.map(lambda x, c: 0.5 * x + 0.5 * c, state.server.params, x_client)
+  result = sim.algorithm_state(async_state).server
+  assert_trees_close(result.params, mixture)
+  counts = jnp.asarray(partition.train_counts[client], jnp.float32)[None]
+  teachers = None if algorithm == 'apfl' else jax.tree.map(lambda c: c[None], x_client)
+  expected, _ = jax.jit(knowledge_transfer.train_on_teachers, static_argnums=(0, 1))(
+    alg.setup,
+    alg.model,
+    state.server.generator,
+    teachers,
+    counts,
+    mixture,
+    result.seen_counts,
+    jax.random.split(rng)[1],
+  )
+  # Dense_0's bias feeds a batch-statistics BatchNorm: its gradient is rounding noise,
+  # which Adam scales up to full steps.
+  drop_bias = lambda p: {**p, 'Dense_0': {'kernel': p['Dense_0']['kernel']}}
+  assert_trees_close(drop_bias(result.generator.params), drop_bias(expected.params), 1e-4, 1e-5)
 
 
 def run_until(sim, async_state, data, time, max_steps=200):
@@ -196,4 +240,4 @@ def test_different_speeds_give_staleness_and_fastest_client_most(synthetic_feder
   assert counts[3] == 0 and sum(m['dropped_stale'] for m in history) >= 1
   assert async_state.clock.dropped_stale == sum(m['dropped_stale'] for m in history)
   assert all(np.all(m['finite']) for m in history)
-  assert sim._step._cache_size() == 1
+  assert sim.device_step._cache_size() == 1

@@ -10,7 +10,7 @@ from conftest import make_synthetic_dataset
 import numpy as np
 import pytest
 
-from apfl_jax.config.config import Config
+from apfl_jax.config.config import RENAMED_FLAGS, Config
 from apfl_jax.core.errors import ConfigError, TrainingDivergedError
 from apfl_jax.data import datasets
 from apfl_jax.runner import checkpoints, drivers, run_folder, train
@@ -131,8 +131,16 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, synthetic_data, monkeypa
   assert read_rows(tmp_path / 'resumed') == read_rows(tmp_path / 'straight')
 
 
-def test_longer_rerun_continues_from_last_checkpoint(tmp_path, synthetic_data):
+def test_longer_rerun_of_a_folder_written_before_the_renames_continues(tmp_path, synthetic_data):
   train.train_and_evaluate(tiny_config(num_rounds=2), str(tmp_path / 'a'))
+  # As a version before AP-FL's flags took the apfl_ prefix wrote it.
+  path = tmp_path / 'a' / 'config.json'
+  values = json.loads(path.read_text())
+  for old, new in RENAMED_FLAGS.items():
+    values[old] = values.pop(new)
+  path.write_text(json.dumps(values))
+  reread = run_folder.read_config(str(tmp_path / 'a'))
+  assert reread == tiny_config(num_rounds=2, workdir=str(tmp_path / 'a'))
   train.train_and_evaluate(tiny_config(num_rounds=4), str(tmp_path / 'a'))
   train.train_and_evaluate(tiny_config(num_rounds=4), str(tmp_path / 'b'))
   assert read_rows(tmp_path / 'a') == read_rows(tmp_path / 'b')

@@ -6,7 +6,9 @@ Per round:
      * its own persistent local model theta_local (`--apfl_local_model=persistent`):
        started from the global model at the client's first participation and then kept
        on the client, trained further every round it joins, never replaced by the
-       global model. Both trainings see the same batches (one batch plan).
+       global model. Both trainings see the same batches (one batch plan). theta_local
+       trains with `personal_optimizer`, so FedAsync's proximal term (`--fedasync_rho`,
+       a wrapper of `client_optimizer`) pulls only the global model's update.
      With `--apfl_local_model=from_global` the local model is instead the round's update
      of the global model (FedAvg's local model), and only one training runs;
   2. the server averages the updates (FedAvg), adds the label counts to its memory
@@ -36,7 +38,10 @@ model trains on them, so theta_local and theta_friend differ in every layer. Wit
 trains only its head on generated features.
 
 `unseen_class_params` is the zero-shot probe: the global model whose friend training
-covered every class uniformly, scored on the classes no active client holds.
+covered every class uniformly, scored on the classes no active client holds. With
+`--apfl_unseen_control` a second generator, conditioned on one-hot class codes instead of
+A(c), trains beside the first on the same teachers, and `unseen_class_control_params` is
+the same probe on its samples: the control without semantic information.
 `label_prior_free_params` gives dropout clients' personalized models with friends trained
 on every class uniformly, i.e. without the knowledge of the client's own label set that
 `--apfl_friend_labels=client` uses.
@@ -44,6 +49,7 @@ on every class uniformly, i.e. without the knowledge of the client's own label s
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Any
@@ -126,6 +132,14 @@ class APFLOptions(options.Options):
     choices=CLIENT_TEACHERS,
   )
 
+  apfl_unseen_control: bool = options.option(
+    False,
+    'AP-FL: also train a control generator conditioned on one-hot class codes (no '
+    'semantic information) beside the first, on the same teachers, and report its '
+    'zero-shot probe as unseen_class_acc_onehot_control (costs a second generator '
+    'training per round and a second probe per evaluation).',
+  )
+
   def resolve(self, config: Any) -> dict[str, Any]:
     if self.apfl_friend_learning_rate == 0:
       return {'apfl_friend_learning_rate': config.learning_rate}
@@ -139,6 +153,8 @@ class APFLServer:
   Attributes:
     seen_counts: float [num_classes] labels the server has learned from, summed over
       every round: the classes the generator memorizes.
+    control_generator: with `--apfl_unseen_control`, the one-hot-conditioned generator
+      of the zero-shot probe's control (None, no pytree leaves, without).
   """
 
   params: Any
@@ -146,6 +162,7 @@ class APFLServer:
   generator: generator_lib.GeneratorState
   seen_counts: jax.Array
   round: jax.Array
+  control_generator: generator_lib.GeneratorState | None = None
 
 
 @flax.struct.dataclass
@@ -231,6 +248,16 @@ class APFL(FedAvg):
       config.seed,
       config.apfl_local_model,
       config.apfl_client_teachers,
+      control_setup=(
+        knowledge_transfer.create_setup(
+          config,
+          context.model,
+          context.dataset,
+          np.eye(context.dataset.num_classes, dtype=np.float32),
+        )
+        if config.apfl_unseen_control
+        else None
+      ),
     )
 
   def __init__(
@@ -246,9 +273,15 @@ class APFL(FedAvg):
     seed: int,
     local_model: str = 'persistent',
     client_teachers: str = 'local_model',
+    control_setup: knowledge_transfer.GeneratorSetup | None = None,
   ):
     super().__init__(model, image_shape, schedule, client_optimizer, server_optimizer)
+    # theta_local's own handle on the optimizer, so that a wrapper of the global copy's
+    # `client_optimizer` (FedAsync's proximal term) leaves the local model alone.
+    self.personal_optimizer = client_optimizer
     self.setup = setup
+    # The zero-shot probe's control: `setup` with one-hot class codes (or None).
+    self.control_setup = control_setup
     self.friend = friend
     self.label_counts = np.asarray(label_counts, np.float32)
     self.num_clients, self.num_classes = self.label_counts.shape
@@ -279,6 +312,15 @@ class APFL(FedAvg):
       generator=generator,
       seen_counts=jnp.zeros((self.num_classes,), jnp.float32),
       round=jnp.zeros((), jnp.int32),
+      control_generator=(
+        None
+        if self.control_setup is None
+        else generator_lib.init_generator(
+          self.control_setup.generator,
+          self.control_setup.optimizer,
+          jax.random.fold_in(generator_rng, 1),
+        )
+      ),
     )
     clients = APFLClient(
       local_params=jax.tree.map(
@@ -289,19 +331,28 @@ class APFL(FedAvg):
     return base.AlgorithmState(server=server, clients=clients)
 
   def client_update(self, server, client, index_row, count, rng, data):
-    train = lambda start: local_training.train_client(
-      start, self.loss_fn, self.client_optimizer, data, index_row, count, rng, self.schedule
-    )
+    def train(start, optimizer):
+      return local_training.train_client(
+        start, self.loss_fn, optimizer, data, index_row, count, rng, self.schedule
+      )
+
     if self.local_model == 'persistent':
       own = jax.tree.map(
         lambda loc, glob: jnp.where(client.has_local, loc, glob), client.local_params, server.params
       )
-      trained, losses = jax.vmap(train)(_stack(server.params, own))
-      update = jax.tree.map(lambda x: x[0], trained)
-      local = jax.tree.map(lambda x: x[1], trained)
-      loss = losses[0]
+      if self.personal_optimizer is self.client_optimizer:
+        # One optimizer: both trainings in one vmapped call.
+        trained, losses = jax.vmap(lambda p: train(p, self.client_optimizer))(
+          _stack(server.params, own)
+        )
+        update = jax.tree.map(lambda x: x[0], trained)
+        local = jax.tree.map(lambda x: x[1], trained)
+        loss = losses[0]
+      else:
+        update, loss = train(server.params, self.client_optimizer)
+        local, _ = train(own, self.personal_optimizer)
     else:
-      update, loss = train(server.params)
+      update, loss = train(server.params, self.client_optimizer)
       local = update
     output = knowledge_transfer.labelled_output(
       update, server.params, loss, data, index_row, count, self.num_classes
@@ -316,12 +367,26 @@ class APFL(FedAvg):
     params, opt_state, generator, seen_counts = knowledge_transfer.aggregate_and_distill(
       self, server, outputs, rng, teachers
     )
+    control = server.control_generator
+    if self.control_setup is not None:
+      # The control learns from the same teachers and labels, with its own key.
+      control, _ = knowledge_transfer.train_on_teachers(
+        self.control_setup,
+        self.model,
+        control,
+        knowledge_transfer.round_teachers(self.setup, server, outputs.update['delta'], teachers),
+        outputs.update['label_counts'],
+        params,
+        seen_counts,
+        jax.random.fold_in(rng, 1),
+      )
     return APFLServer(
       params=params,
       opt_state=opt_state,
       generator=generator,
       seen_counts=seen_counts,
       round=server.round + 1,
+      control_generator=control,
     )
 
   def train_friend(
@@ -409,7 +474,7 @@ class APFL(FedAvg):
     )
     return {'body': init_params['body'], 'head': trained} if feature_space else trained
 
-  def _friend_keys(self, server: APFLServer) -> jax.Array:
+  def friend_keys(self, server: APFLServer) -> jax.Array:
     """Keys of this server version's friend training: one per client, then the probe's."""
     key = jax.random.fold_in(jax.random.key(self.seed + 1), server.round)
     return jax.random.split(key, self.num_clients + 1)
@@ -444,7 +509,7 @@ class APFL(FedAvg):
       start = jax.tree.map(
         lambda g: jnp.broadcast_to(g, (client_ids.shape[0], *g.shape)), server.params
       )
-    keys = self._friend_keys(server)[client_ids]
+    keys = self.friend_keys(server)[client_ids]
     return self.client_map(self.train_friend, (None, 0, 0, 0), server, start, label_probs, keys)
 
   def client_label_probs(self) -> jax.Array:
@@ -491,5 +556,14 @@ class APFL(FedAvg):
       server,
       server.params,
       jnp.ones((self.num_classes,), jnp.float32),
-      self._friend_keys(server)[self.num_clients],
+      self.friend_keys(server)[self.num_clients],
     )
+
+  def unseen_class_control_params(self, state, data):
+    """The zero-shot probe trained, with the same keys, on the one-hot control generator."""
+    if self.control_setup is None:
+      return None
+    control = copy.copy(self)
+    control.setup = self.control_setup
+    server = state.server.replace(generator=state.server.control_generator)
+    return control.unseen_class_params(state.replace(server=server), data)

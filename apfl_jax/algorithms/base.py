@@ -10,6 +10,8 @@ hyper-parameters); its methods are pure functions of explicit state:
   global_params(state) -> params | None
   unseen_class_params(state, data) -> params | None   # the model scored on classes no
                                        # active client holds (default: the global model)
+  unseen_class_control_params(state, data) -> params | None   # the same probe with
+        # one-hot class codes, no semantic information (default None: no control)
   label_prior_free_params(state, data, client_ids) -> params | None   # personalized
         # models of those clients built without knowing their label set (None: the
         # algorithm's personalized models never use it)
@@ -139,6 +141,12 @@ class Algorithm:
 
   def unseen_class_params(self, state: AlgorithmState, data: FederatedData) -> Params | None:
     return self.global_params(state)
+
+  def unseen_class_control_params(
+    self, state: AlgorithmState, data: FederatedData
+  ) -> Params | None:
+    del state, data
+    return None
 
   def label_prior_free_params(
     self, state: AlgorithmState, data: FederatedData, client_ids: jax.Array

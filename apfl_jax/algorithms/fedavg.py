@@ -70,6 +70,48 @@ class FedAvg(base.Algorithm):
       finite=base.all_finite(params, loss),
     )
 
+  def run_round(self, state, cohort, rng, data):
+    """`Algorithm.run_round`; in chunks, the updates are summed as the chunks train.
+
+    With --client_chunk_size the clients' weighted updates are added up chunk by chunk
+    (`ClientMap.map_and_sum`) instead of stacked, so the round's memory does not grow
+    with the cohort. Taken when the server update is FedAvg's own (the weighted mean of
+    the updates: FedAvg, FedProx, Ditto, APFLDeng) and the cohort trains as one size
+    group; equal to the stacked round up to float rounding.
+    """
+    client_map = self.client_map
+    if (
+      not client_map.chunk_size
+      or cohort.shape[0] <= client_map.chunk_size * client_map.num_shards
+      or type(self).server_update is not FedAvg.server_update
+      or len(self.schedule.buckets(cohort.shape[0])) > 1
+    ):
+      return super().run_round(state, cohort, rng, data)
+    client_rng, server_rng = jax.random.split(rng)
+    keys = jax.vmap(lambda c: jax.random.fold_in(client_rng, c))(cohort)
+
+    def train(server, client, index_row, count, key):
+      client, out = self.client_update(server, client, index_row, count, key, data)
+      weighted = jax.tree.map(lambda u: u * out.num_examples, out.update)
+      return (client, out.loss, out.finite), (weighted, out.num_examples)
+
+    (clients, loss, finite), (total, weight) = client_map.map_and_sum(
+      train,
+      (None, 0, 0, 0, 0),
+      state.server,
+      base.gather_clients(state.clients, cohort),
+      data.train_index[cohort],
+      data.train_count[cohort],
+      keys,
+    )
+    # The mean as one client of weight 1: `server_update`'s weighted mean passes it on.
+    mean = jax.tree.map(lambda t: (t / jnp.maximum(weight, 1e-12))[None], total)
+    outputs = base.ClientOutput(update=mean, num_examples=jnp.ones((1,)), loss=loss, finite=finite)
+    return base.AlgorithmState(
+      server=self.server_update(state.server, outputs, server_rng),
+      clients=base.scatter_clients(state.clients, cohort, clients),
+    ), base.RoundMetrics(loss=loss, finite=finite)
+
   def server_update(self, server, outputs, rng):
     del rng
     params, opt_state = self.apply_mean_update(

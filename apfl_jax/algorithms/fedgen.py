@@ -10,18 +10,25 @@ on the clients), in one of two forms (--fedgen_regularizer):
                     + beta_t * KL(softmax(head(G(z, y))) || softmax(model(x))),
     alpha_t = max(1e-4, alpha_0 * 0.98^t), beta_t = max(1e-4, beta_0 * 0.98^t),
   with y the real batch's labels (the KL target gets no gradient; KL is the batch mean,
-  torch's KLDivLoss(reduction='batchmean')), y_s ~ U(labels the server has memorized:
-  every label it has received, `knowledge_transfer.memory_label_probs`) as many as
-  the batch, and no regulariser at all in round 0 (the generator is untrained then);
+  torch's KLDivLoss(reduction='batchmean'); G(z, y) is normalised with the statistics of a
+  reference batch of labels drawn from the memory, `generator.generate`'s
+  reference_labels: the official code runs G in eval mode on clients, and a batch's own
+  statistics would subtract a one-label batch's label away), y_s ~ U(labels the server
+  has memorized: every label it has received, `knowledge_transfer.memory_label_probs`) as
+  many as the batch, and no regulariser at all in round 0 (the generator is untrained then);
   alpha_0 = beta_0 = 10 is the code's MNIST setting;
   pfllib (PFLlib's clientgen.py): from round 0
     CE(model(x), y) + alpha * CE(head(G(z, y_s)), y_s).
 
 The clients send their update and their label counts; the server averages the updates
 (FedAvg) and trains the generator on the round's client models as teachers
-(`knowledge_transfer`). `generator_optimizer` builds the official code's generator
-optimizer: Adam with L2 weight decay (1e-2) and its learning rate multiplied by 0.98 after
-every round. As in the original, A(y) defaults to a one-hot code (--embedding=onehot) and
+(`knowledge_transfer`). Where the paper is silent and the official code differs from our
+default, a flag gives the code's behaviour: the generator's teacher CE weighting
+(`--fedgen_teacher_ce=official`), label counts starting at 1
+(`--fedgen_label_count_prior=1`) and the clients' learning rate decaying 0.99 a round
+(`--fedgen_client_lr_decay=0.99`). `generator_optimizer` builds the official code's
+generator optimizer: Adam with L2 weight decay (1e-2) and its learning rate multiplied by
+0.98 after every round. As in the original, A(y) defaults to a one-hot code (--embedding=onehot) and
 the generator makes head inputs (--generator=feature). Personalized accuracy is the global
 model's, as for FedAvg.
 """
@@ -140,6 +147,27 @@ class FedGenOptions(options.Options):
     '(official code: 0.98; 1: none).',
     check=_lr_decay,
   )
+  fedgen_teacher_ce: str = options.option(
+    'per_sample',
+    "FedGen: the generator's teacher CE weighs each sample by its teacher's weight for "
+    "the sample's label (per_sample, the paper's formula) or, as the official code's "
+    'broadcast mean(nll[B] * weight[B,1]) does, by the mean weight over the batch '
+    '(official).',
+    choices=generator_lib.CE_WEIGHTINGS,
+  )
+  fedgen_label_count_prior: float = options.option(
+    0.0,
+    "FedGen: added to every round client's count of each label some client holds, in "
+    "the generator's client-teacher weights (official code: 1, its counts start at 1).",
+    check=options.non_negative,
+  )
+  fedgen_client_lr_decay: float = options.option(
+    1.0,
+    "FedGen: the clients' learning rate in round t is lr * decay^max(t - 1, 0) (official "
+    'code: 0.99, an ExponentialLR stepped with the round after each local training; '
+    '1: constant).',
+    check=_lr_decay,
+  )
 
 
 @registry.register(
@@ -170,6 +198,8 @@ class FedGen(FedAvg):
         config.fedgen_generator_lr_decay,
         config.generator_steps,
       ),
+      ce_weighting=config.fedgen_teacher_ce,
+      label_count_prior=config.fedgen_label_count_prior,
     )
     return cls(
       *context.fedavg_args(),
@@ -178,6 +208,7 @@ class FedGen(FedAvg):
       context.dataset.num_classes,
       config.fedgen_regularizer,
       config.fedgen_beta,
+      config.fedgen_client_lr_decay,
     )
 
   def __init__(
@@ -192,6 +223,7 @@ class FedGen(FedAvg):
     num_classes: int,
     regularizer: str,
     beta: float,
+    client_lr_decay: float = 1.0,
   ):
     """Builds FedGen.
 
@@ -206,6 +238,8 @@ class FedGen(FedAvg):
       num_classes: number of classes.
       regularizer: 'fedgen' or 'pfllib' (module docstring).
       beta: beta_0 of the latent KL term (fedgen only).
+      client_lr_decay: the clients' learning rate in round t is scaled by
+        client_lr_decay^max(t - 1, 0) (1: constant).
 
     Raises:
       ValueError: an unknown regularizer.
@@ -218,6 +252,7 @@ class FedGen(FedAvg):
     self.num_classes = num_classes
     self.regularizer = regularizer
     self.beta = beta
+    self.client_lr_decay = client_lr_decay
 
   def init(self, rng: jax.Array) -> base.AlgorithmState:
     model_rng, generator_rng = jax.random.split(rng)
@@ -240,7 +275,9 @@ class FedGen(FedAvg):
     """The client's local loss at the server state it started from (module docstring)."""
     setup, model = self.setup, self.model
 
-    def generate(key, labels):
+    memory = jnp.log(knowledge_transfer.memory_label_probs(server.seen_counts))
+
+    def generate(key, labels, reference_labels=None):
       return jax.lax.stop_gradient(
         generator_lib.generate(
           setup.generator,
@@ -249,6 +286,7 @@ class FedGen(FedAvg):
           labels,
           setup.noise_dim,
           setup.noise_distribution,
+          reference_labels=reference_labels,
         )
       )
 
@@ -256,19 +294,22 @@ class FedGen(FedAvg):
       real_logits = model.apply({'params': params}, images)
       real = local_training.masked_cross_entropy(real_logits, labels, example_mask)
       label_key, noise_key = jax.random.split(key)
-      sampled = jax.random.categorical(
-        label_key,
-        jnp.log(knowledge_transfer.memory_label_probs(server.seen_counts)),
-        shape=labels.shape,
-      )
+      sampled = jax.random.categorical(label_key, memory, shape=labels.shape)
       logits = model.apply({'params': params}, generate(noise_key, sampled), method='head_logits')
       teacher = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, sampled))
       if self.regularizer == 'pfllib':
         return real + self.alpha * teacher
+      # BatchNorm statistics from a batch drawn like the generator's training labels: a
+      # one-label real batch's own statistics would subtract its label away.
+      reference = jax.random.categorical(
+        jax.random.fold_in(key, 3), memory, shape=(setup.batch_size,)
+      )
       target = jax.lax.stop_gradient(
         jax.nn.log_softmax(
           model.apply(
-            {'params': params}, generate(jax.random.fold_in(key, 2), labels), method='head_logits'
+            {'params': params},
+            generate(jax.random.fold_in(key, 2), labels, reference),
+            method='head_logits',
           )
         )
       )
@@ -282,11 +323,24 @@ class FedGen(FedAvg):
 
     return loss_fn
 
+  def client_optimizer_at(self, server: FedGenServer) -> optax.GradientTransformation:
+    """The client optimizer of the round the client starts in.
+
+    With client_lr_decay < 1 its updates are scaled by decay^max(t - 1, 0), t the server
+    rounds done: the official code's ExponentialLR(0.99), stepped with the round index
+    after each local training, so a client trains round t at lr * 0.99^(t - 1) (with full
+    participation; scaling the updates of SGD, momentum or Adam scales the learning rate).
+    """
+    if self.client_lr_decay == 1.0:
+      return self.client_optimizer
+    exponent = jnp.maximum(server.round - 1, 0).astype(jnp.float32)
+    return optax.chain(self.client_optimizer, optax.scale(self.client_lr_decay**exponent))
+
   def client_update(self, server, client, index_row, count, rng, data):
     params, loss = local_training.train_client(
       server.params,
       self.client_loss(server),
-      self.client_optimizer,
+      self.client_optimizer_at(server),
       data,
       index_row,
       count,

@@ -35,13 +35,18 @@ Server modes (one `server_step` = one server version = one "round" of the runner
     with teachers = current model + s(tau) x stale delta.
   fedasync: K = 1, x <- (1 - a) x + a x_client with a = --server_mixing * s(tau) and
     x_client = (start version's params) + delta. The algorithm's `server_update` still
-    runs on the update x_client - x (so a generator learns from the client model itself);
-    its params are then replaced by the mixture and its optimizer state is kept (the
-    server optimizer is not used). Each arrival can depend on the previous server step,
-    so fedasync trains one client per jitted call. With --fedasync_rho > 0 the client
-    optimizer is chained after `fedprox.proximal_gradient(rho)`: the model sent to the
-    server minimises f(x) + rho/2 ||x - x_tau||^2 around its start version x_tau
-    (FedAsync's local objective); personal models (Ditto, APFL) train without it.
+    runs, on the update x_client - x, with its mean-update step (`apply_mean_update`)
+    replaced by the mixing x + a (x_client - x) (the server optimizer is not used and its
+    state is kept): so FedGen's / AP-FL's generator is taught by the model the server holds
+    after the step (the mixture) as the global teacher, and by x_client (= x + the update)
+    as the client teacher. An algorithm whose `server_update` does not go through
+    `apply_mean_update` gets its params replaced by the mixture afterwards. Each arrival
+    can depend on the previous server step, so fedasync trains one client per jitted call.
+    With --fedasync_rho > 0 the client optimizer is chained after
+    `fedprox.proximal_gradient(rho)`: the model sent to the server minimises
+    f(x) + rho/2 ||x - x_tau||^2 around its start version x_tau (FedAsync's local
+    objective); personal models train without it: Ditto's, APFL-Deng's and AP-FL's
+    theta_local use their own `personal_optimizer`, which the wrapper leaves alone.
 
 Vectorisation. Training is a pure function of (start server state, client state, key),
 so an update is computed when it ARRIVES, from the version it STARTED on: the device
@@ -80,6 +85,7 @@ import optax
 from apfl_jax.algorithms import base
 from apfl_jax.algorithms.fedprox import proximal_gradient
 from apfl_jax.asynchrony.clock import CLOCK_STREAM, Clock, Job, staleness_weight, step_durations
+from apfl_jax.core import sharding
 from apfl_jax.core.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -115,6 +121,27 @@ def with_proximal_client_optimizer(algorithm: base.Algorithm, rho: float) -> bas
     )
   clone = copy.copy(algorithm)
   clone.client_optimizer = optax.chain(proximal_gradient(rho), algorithm.client_optimizer)
+  return clone
+
+
+def fedasync_mixing(algorithm: base.Algorithm, mixing: jax.Array) -> base.Algorithm:
+  """A copy of `algorithm` whose mean-update step is FedAsync's mixing.
+
+  Its `apply_mean_update(params, opt_state, deltas, weights)` returns
+  (params + mixing * deltas[0], opt_state) for the one arrival's delta x_client - x: the
+  mixture (1 - mixing) x + mixing x_client, the server optimizer untouched. The copy is
+  made while tracing (`mixing` may be traced); an algorithm without `apply_mean_update`
+  is returned as it is.
+  """
+  if not hasattr(algorithm, 'apply_mean_update'):
+    return algorithm
+
+  def apply_mean_update(params, opt_state, deltas, weights):
+    del weights
+    return jax.tree.map(lambda x, d: x + mixing * d[0], params, deltas), opt_state
+
+  clone = copy.copy(algorithm)
+  clone.apply_mean_update = apply_mean_update
   return clone
 
 
@@ -199,7 +226,8 @@ class AsyncSimulator:
     self.durations = steps * step_durations(config, num_clients)
     self.dropout = np.zeros((num_clients,), bool)
     self.dropout[list(dropout_clients)] = True
-    self._step = jax.jit(self._device_step, static_argnames='size_groups')
+    # The jitted device part of a server step (size_groups static: one compilation each).
+    self.device_step = jax.jit(self._device_step, static_argnames='size_groups')
 
   def init(self, state: base.AlgorithmState) -> AsyncState:
     """The asynchronous run starting from `state` at virtual time 0, version 0."""
@@ -268,7 +296,7 @@ class AsyncSimulator:
     occurrence = np.asarray([np.sum(clients[:i] == c) for i, c in enumerate(clients)])
     is_last = np.asarray([not np.any(clients[i + 1 :] == c) for i, c in enumerate(clients)])
     slots = np.asarray([j.start_version % self.ring_size for j in arrivals], np.int32)
-    device, round_metrics = self._step(
+    device, round_metrics = self.device_step(
       state.device,
       clients,
       (clients + self.num_clients * occurrence).astype(np.int32),
@@ -280,7 +308,7 @@ class AsyncSimulator:
       size_groups=self.algorithm.schedule.fits_buckets(np.asarray(data.train_count)[clients]),
     )
     clock.version += 1
-    loss, finite = jax.device_get((round_metrics.loss, round_metrics.finite))
+    loss, finite = sharding.to_host((round_metrics.loss, round_metrics.finite))  # multi-process
     metrics = {
       'virtual_time': clock.time,
       'server_version': clock.version,
@@ -382,11 +410,16 @@ class AsyncSimulator:
   def _mix(
     self, current: Any, starts: Any, outputs: base.ClientOutput, mixing: jax.Array, rng: jax.Array
   ) -> Any:
-    """FedAsync: (1 - mixing) x + mixing x_client for the one arrival (leading axis 1)."""
+    """FedAsync: (1 - mixing) x + mixing x_client for the one arrival (leading axis 1).
+
+    The algorithm's `server_update` sees the update x_client - x and, through
+    `fedasync_mixing`, moves its params to the mixture before any other server work (a
+    generator's global teacher is the mixture, not x_client).
+    """
     towards = jax.tree.map(
       lambda s, d, x: s + d - x[None], starts.params, _delta(outputs.update), current.params
     )
-    server = self.algorithm.server_update(
+    server = fedasync_mixing(self.algorithm, mixing).server_update(
       current, dataclasses.replace(outputs, update=_replace_delta(outputs.update, towards)), rng
     )
     params = jax.tree.map(lambda x, d: x + mixing * d[0], current.params, towards)

@@ -43,6 +43,7 @@ RESUMABLE_FIELDS = (
   'client_chunk_size',
   'num_devices',
   'distributed',
+  'distributed_timeout_s',
   'scan_unroll',
 )
 

@@ -74,6 +74,7 @@ def check_round(
   model: Any,
   image_shape: tuple[int, ...],
   memory_bytes: int | None = None,
+  experiments: int = 1,
 ) -> None:
   """Checks the batch size against the largest client and the round's memory estimate.
 
@@ -83,6 +84,8 @@ def check_round(
     model: the flax model (its activations are measured abstractly, nothing runs).
     image_shape: (H, W, C) of one example.
     memory_bytes: memory of the device; default `device_memory_bytes()`.
+    experiments: experiments trained side by side in one program (`runner.batch`; with
+      --client_chunk_size they run one after another, so they count once).
 
   Raises:
     ConfigError: naming --batch_size (and --join_ratio for the memory estimate).
@@ -94,8 +97,13 @@ def check_round(
       f'client ({largest} training examples); use at most {largest}'
     )
   cohort = max(1, int(round(config.join_ratio * config.num_clients)))
+  # A mesh (--num_devices) gives each device its share of the cohort.
+  devices = jax.device_count() if config.num_devices == 0 else config.num_devices
+  cohort = -(-cohort // max(1, min(devices, jax.device_count())))
   if config.client_chunk_size:
     cohort = min(cohort, config.client_chunk_size)
+  else:
+    cohort *= experiments
   needed = (
     cohort
     * config.batch_size
@@ -105,10 +113,10 @@ def check_round(
   memory_bytes = memory_bytes or device_memory_bytes()
   if needed > memory_bytes:
     raise ConfigError(
-      f'--batch_size={config.batch_size} x {cohort} clients a round (--join_ratio='
-      f'{config.join_ratio}) needs about {needed / 2**30:.1f} GiB of activations, more '
-      f'than the {memory_bytes / 2**30:.1f} GiB of the device; lower --batch_size or '
-      '--join_ratio, or train the cohort in chunks (--client_chunk_size)'
+      f'--batch_size={config.batch_size} x {cohort} clients a round per device '
+      f'(--join_ratio={config.join_ratio}) needs about {needed / 2**30:.1f} GiB of '
+      f'activations, more than the {memory_bytes / 2**30:.1f} GiB of the device; lower '
+      '--batch_size or --join_ratio, or train the cohort in chunks (--client_chunk_size)'
     )
 
 
@@ -123,8 +131,14 @@ def activations_per_example(model: Any, image_shape: tuple[int, ...]) -> int:
 
 
 def device_memory_bytes() -> int:
-  """Memory of the first jax device: its allocator limit, or the host RAM on CPU."""
-  stats = jax.devices()[0].memory_stats() or {}
-  if 'bytes_limit' in stats:
-    return int(stats['bytes_limit'])
-  return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  """Memory of the smallest device of this process: its allocator limit, or the host RAM.
+
+  Only this process's devices are asked (`memory_stats` works only on addressable
+  devices); in a multi-process run every process checks its own. Devices without an
+  allocator limit (CPU) count the host's RAM shared among them.
+  """
+  local = jax.local_devices()
+  limits = [int((d.memory_stats() or {}).get('bytes_limit', 0)) for d in local]
+  if all(limits):
+    return min(limits)
+  return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // len(local)

@@ -37,6 +37,8 @@ from jax.sharding import PartitionSpec as P
 from apfl_jax.core import options
 
 CLIENTS_AXIS = 'clients'
+# Default of --distributed_timeout_s (jax's own are 300 s to join, 100 s of heartbeats).
+DISTRIBUTED_TIMEOUT_S = 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +105,56 @@ class ClientMap:
       out = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), out)
     return jax.tree.map(lambda x: x[:size], out)
 
+  def map_and_sum(self, fn: Callable, in_axes: Sequence[int | None], *args: Any) -> Any:
+    """For an `fn` returning (kept, summed): `kept` stacked over the cohort, `summed` added up.
+
+    In chunks, `summed` is accumulated chunk by chunk (a `lax.scan` carry) instead of
+    stacked, so it takes one chunk's memory whatever the cohort's size (FedAvg's weighted
+    sum of the updates: stacked, the updates of 10,000 clients of the 0.58 M-parameter
+    CNN take 23 GB). Padding clients add nothing. Equal to summing `__call__`'s stacked
+    output up to float rounding.
+
+    Returns:
+      (kept stacked over the K clients in order, summed over them).
+    """
+    mapped = [a for a, axis in zip(args, in_axes) if axis == 0]
+    size = jax.tree.leaves(mapped)[0].shape[0]
+    per_call = self.chunk_size * self.num_shards if self.chunk_size else size
+    width = _round_up(min(per_call, size), self.num_shards)
+    padded = _round_up(size, width)
+    if padded == width:
+      kept, summed = self(fn, in_axes, *args)
+      return kept, jax.tree.map(lambda x: jnp.sum(x, axis=0), summed)
+    vmapped = jax.vmap(fn, in_axes=tuple(in_axes))
+    fill = jnp.minimum(jnp.arange(padded), size - 1)
+    valid = (jnp.arange(padded) < size).reshape(-1, width)
+    positions = [i for i, axis in enumerate(in_axes) if axis == 0]
+    chunks = [
+      jax.tree.map(lambda x: x[fill].reshape(-1, width, *x.shape[1:]), args[i]) for i in positions
+    ]
+
+    def call_args(chunk):
+      values = list(args)
+      for i, a in zip(positions, chunk):
+        values[i] = self._split(a)
+      return values
+
+    first = [jax.tree.map(lambda x: x[0], c) for c in chunks]
+    summed_shapes = jax.eval_shape(vmapped, *call_args(first))[1]
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape[1:], s.dtype), summed_shapes)
+
+    def body(total, inputs):
+      chunk, chunk_valid = inputs
+      kept, summed = vmapped(*call_args(chunk))
+      total = jax.tree.map(
+        lambda t, x: t + jnp.tensordot(chunk_valid.astype(x.dtype), x, axes=1), total, summed
+      )
+      return total, self._split(kept)
+
+    total, kept = jax.lax.scan(body, zeros, (chunks, valid))
+    kept = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[:size], kept)
+    return kept, total
+
   def _split(self, tree: Any) -> Any:
     """Constrains the leading axis of every leaf to be split over the mesh."""
     if self.mesh is None:
@@ -137,5 +189,13 @@ class DeviceOptions(options.Options):
     False,
     'Multi-host: call jax.distributed.initialize first (coordinator from '
     'JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or auto-detected on '
-    'Cloud TPU pods and SLURM); --num_devices then counts the devices of every host.',
+    'Cloud TPU pods and SLURM); --num_devices then counts the devices of every host '
+    '(docs/multihost.md).',
+  )
+  distributed_timeout_s: int = options.option(
+    DISTRIBUTED_TIMEOUT_S,
+    'With --distributed: seconds to wait for the coordinator and the other processes to '
+    'join, and the heartbeat and shutdown timeouts (a process silent that long ends the '
+    'job).',
+    check=options.positive,
   )

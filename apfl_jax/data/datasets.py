@@ -24,6 +24,7 @@ EMNIST, as tfds stores it, needs two fixes, both applied here:
 from collections.abc import Iterator, Sequence
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import io
 import logging
@@ -39,7 +40,7 @@ from absl import logging as absl_logging
 import numpy as np
 import tensorflow_datasets as tfds
 
-from apfl_jax.core import options
+from apfl_jax.core import options, sharding
 from apfl_jax.core.errors import ConfigError, DataUnavailableError
 from apfl_jax.data import fashion_mnist_debian
 from apfl_jax.data import partition as partition_lib
@@ -187,6 +188,40 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Datase
   root = pathlib.Path(data_dir).expanduser() if data_dir else default_data_dir()
   if data_dir and not root.is_dir():
     raise ConfigError(f'--data_dir: folder {root} does not exist')
+  if not sharding.in_job():
+    return _load_unlocked(name, root)
+  # A multi-process run: process 0 prepares the data set (builds, decodes, caches) while
+  # the others wait; they then read what it wrote, or, with a data dir of their own,
+  # prepare it there one process at a time (`_prepare_lock`).
+  dataset = _load_prepared(name, root) if sharding.is_main_process() else None
+  sharding.barrier('apfl_jax: data set prepared')
+  return dataset or _load_prepared(name, root)
+
+
+@contextlib.contextmanager
+def _prepare_lock(root: pathlib.Path) -> Iterator[None]:
+  """Lets one process of this host at a time prepare data in `root` (an flock).
+
+  A read-only data dir is only read: there the lock is skipped.
+  """
+  try:
+    (root / CACHE_DIRNAME).mkdir(parents=True, exist_ok=True)
+    lock = open(root / CACHE_DIRNAME / '.prepare.lock', 'a')  # noqa: SIM115
+  except OSError:
+    yield
+    return
+  with lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    yield
+
+
+def _load_prepared(name: str, root: pathlib.Path) -> Dataset:
+  """`load_dataset` in `root`: the cache, or the tfds files decoded (and cached)."""
+  with _prepare_lock(root):
+    return _load_unlocked(name, root)
+
+
+def _load_unlocked(name: str, root: pathlib.Path) -> Dataset:
   tfds_name, version = _locate(name, root)
   cache_path = (
     root / CACHE_DIRNAME / f'{tfds_name.replace("/", "-")}-{version}-v{_CACHE_FORMAT}.npz'

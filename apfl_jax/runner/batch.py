@@ -1,12 +1,15 @@
-"""Many experiments in one jitted program: seeds and hyper-parameters as a vmapped axis.
+"""Many experiments in one jitted program: seeds and hyper-parameters as one more axis.
 
 `train_and_evaluate_batch(configs, workdirs)` runs E synchronous experiments of one
 algorithm that differ only in `AXIS_FLAGS` (the seed, and hyper-parameters that change
-no shape and no code path) as ONE program: every round is `jax.vmap` of the algorithm's
-`run_round` over the experiments (the client map stays inside, with its chunks), and the
-evaluation is one vmapped call too. The images are on the device once; each experiment's
-index rows (its own partition), cohorts and keys are stacked on a leading axis, padded
-to common widths (padded positions are masked, as within one run).
+no shape and no code path) as ONE program: every round is one jitted call of the
+algorithm's `run_round` mapped over the experiments (the client map stays inside, with
+its chunks), and so is the evaluation. The experiments run side by side (`jax.vmap`: one
+wide computation, the accelerator mode) or take turns inside the program (`lax.map`: one
+compiled body, a round's memory that of one experiment; the CPU default and the mode
+with --client_chunk_size). The images are on the device once; each experiment's index
+rows (its own partition), cohorts and keys are stacked on a leading axis, padded to
+common widths (padded positions are masked, as within one run).
 
 Each experiment is its own run: its own workdir with config.json, partition files,
 metrics.jsonl, TensorBoard, checkpoints and summary.json, equal to a separate
@@ -19,11 +22,11 @@ How one algorithm object serves every experiment: each experiment's algorithm is
 on the host as for a separate run (with a schedule common to all, whose step bounds hold
 for every partition; padded steps are masked, so a client's steps are its own), then the
 attributes in which they differ (arrays such as label counts, numbers such as beta or a
-seed) are stacked and handed to the vmapped function, which puts them into a copy of the
+seed) are stacked and handed to the mapped function, which puts them into a copy of the
 first experiment's algorithm. An attribute that differs in any other way (an optimizer
 built from another learning rate, a static schedule, a closure) cannot be batched: the
-flag that caused it is refused in one line, and `studies.compare` then runs one program
-per experiment.
+flag that caused it is refused in one line (`NotBatchable`), and `studies.compare` then
+runs one program per experiment.
 """
 
 from __future__ import annotations
@@ -301,9 +304,21 @@ def with_lifted(template: Any, lifted: dict[str, Any]) -> Any:
 
 
 class ExperimentBatch:
-  """E experiments' rounds and evaluations, each ONE jitted vmapped call."""
+  """E experiments' rounds and evaluations, each ONE jitted call over the experiments.
 
-  def __init__(self, experiments: Sequence[Experiment], flags: Sequence[str]):
+  Side by side (`jax.vmap` over the experiments: one wide computation, for accelerators)
+  or taking turns (`lax.map`: one compiled body run E times in the program, a round's
+  memory that of one experiment). The default is side by side on an accelerator and
+  taking turns on CPU, where the wide computation measured slower than the runs one
+  after another (docs/benchmarks.md), and always taking turns with --client_chunk_size.
+  """
+
+  def __init__(
+    self,
+    experiments: Sequence[Experiment],
+    flags: Sequence[str],
+    side_by_side: bool | None = None,
+  ):
     schedule = common_schedule(experiments)
     self.experiments = list(experiments)
     self.algorithms = [e.algorithm.with_schedule(schedule) for e in experiments]
@@ -314,19 +329,21 @@ class ExperimentBatch:
     self.unseen_index, self.unseen_group, self.num_unseen = self._unseen_rows()
     self.dropout_ids = self._dropout_ids()
     config = experiments[0].config
+    if side_by_side is None:
+      side_by_side = jax.default_backend() != 'cpu' and not config.client_chunk_size
+    self.side_by_side = side_by_side
     preflight.check_round(
       config,
       np.concatenate([np.asarray(e.data.train_count) for e in experiments]),
       experiments[0].model,
       experiments[0].dataset.image_shape,
-      experiments=len(experiments),
+      experiments=len(experiments) if side_by_side else 1,
     )
-    # With --client_chunk_size the experiments take turns inside the program (lax.map), so
-    # a round's memory is one experiment's chunk; otherwise they train side by side (vmap).
-    self.sequential = config.client_chunk_size > 0
-    over_experiments = _map_over_experiments if self.sequential else jax.vmap
+    over_experiments = jax.vmap if side_by_side else _map_over_experiments
     self._run_round = jax.jit(over_experiments(self._one_round, in_axes=(0, 0, 0, 0, DATA_AXES)))
-    self._evaluate = jax.jit(jax.vmap(self._one_evaluation, in_axes=(0, 0, DATA_AXES, 0, 0, 0)))
+    self._evaluate = jax.jit(
+      over_experiments(self._one_evaluation, in_axes=(0, 0, DATA_AXES, 0, 0, 0))
+    )
 
   def _unseen_rows(self) -> tuple[jax.Array, jax.Array, list[int]]:
     """Each experiment's test-pool rows of its unseen classes, padded to one width."""
@@ -419,11 +436,14 @@ def _map_over_experiments(fn: Any, in_axes: tuple[Any, ...]) -> Any:
   """`jax.vmap(fn, in_axes)`'s result computed one experiment at a time (`lax.map`)."""
 
   def mapped(*args):
-    axes = [jax.tree.map(lambda _: a, x) if a in (0, None) else a for a, x in zip(in_axes, args)]
     flat_axes, flat_args = [], []
-    for a, x in zip(axes, args):
-      leaves, _ = jax.tree.flatten(x)
-      flat_axes.append(jax.tree.leaves(a, is_leaf=lambda v: v is None) if leaves else [])
+    for a, x in zip(in_axes, args):
+      leaves = jax.tree.leaves(x)
+      if a is None or isinstance(a, int):
+        flat_axes.append([a] * len(leaves))
+      else:  # a pytree of axes with x's structure and no empty subtrees (DATA_AXES)
+        flat_axes.append(jax.tree.leaves(a, is_leaf=lambda v: v is None))
+      assert len(flat_axes[-1]) == len(leaves), (a, len(leaves))
       flat_args.append(leaves)
     stacked = [
       [leaf for leaf, ax in zip(leaves, ax_list) if ax == 0]
@@ -449,7 +469,7 @@ def take(tree: Any, k: int) -> Any:
 
 
 def train_and_evaluate_batch(
-  configs: Sequence[Config], workdirs: Sequence[str]
+  configs: Sequence[Config], workdirs: Sequence[str], side_by_side: bool | None = None
 ) -> list[dict[str, Any] | Exception]:
   """Runs (or resumes) E sync experiments of one algorithm as one program.
 
@@ -457,6 +477,8 @@ def train_and_evaluate_batch(
     configs: the experiments' configs, differing only in `AXIS_FLAGS`.
     workdirs: one output folder each (a folder holding a checkpoint of the same config
       resumes, as for `train.train_and_evaluate`).
+    side_by_side: vmap the experiments (True) or map over them in the program (False);
+      None: `ExperimentBatch`'s default for this platform.
 
   Returns:
     Each experiment's summary (also in its summary.json), or the `TrainingDivergedError`
@@ -477,17 +499,18 @@ def train_and_evaluate_batch(
   ]
   locks = [workdir_lib.lock_workdir(w) for w in workdirs]
   try:
-    return _run_batch(configs, workdirs, flags)
+    return _run_batch(configs, workdirs, flags, side_by_side)
   finally:
     for lock in locks:
       lock.close()
 
 
 def _run_batch(
-  configs: list[Config], workdirs: list[str], flags: tuple[str, ...]
+  configs: list[Config], workdirs: list[str], flags: tuple[str, ...], side_by_side: bool | None
 ) -> list[dict[str, Any] | Exception]:
   experiments = [build_experiment(c) for c in configs]
-  batch = ExperimentBatch(experiments, flags)  # NotBatchable before anything is written
+  # NotBatchable comes before anything is written.
+  batch = ExperimentBatch(experiments, flags, side_by_side)
   for config, workdir, exp in zip(configs, workdirs, experiments):
     workdir_lib.commit_workdir(workdir, config)
     workdir_lib.write_file(os.path.join(workdir, 'partition.txt'), exp.partition.table() + '\n')

@@ -18,13 +18,16 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import sys
 import time
 from typing import Any, Callable
 
+from absl import logging
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorboardX
 
+from apfl_jax.core import sharding
 from apfl_jax.core.errors import ConfigError, TrainingDivergedError
 from apfl_jax.runner import checkpoints
 
@@ -115,15 +118,54 @@ class TensorBoard(Callback):
 class Checkpoint(Callback):
   """Saves the driver's state every `every` rounds and after the last one."""
 
-  def __init__(self, manager: ocp.CheckpointManager, driver: Any, every: int, num_rounds: int):
+  def __init__(
+    self,
+    manager: ocp.CheckpointManager,
+    driver: Any,
+    every: int,
+    num_rounds: int,
+    workdir: str = '',
+  ):
     self.manager = manager
     self.driver = driver
     self.every = every
     self.num_rounds = num_rounds
+    self.workdir = workdir  # named when a save fails (a full disk)
 
   def after_round(self, round_index, tree, row, report):
     if round_index % self.every == 0 or round_index == self.num_rounds:
-      self.manager.save(round_index, args=checkpoints.save_args(*self.driver.split(tree)))
+      with checkpoints.write_errors(self.workdir):
+        self.manager.save(round_index, args=checkpoints.save_args(*self.driver.split(tree)))
+
+
+class Console:
+  """`print` for the run's progress lines: a closed or full stdout stops them, not the run.
+
+  When stdout cannot be written (`| head -1` closed the pipe, `> /dev/full`), one warning
+  line goes to stderr, stdout is pointed at /dev/null (so that nothing fails again when
+  Python flushes it at exit) and the run goes on without progress lines.
+  """
+
+  def __init__(self) -> None:
+    self.broken = False
+
+  def __call__(self, *args: Any, **kwargs: Any) -> None:
+    if self.broken:
+      return
+    try:
+      print(*args, **kwargs)
+    except OSError as e:  # BrokenPipeError, ENOSPC, EBADF
+      self.broken = True
+      try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+      except (OSError, ValueError, AttributeError):
+        pass
+      logging.warning(
+        'stdout cannot be written (%s): progress lines are dropped, the run goes on',
+        e.strerror or type(e).__name__,
+      )
 
 
 class Progress(Callback):
@@ -160,7 +202,13 @@ def default_callbacks(
   config: Any,
   log: Callable[..., None],
 ) -> list[Callback]:
-  """The run's callbacks, in order: divergence, metrics, TensorBoard, checkpoint, progress."""
+  """The run's callbacks, in order: divergence, metrics, TensorBoard, checkpoint, progress.
+
+  In a multi-process run every process checkpoints (each writes its share of one orbax
+  checkpoint) while process 0 alone writes metrics.jsonl and TensorBoard (`log` prints
+  only there).
+  """
+  main = sharding.is_main_process()
   return [
     # FedGen's regulariser weights multiply the learning rate on its generated batches.
     DivergenceCheck(
@@ -168,8 +216,8 @@ def default_callbacks(
       if config.algorithm == 'fedgen'
       else '--learning_rate'
     ),
-    MetricsLog(os.path.join(workdir, 'metrics.jsonl'), rows),
-    TensorBoard(os.path.join(workdir, 'tensorboard')),
-    Checkpoint(manager, driver, config.checkpoint_every, config.num_rounds),
+    MetricsLog(os.path.join(workdir, 'metrics.jsonl') if main else os.devnull, rows),
+    *([TensorBoard(os.path.join(workdir, 'tensorboard'))] if main else []),
+    Checkpoint(manager, driver, config.checkpoint_every, config.num_rounds, workdir),
     Progress(log, config.num_rounds),
   ]

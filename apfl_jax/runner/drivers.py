@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from apfl_jax.asynchrony import clock, simulator
+from apfl_jax.core import sharding
 from apfl_jax.runner.experiment import Experiment, cohort_for_round
 
 
@@ -79,7 +80,7 @@ class SyncRounds(Driver):
     self._run_round = jax.jit(experiment.algorithm.run_round)
     config = experiment.config
     self._job_time = clock.step_durations(config, config.num_clients) * clock.client_step_counts(
-      experiment.schedule, np.asarray(experiment.data.train_count)
+      experiment.schedule, sharding.to_host(experiment.data.train_count)
     )
     self._end_times = [0.0]
 
@@ -100,10 +101,10 @@ class SyncRounds(Driver):
   def step(self, state, round_index, rng):
     cohort = self._cohort(round_index)
     state, metrics = self._run_round(state, cohort, rng, self._exp.data)
-    loss, finite = jax.device_get((metrics.loss, metrics.finite))
-    return state, StepReport(
-      cohort, np.asarray(loss), np.asarray(finite), {'virtual_time': self.virtual_time(round_index)}
-    )
+    # Host reads go through `sharding.to_host`: with a mesh over several processes the
+    # per-client results are split over devices this process cannot read alone.
+    loss, finite = sharding.to_host((metrics.loss, metrics.finite))
+    return state, StepReport(cohort, loss, finite, {'virtual_time': self.virtual_time(round_index)})
 
 
 class AsyncRounds(Driver):
@@ -116,7 +117,7 @@ class AsyncRounds(Driver):
       experiment.algorithm,
       experiment.config,
       experiment.config.num_clients,
-      clock.client_step_counts(experiment.schedule, np.asarray(experiment.data.train_count)),
+      clock.client_step_counts(experiment.schedule, sharding.to_host(experiment.data.train_count)),
       experiment.dropout_clients,
     )
 

@@ -138,6 +138,12 @@ def client_mesh(num_devices: int) -> jax.sharding.Mesh | None:
     raise ConfigError(
       f'--num_devices={num_devices} but JAX sees {len(devices)} {jax.default_backend()} device(s)'
     )
+  if jax.process_count() > 1 and num_devices not in (0, len(devices)):
+    # Every process runs the same round: the mesh must hold every process's devices.
+    raise ConfigError(
+      f'--num_devices={num_devices}: a run of {jax.process_count()} processes splits the '
+      f'cohort over all {len(devices)} devices of the job; pass --num_devices=0'
+    )
   if num_devices == 1 or len(devices) == 1:
     return None
   return sharding.client_mesh(devices[: num_devices or len(devices)])

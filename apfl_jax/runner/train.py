@@ -53,12 +53,24 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
     RunInterrupted: Ctrl-C or SIGTERM; says the round reached and how to resume.
   """
   config.validate()
+  if jax.process_count() > 1 and not workdir:
+    raise ConfigError(
+      '--workdir: a multi-process run needs one --workdir that every process can reach '
+      '(docs/multihost.md)'
+    )
   workdir = os.path.abspath(os.path.expanduser(workdir or workdir_lib.default_workdir(config)))
+  if not sharding.is_main_process():
+    # Process 0 alone locks, cleans and writes the workdir; the others use it once it has.
+    sharding.barrier('apfl_jax: workdir opened')
+    return _run(config, workdir_lib.open_workdir(workdir, config))
   created = workdir_lib.first_missing_folder(workdir)
-  entries_before = set() if created else set(os.listdir(workdir))
   workdir = workdir_lib.open_workdir(workdir, config)
+  entries_before = set() if created else set(os.listdir(workdir))
   lock = workdir_lib.lock_workdir(workdir)
   try:
+    if workdir_lib.remove_abandoned_start(workdir):  # a start killed before its checkpoint
+      entries_before = set(os.listdir(workdir)) - {workdir_lib.LOCK_NAME}
+    sharding.barrier('apfl_jax: workdir opened')
     return _run(config, workdir)
   except BaseException:
     if 'config.json' not in entries_before and not workdir_lib.has_checkpoint(workdir):
@@ -70,11 +82,20 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
 
 def _run(config: Config, workdir: str) -> dict[str, Any]:
   """`train_and_evaluate` in a locked workdir."""
-  log = print if config.verbose else (lambda *a, **k: None)
+  verbose = config.verbose and sharding.is_main_process()  # one progress line a round
+  log = callbacks.Console() if verbose else (lambda *a, **k: None)
   log(
     f'loading {config.dataset} and partitioning it among {config.num_clients} clients', flush=True
   )
-  exp = build_experiment(config)
+  try:
+    exp = build_experiment(config)
+  except (MemoryError, jax.errors.JaxRuntimeError) as e:
+    if not _out_of_memory(e):
+      raise
+    raise ConfigError(
+      f'--dataset={config.dataset}: out of memory while placing the data set on the device '
+      f'({type(e).__name__}); free memory or use a machine with more'
+    ) from None
   workdir_lib.commit_workdir(workdir, config)
   workdir_lib.write_file(os.path.join(workdir, 'partition.txt'), exp.partition.table() + '\n')
   workdir_lib.write_file(os.path.join(workdir, 'partition.json'), exp.partition.to_json())
@@ -89,14 +110,17 @@ def _run(config: Config, workdir: str) -> dict[str, Any]:
   )
   rounds: Driver = SyncRounds(exp) if config.server == 'sync' else AsyncRounds(exp)
   tree = rounds.init(state)
-  manager = ocp.CheckpointManager(
-    os.path.join(workdir, 'checkpoints'), options=ocp.CheckpointManagerOptions(max_to_keep=2)
-  )
+  with checkpoints.write_errors(workdir):
+    manager = ocp.CheckpointManager(
+      os.path.join(workdir, 'checkpoints'), options=ocp.CheckpointManagerOptions(max_to_keep=2)
+    )
   try:
-    return _round_loop(config, workdir, exp, rounds, tree, manager, base_key, log)
-  finally:
-    manager.wait_until_finished()  # an async save still in flight is kept
-    manager.close()
+    summary = _round_loop(config, workdir, exp, rounds, tree, manager, base_key, log)
+  except BaseException:
+    checkpoints.finish(manager, workdir, failed=True)  # an async save in flight is kept
+    raise
+  checkpoints.finish(manager, workdir)
+  return summary
 
 
 def _round_loop(
@@ -127,7 +151,7 @@ def _round_loop(
       flush=True,
     )
   t0 = time.perf_counter()
-  r = done
+  r = done + 1  # the round running (named when it is interrupted)
   try:
     for r in range(done + 1, config.num_rounds + 1):
       tree, report = rounds.step(tree, r, jax.random.fold_in(base_key, r))
@@ -145,7 +169,8 @@ def _round_loop(
       for hook in hooks:
         hook.after_round(r, tree, row, report)
   except KeyboardInterrupt:
-    manager.wait_until_finished()
+    with checkpoints.write_errors(workdir):
+      manager.wait_until_finished()
     saved = manager.latest_step() or 0
     kept = (
       (
@@ -155,9 +180,9 @@ def _round_loop(
       if saved
       else 'nothing was checkpointed yet; rerun the same command to start over'
     )
-    raise RunInterrupted(f'interrupted in round {r + 1}/{config.num_rounds}: {kept}') from None
-  except jax.errors.JaxRuntimeError as e:
-    if 'RESOURCE_EXHAUSTED' not in str(e):
+    raise RunInterrupted(f'interrupted in round {r}/{config.num_rounds}: {kept}') from None
+  except (MemoryError, jax.errors.JaxRuntimeError) as e:
+    if not _out_of_memory(e):
       raise
     raise ConfigError(
       f'--batch_size: round {r} ran out of device memory; lower --batch_size or --join_ratio'
@@ -170,3 +195,8 @@ def _round_loop(
   workdir_lib.write_file(os.path.join(workdir, 'summary.json'), json.dumps(summary, indent=2))
   log(run_folder.format_summary(summary, workdir))
   return summary
+
+
+def _out_of_memory(error: BaseException) -> bool:
+  """Whether `error` says the host (MemoryError) or the device (RESOURCE_EXHAUSTED) is full."""
+  return isinstance(error, MemoryError) or 'RESOURCE_EXHAUSTED' in str(error)

@@ -21,7 +21,7 @@ from absl import flags
 
 from apfl_jax.core.errors import ConfigError, UserError
 from apfl_jax.runner import run_folder
-from apfl_jax.studies import plots, results
+from apfl_jax.studies import outputs, plots, results
 
 
 def define_flags() -> None:
@@ -53,8 +53,9 @@ def seed_workdirs(folder: str) -> list[str]:
 
 
 def main(argv):
-  del argv
   try:
+    if len(argv) > 1:
+      raise ConfigError(f'unexpected argument {argv[1]!r}: flags are written --name=value')
     write_summary()
   except UserError as e:
     sys.exit(f'error: {e}')
@@ -64,15 +65,26 @@ def write_summary():
   """Reads the runs, writes the figures and summary.md, prints the table."""
   if not FLAGS.runs or not FLAGS.out:
     raise ConfigError('--runs and --out are required')
-  os.makedirs(FLAGS.out, exist_ok=True)
+  if not 0 < FLAGS.target <= 1:
+    raise ConfigError(f'--target must be an accuracy in (0, 1], got {FLAGS.target}')
+  folders = [f for f in FLAGS.runs.split(',') if f]
+  repeated = sorted({f for f in folders if folders.count(f) > 1})
+  if repeated:
+    raise ConfigError(f'--runs names {", ".join(repeated)} more than once')
+  outputs.check_output_folder(FLAGS.out, 'out')
   groups, staleness = {}, []
-  for folder in FLAGS.runs.split(','):
+  for folder in folders:
     curves, servers = [], set()
     for workdir in seed_workdirs(folder):
       rows = run_folder.read_metrics(workdir)
       if not rows or FLAGS.metric not in rows[-1]:
         raise ConfigError(f'--metric: {workdir}/{run_folder.METRICS} has no {FLAGS.metric}')
-      servers.add(run_folder.read_config_values(workdir)['server'])
+      if any('virtual_time' not in r for r in rows):
+        raise ConfigError(
+          f'--runs: {workdir}/{run_folder.METRICS} has rows without virtual_time (a run of '
+          'a version before the virtual clock)'
+        )
+      servers.add(str(run_folder.read_config_values(workdir).get('server', 'sync')))
       curves.append(
         results.Curve([r['virtual_time'] for r in rows], [r.get(FLAGS.metric) for r in rows])
       )
@@ -81,6 +93,7 @@ def write_summary():
     groups[f'{os.path.basename(folder.rstrip("/"))} ({"/".join(sorted(servers))})'] = curves
   budgets, table = results.virtual_time_table(groups, FLAGS.target)
   summary = results.virtual_time_markdown(budgets, table, FLAGS.target, FLAGS.metric)
+  os.makedirs(FLAGS.out, exist_ok=True)
   plots.plot_accuracy_vs_virtual_time(
     groups, os.path.join(FLAGS.out, 'accuracy_vs_virtual_time.png'), FLAGS.metric
   )

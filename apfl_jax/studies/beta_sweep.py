@@ -58,6 +58,8 @@ def parse_betas(text: str) -> list[float]:
     raise UserError(f'--betas: expected comma-separated numbers, got {text!r}') from None
   if not all(0.0 <= b <= 1.0 for b in betas):
     raise UserError(f'--betas: every value must be in [0, 1], got {text!r}')
+  if len(set(betas)) < len(betas):
+    raise UserError(f'--betas: a value appears more than once in {text!r}')
   return betas
 
 
@@ -109,6 +111,8 @@ def seed_workdirs(runs: str, seeds: str) -> list[str]:
     numbers = [int(s) for s in seeds.split(',')]
   except ValueError:
     raise UserError(f'--seeds: expected comma-separated integers, got {seeds!r}') from None
+  if len(set(numbers)) < len(numbers):
+    raise UserError(f'--seeds: a seed appears more than once in {seeds!r}')
   workdirs = [os.path.join(runs, f'seed{s}') for s in numbers]
   missing = [w for w in workdirs if not os.path.isdir(w)]
   if missing:

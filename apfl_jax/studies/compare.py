@@ -18,7 +18,9 @@ final and best-over-rounds accuracies), accuracy_vs_round.png, per_client_accura
 (when metrics.jsonl has 'client_personalized_acc') and, for AP-FL with
 --generator=image, generated_samples[_<flag>=<value>].png from the first finished seed's
 last checkpoint. A run that fails with a UserError (bad flag, missing data, divergence)
-is a 'failed' entry with its message in the table; the others go on.
+is a 'failed' entry with its message in the table; the others go on. When every run
+fails, the comparison ends with an error (exit status 1) once the table is written.
+Every flag of the comparison, and that --out can be written, is checked before any run.
 """
 
 import dataclasses
@@ -37,8 +39,8 @@ import numpy as np
 from apfl_jax.algorithms.generative import generator as generator_lib
 from apfl_jax.config import config as config_lib
 from apfl_jax.core.errors import ConfigError, UserError
-from apfl_jax.runner import checkpoints, run_folder, train
-from apfl_jax.studies import plots, results
+from apfl_jax.runner import batch, checkpoints, run_folder, train
+from apfl_jax.studies import outputs, plots, results
 
 # Flags the comparison sets for each run itself.
 PER_RUN_FLAGS = ('algorithm', 'seed', 'workdir')
@@ -57,6 +59,13 @@ def define_flags() -> None:
     'sweep',
     '',
     'FLAG:v1,v2,... runs every value of one flag as its own method row, e.g. apfl_beta:0.01,0.1.',
+  )
+  flags.DEFINE_bool(
+    'experiment_axis',
+    True,
+    'Train the seeds of one algorithm (and the values of a --sweep of a flag in '
+    'runner.batch.AXIS_FLAGS) as ONE jitted program, each still its own run folder; '
+    '--noexperiment_axis runs one program per run.',
   )
   flags.DEFINE_list(
     'algorithm_flags',
@@ -89,6 +98,9 @@ def parse_sweep(spec: str) -> tuple[str, list[tuple[str, Any]]]:
       f'--sweep must be FLAG:v1,v2,... with FLAG a flag of main.py other '
       f'than {", ".join(PER_RUN_FLAGS)}; got {spec!r}'
     )
+  repeated = sorted({t for t in texts if texts.count(t) > 1})
+  if repeated:
+    raise ConfigError(f'--sweep names {name}={", ".join(repeated)} more than once')
   parser = flags.FLAGS[name].parser
   parsed = []
   for text in texts:
@@ -142,6 +154,9 @@ def parse_seeds(seeds: list[str]) -> list[int]:
     raise ConfigError(f'--seeds must be integers like 0,1,2; got {",".join(seeds)!r}') from None
   if not parsed:
     raise ConfigError('--seeds is empty')
+  repeated = sorted({s for s in parsed if parsed.count(s) > 1})
+  if repeated:
+    raise ConfigError(f'--seeds names {", ".join(map(str, repeated))} more than once')
   return parsed
 
 
@@ -178,6 +193,104 @@ def run_one(config: config_lib.Config, setting: str, workdir: str) -> results.Ru
     run_folder.read_metrics(workdir),
     dropout_clients=config.dropout_client_ids(monopoly),
   )
+
+
+def _report(i: int, total: int, run: results.Run) -> None:
+  status = (
+    f'FAILED: {run.error}'
+    if run.failed
+    else f'final personalized accuracy {run.summary.get("final_personalized_acc")}'
+  )
+  print(f'[{i}/{total}] {run.label} seed {run.seed}: {status}', flush=True)
+
+
+def finished_run(config: config_lib.Config, setting: str, summary: dict[str, Any]) -> results.Run:
+  """The `results.Run` of a run that finished in `config.workdir`."""
+  with open(os.path.join(config.workdir, 'partition.json')) as f:
+    monopoly = tuple(json.load(f)['monopoly_clients'])
+  return results.Run(
+    config.algorithm,
+    setting,
+    config.seed,
+    config.workdir,
+    summary,
+    run_folder.read_metrics(config.workdir),
+    dropout_clients=config.dropout_client_ids(monopoly),
+  )
+
+
+def failed_run(config: config_lib.Config, setting: str, error: BaseException) -> results.Run:
+  message = str(error).splitlines()[0] if str(error) else type(error).__name__
+  return results.Run(config.algorithm, setting, config.seed, config.workdir, {}, [], error=message)
+
+
+def run_all(
+  planned: list[tuple[str, str, int, config_lib.Config]], sweep_flag: str, experiment_axis: bool
+) -> dict[str, results.Run]:
+  """Runs every planned (algorithm, setting, seed, config); returns the Runs by workdir.
+
+  With `experiment_axis`, the seeds of one algorithm and setting (and the values of a
+  swept `batch.AXIS_FLAGS` flag) train as one program (`batch.train_and_evaluate_batch`);
+  a group that cannot share one program says why in one line and runs one program per run.
+  """
+  groups: dict[tuple[str, str], list[tuple[str, int, config_lib.Config]]] = {}
+  for algorithm, setting, seed, config in planned:
+    shared = setting
+    if sweep_flag in batch.AXIS_FLAGS:  # the swept values join the seeds' program
+      shared = ' '.join(s for s in setting.split(' ') if not s.startswith(f'{sweep_flag}='))
+    groups.setdefault((algorithm, shared), []).append((setting, seed, config))
+  finished: dict[str, results.Run] = {}
+  total = len(planned)
+
+  def one_by_one(members):
+    for setting, seed, config in members:
+      print(
+        f'[{len(finished) + 1}/{total}] {config.algorithm} {setting} seed {seed} -> '
+        f'{config.workdir}',
+        flush=True,
+      )
+      run = run_one(config, setting, config.workdir)
+      finished[config.workdir] = run
+      _report(len(finished), total, run)
+
+  for (algorithm, _), members in groups.items():
+    if not experiment_axis or len(members) == 1:
+      one_by_one(members)
+      continue
+    try:
+      configs = [c.validate() for _, _, c in members]
+      batch.check_batchable(configs)
+    except batch.NotBatchable as e:
+      print(f'{algorithm}: one program per run ({e})', flush=True)
+      one_by_one(members)
+      continue
+    except UserError as e:
+      for setting, _, config in members:
+        finished[config.workdir] = failed_run(config, setting, e)
+        _report(len(finished), total, finished[config.workdir])
+      continue
+    print(
+      f'[{len(finished) + 1}-{len(finished) + len(members)}/{total}] {algorithm}: '
+      f'{len(members)} runs in one program -> {os.path.dirname(configs[0].workdir)}',
+      flush=True,
+    )
+    try:
+      summaries = batch.train_and_evaluate_batch(configs, [c.workdir for c in configs])
+    except batch.NotBatchable as e:
+      print(f'{algorithm}: one program per run ({e})', flush=True)
+      one_by_one(members)
+      continue
+    except UserError as e:
+      summaries = [e] * len(members)
+    for (setting, _, config), summary in zip(members, summaries):
+      run = (
+        failed_run(config, setting, summary)
+        if isinstance(summary, BaseException)
+        else finished_run(config, setting, summary)
+      )
+      finished[config.workdir] = run
+      _report(len(finished), total, run)
+  return finished
 
 
 def generated_pixels(workdir: str) -> tuple[np.ndarray, Any]:
@@ -273,16 +386,23 @@ def main(argv: list[str]) -> int:
   """Parses `argv` (program name first), runs every run, writes tables and plots.
 
   Returns:
-    0; failed runs are reported in the results, not by the exit status.
+    0; failed runs are reported in the results, not by the exit status (unless every
+    run failed).
 
   Raises:
-    UserError: an invalid flag of the comparison as a whole.
+    UserError: an invalid flag of the comparison as a whole (checked before any run), an
+      --out that cannot be written, or every run failed (after the results are written).
     flags.Error: an unknown flag or a malformed flag value.
   """
   define_flags()
   command = shlex.join(['python', *argv])
   flags.FLAGS.unparse_flags()
-  flags.FLAGS(config_lib.resolve_flagfile_args(argv))
+  extra = flags.FLAGS(config_lib.resolve_flagfile_args(argv))[1:]
+  if extra:
+    raise ConfigError(
+      f'unexpected argument {extra[0]!r}: flags are written --name=value, on the command '
+      'line and in a --flagfile'
+    )
   logging.set_verbosity(logging.WARNING)  # keeps orbax's per-save INFO lines out
   base = config_lib.from_flags(flags.FLAGS)
   # The flags as given: each run fills in its own algorithm's defaults (--generator, ...).
@@ -291,6 +411,11 @@ def main(argv: list[str]) -> int:
   if not out:
     raise ConfigError('--out is required: the folder of the runs, tables and plots')
   algorithms = flags.FLAGS.algorithms
+  if not algorithms:
+    raise ConfigError('--algorithms is empty: name the algorithms to compare, e.g. fedavg,apfl')
+  repeated = sorted({a for a in algorithms if algorithms.count(a) > 1})
+  if repeated:
+    raise ConfigError(f'--algorithms names {", ".join(repeated)} more than once')
   for algorithm in algorithms:
     if algorithm not in config_lib.ALGORITHMS:
       raise ConfigError(
@@ -300,6 +425,7 @@ def main(argv: list[str]) -> int:
   seeds = parse_seeds(flags.FLAGS.seeds)
   sweep_flag, sweep_values = parse_sweep(flags.FLAGS.sweep)
   algorithm_flags = parse_algorithm_flags(flags.FLAGS.algorithm_flags, algorithms)
+  outputs.check_output_folder(out, 'out')
   os.makedirs(out, exist_ok=True)
 
   jobs = [
@@ -308,29 +434,17 @@ def main(argv: list[str]) -> int:
     for algorithm in algorithms
     for text, value in sweep_values
   ]
-  runs, configs = [], {}
-  for i, (seed, algorithm, text, value) in enumerate(jobs, 1):
+  planned = []  # (algorithm, setting, seed, config) in the order of the table
+  for seed, algorithm, text, value in jobs:
     own_setting, changes = algorithm_flags.get(algorithm, ('', {}))
     changes = {**changes, **({sweep_flag: value} if sweep_flag else {})}
     setting = ' '.join(s for s in (own_setting, f'{sweep_flag}={text}' if sweep_flag else '') if s)
     workdir = run_workdir(out, algorithm, setting, seed)
     config = given.replace(algorithm=algorithm, seed=seed, workdir=workdir, **changes)
-    print(
-      f'[{i}/{len(jobs)}] {f"{algorithm} {setting}".strip()} seed {seed} -> {workdir}', flush=True
-    )
-    run = run_one(config, setting, workdir)
-    configs[workdir] = config.with_algorithm_defaults()
-    runs.append(run)
-    print(
-      f'[{i}/{len(jobs)}] '
-      + (
-        f'FAILED: {run.error}'
-        if run.failed
-        else f'final personalized accuracy {run.summary.get("final_personalized_acc")}'
-      ),
-      flush=True,
-    )
-
+    planned.append((algorithm, setting, seed, config))
+  configs = {c.workdir: c.with_algorithm_defaults() for _, _, _, c in planned}
+  finished = run_all(planned, sweep_flag, flags.FLAGS.experiment_axis)
+  runs = [finished[c.workdir] for _, _, _, c in planned]
   figures = []
   if plots.plot_accuracy_vs_round(runs, os.path.join(out, 'accuracy_vs_round.png')):
     figures.append(('personalized accuracy vs round', 'accuracy_vs_round.png'))
@@ -369,4 +483,10 @@ def main(argv: list[str]) -> int:
     f'{len(runs) - failed} of {len(runs)} runs finished; results in '
     f'{os.path.join(out, "results.md")}'
   )
+  if failed == len(runs):
+    first = next(r for r in runs if r.failed)
+    raise UserError(
+      f'every run failed ({len(runs)} of {len(runs)}; the first: {first.error}); see '
+      f'{os.path.join(out, "results.md")}'
+    )
   return 0

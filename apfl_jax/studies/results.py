@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+import re
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -26,6 +27,9 @@ METRICS = (
   'dropout_personalized_acc',
   'dropout_personalized_acc_no_label_prior',
   'unseen_class_acc',
+  'unseen_class_seen_acc',
+  'unseen_class_balanced_acc',
+  'unseen_class_acc_onehot_control',
 )
 METRIC_NAMES = {
   'personalized_acc': 'personalized',
@@ -35,6 +39,9 @@ METRIC_NAMES = {
   'dropout_personalized_acc': 'dropout clients',
   'dropout_personalized_acc_no_label_prior': 'dropout clients, no label prior',
   'unseen_class_acc': 'unseen classes',
+  'unseen_class_seen_acc': 'probe on seen classes',
+  'unseen_class_balanced_acc': 'probe balanced',
+  'unseen_class_acc_onehot_control': 'unseen classes, one-hot control',
 }
 STAGES = ('final', 'best')
 NA = 'n/a'
@@ -180,6 +187,46 @@ def write_csv(table: Sequence[dict[str, Any]], path: str) -> None:
           out[f'{stage}_{metric}_mean'] = NA if stat is None else f'{stat[0]:.6f}'
           out[f'{stage}_{metric}_std'] = NA if stat is None else f'{stat[1]:.6f}'
       writer.writerow(out)
+
+
+def read_csv(path: str) -> list[dict[str, Any]]:
+  """The `method_table` a results.csv holds (the inverse of `write_csv`).
+
+  Columns of metrics added after the file was written read as n/a (None).
+
+  Raises:
+    ConfigError: naming the file when it cannot be read or lacks a column every version
+      wrote.
+  """
+  try:
+    with open(path, newline='') as f:
+      rows = list(csv.DictReader(f))
+  except OSError as e:
+    raise ConfigError(f'{path}: cannot read it ({e.strerror or e})') from None
+  table = []
+  for number, row in enumerate(rows, 2):
+    try:
+      out: dict[str, Any] = {
+        'method': row['method'],
+        'algorithm': row['algorithm'],
+        'setting': row['setting'],
+        'seeds': [int(s) for s in row['seeds'].split(';') if s],
+        'failed': [
+          (int(seed), message)
+          for seed, message in re.findall(
+            r'seed (\d+) failed: (.*?)(?=; seed \d+ failed: |$)', row['errors']
+          )
+        ],
+      }
+    except (KeyError, ValueError) as e:
+      raise ConfigError(f'{path}: line {number} is not a results.csv row ({e})') from None
+    for metric in METRICS:
+      for stage in STAGES:
+        mean = row.get(f'{stage}_{metric}_mean', NA)
+        std = row.get(f'{stage}_{metric}_std', NA)
+        out[f'{stage}_{metric}'] = None if NA in (mean, std) else (float(mean), float(std))
+    table.append(out)
+  return table
 
 
 def write_markdown(

@@ -171,7 +171,7 @@ def _quiet_transformers() -> Iterator[None]:
     hf_logging.set_verbosity(verbosity)
 
 
-def _normalise(x: np.ndarray) -> np.ndarray:
+def normalise(x: np.ndarray) -> np.ndarray:
   """L2-normalises rows, as float32."""
   x = np.asarray(x, np.float32)
   return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
@@ -199,7 +199,7 @@ def _load_minilm() -> TextEncoder:
       hidden = np.asarray(model(**batch).last_hidden_state, np.float32)
       mask = batch['attention_mask'][..., None].astype(np.float32)
       rows.append((hidden * mask).sum(1) / np.maximum(mask.sum(1), 1e-9))
-    return _normalise(np.concatenate(rows))
+    return normalise(np.concatenate(rows))
 
   return encode
 
@@ -266,7 +266,7 @@ def _load_clip(model_name: str) -> TextEncoder:
           model(input_ids=batch['input_ids'], attention_mask=batch['attention_mask']).text_embeds
         )
       )
-    return _normalise(np.concatenate(rows))
+    return normalise(np.concatenate(rows))
 
   return encode
 

@@ -29,9 +29,16 @@ Choices taken from FedGen's official code (github.com/zhuangdizhu/FedGen):
     sample, noise distance 'l2' is the MEAN squared difference (no sqrt).
   * Teacher weights: a teacher's share of each label's examples
     (FedGen's `get_label_weights`, without its minimum-count threshold, which
-    the caller can apply to `label_counts`).
-  * Teacher CE: per-sample CE times the teacher's weight for that sample's
-    label, averaged over the batch and summed over teachers.
+    the caller can apply to `label_counts`; its counts start at 1 per label,
+    `knowledge_transfer.memory_teacher_weights`' label_count_prior).
+
+Where we differ from FedGen's official code (each a choice of `ce_weighting`):
+  * Teacher CE ('per_sample', ours and the formula above): per-sample CE times
+    the teacher's weight for that sample's label, averaged over the batch and
+    summed over teachers. The official code writes
+    `torch.mean(nll[B] * weight[B, 1])`, which broadcasts to a [B, B] matrix:
+    mean_i(w_{k,y_i}) * mean_i(nll_{k,i}) per teacher ('official'), so a
+    teacher's CE on labels it does not hold counts as much as on its own.
 
 Choices where FedGen and AP-FL are silent:
   * BatchNorm always normalises with batch statistics and keeps no running
@@ -71,6 +78,8 @@ GENERATORS = ('feature', 'image')
 # Pairs of samples the diversity loss spreads apart: every pair (FedGen) or same-label pairs.
 DIVERSITY_PAIRS = ('all', 'same_label')
 NOISE_DISTRIBUTIONS = ('uniform', 'normal')
+# How the teacher CE weighs a sample: by its own label's weight, or FedGen's code's broadcast.
+CE_WEIGHTINGS = ('per_sample', 'official')
 # FedGen's GENERATORCONFIGS: data-set family -> (hidden_dim, noise_dim).
 FEDGEN_SIZES = {'mnist': (256, 32), 'cifar': (512, 64)}
 _BN_EPS = 1e-5
@@ -333,21 +342,31 @@ def teacher_weights(label_counts: jax.Array) -> jax.Array:
 
 
 def teacher_cross_entropy(
-  teacher_logits: jax.Array, labels: jax.Array, weights: jax.Array
+  teacher_logits: jax.Array, labels: jax.Array, weights: jax.Array, weighting: str = 'per_sample'
 ) -> jax.Array:
-  """The weighted ensemble CE: (1/B) sum_i sum_k w_{k,y_i} CE(logits_{k,i}, y_i).
+  """The weighted ensemble CE.
+
+  per_sample: (1/B) sum_i sum_k w_{k,y_i} CE(logits_{k,i}, y_i);
+  official (FedGen's code, `mean(nll[B] * weight[B, 1])`):
+    sum_k [(1/B) sum_i w_{k,y_i}] [(1/B) sum_i CE(logits_{k,i}, y_i)].
 
   Args:
     teacher_logits: [K, B, num_classes].
     labels: int [B].
     weights: [K, num_classes], e.g. from `teacher_weights`.
+    weighting: one of CE_WEIGHTINGS.
 
   Returns:
     A scalar.
   """
   log_probs = jax.nn.log_softmax(teacher_logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(log_probs, labels[None, :, None], axis=-1)[..., 0]
-  return jnp.mean(jnp.sum(weights[:, labels] * nll, axis=0))
+  sample_weights = weights[:, labels]
+  if weighting == 'official':
+    return jnp.sum(jnp.mean(sample_weights, axis=1) * jnp.mean(nll, axis=1))
+  if weighting != 'per_sample':
+    raise ConfigError(f'teacher CE weighting {weighting!r} is not one of {list(CE_WEIGHTINGS)}')
+  return jnp.mean(jnp.sum(sample_weights * nll, axis=0))
 
 
 @flax.struct.dataclass
@@ -406,6 +425,7 @@ def train_generator(
   noise_dim: int,
   noise_distribution: str,
   diversity_pairs: str = 'all',
+  ce_weighting: str = 'per_sample',
 ) -> tuple[GeneratorState, dict[str, jax.Array]]:
   """Trains the generator for `num_steps` optax steps (a lax.scan).
 
@@ -442,6 +462,7 @@ def train_generator(
     noise_distribution: 'uniform' or 'normal'.
     diversity_pairs: 'all' (FedGen's diversity over every pair of the batch) or
       'same_label' (only pairs of equal labels, `diversity_loss` with y).
+    ce_weighting: 'per_sample' or 'official' (`teacher_cross_entropy`).
 
   Returns:
     (the new GeneratorState, {'loss', 'ce', 'diversity'} of the last step,
@@ -464,7 +485,7 @@ def train_generator(
 
   def loss_fn(params, noise, labels):
     samples = cast(jax.Array, generator.apply({'params': params}, noise, labels))
-    ce = teacher_cross_entropy(teacher_logits_fn(samples), labels, weights)
+    ce = teacher_cross_entropy(teacher_logits_fn(samples), labels, weights, ce_weighting)
     div = diversity_loss(noise, samples, labels if diversity_pairs == 'same_label' else None)
     return ce_weight * ce + (1.0 - ce_weight) * div, (ce, div)
 

@@ -19,6 +19,9 @@ seen so far, not only on the labels of the last cohort or buffer:
 
 With g = 1 (AP-FL's default: "data-free knowledge transfer under global model
 supervision") only the global model teaches and the client models are not rebuilt.
+The global teacher is the model the server holds after this step's aggregation (sync and
+FedBuff: the new global model; FedAsync: the mixture (1 - a) x + a x_client, through
+`asynchrony.simulator.fedasync_mixing`).
 A class nobody ever held is never drawn: it is reached only through its embedding
 A(c) (zero-shot).
 """
@@ -135,6 +138,10 @@ class GeneratorSetup:
     diversity_pairs: 'all' or 'same_label', the pairs L_div spreads apart.
     global_teacher_weight: g, the share of each label's teacher weight given to the
       global model (1: the global model is the only teacher).
+    ce_weighting: how the teacher CE weighs a sample (`generator.teacher_cross_entropy`):
+      'per_sample' or FedGen's code's 'official'.
+    label_count_prior: added to every round client's count of each label some client
+      holds, in the client teachers' weights (FedGen's code: 1; the memory is unchanged).
   """
 
   generator: nn.Module
@@ -147,6 +154,8 @@ class GeneratorSetup:
   ce_weight: float
   diversity_pairs: str
   global_teacher_weight: float
+  ce_weighting: str = 'per_sample'
+  label_count_prior: float = 0.0
 
 
 def create_setup(
@@ -222,7 +231,10 @@ def memory_label_probs(seen_counts: jax.Array) -> jax.Array:
 
 
 def memory_teacher_weights(
-  label_counts: jax.Array, seen_counts: jax.Array, global_teacher_weight: float
+  label_counts: jax.Array,
+  seen_counts: jax.Array,
+  global_teacher_weight: float,
+  label_count_prior: float = 0.0,
 ) -> jax.Array:
   """Teacher weights of the round's clients and the global model, per label.
 
@@ -231,16 +243,19 @@ def memory_teacher_weights(
     seen_counts: float [num_classes] the server's memory (labels learned so far,
       this round included).
     global_teacher_weight: g in [0, 1].
+    label_count_prior: p, added to every client's count of a label held this round
+      (FedGen's code starts its counts at 1).
 
   Returns:
     float32 [K + 1, num_classes]: rows 0..K-1 the clients, row K the global model.
-    A label held this round: (1 - g) n_{k,y} / sum_j n_{j,y} for the clients and g for
-    the global model; a memorized label nobody holds this round: 1 for the global
-    model; a label never seen: all 0.
+    A label held this round: (1 - g) (n_{k,y} + p) / sum_j (n_{j,y} + p) for the clients
+    and g for the global model; a memorized label nobody holds this round: 1 for the
+    global model; a label never seen: all 0.
   """
   held_now = jnp.sum(label_counts, axis=0) > 0
   memorized = seen_counts > 0
-  clients = (1.0 - global_teacher_weight) * generator_lib.teacher_weights(label_counts)
+  smoothed = label_counts + label_count_prior * held_now.astype(jnp.float32)[None]
+  clients = (1.0 - global_teacher_weight) * generator_lib.teacher_weights(smoothed)
   global_row = jnp.where(held_now, global_teacher_weight, memorized.astype(jnp.float32))
   return jnp.concatenate([clients, global_row[None]]).astype(jnp.float32)
 
@@ -279,7 +294,9 @@ def train_on_teachers(
     teacher_params = jax.tree.map(
       lambda t, g: jnp.concatenate([t, g[None]]), teacher_params, global_params
     )
-    weights = memory_teacher_weights(label_counts, seen_counts, setup.global_teacher_weight)
+    weights = memory_teacher_weights(
+      label_counts, seen_counts, setup.global_teacher_weight, setup.label_count_prior
+    )
 
   def teacher_logits_fn(samples):
     return jax.vmap(lambda p: sample_logits(model, setup.kind, p, samples))(teacher_params)
@@ -296,6 +313,7 @@ def train_on_teachers(
     batch_size=setup.batch_size,
     ce_weight=setup.ce_weight,
     diversity_pairs=setup.diversity_pairs,
+    ce_weighting=setup.ce_weighting,
     noise_dim=setup.noise_dim,
     noise_distribution=setup.noise_distribution,
   )
@@ -332,6 +350,18 @@ def labelled_output(
   )
 
 
+def round_teachers(
+  setup: GeneratorSetup, server: Any, deltas: Any, client_models: Any | None
+) -> Any | None:
+  """The round's client teachers: None when the global model teaches alone (g = 1),
+  else `client_models`, or the clients' updated models server.params + delta."""
+  if setup.global_teacher_weight >= 1.0:
+    return None
+  if client_models is not None:
+    return client_models
+  return jax.tree.map(lambda p, d: p[None] + d, server.params, deltas)
+
+
 def aggregate_and_distill(
   algorithm: Any, server: Any, outputs: Any, rng: jax.Array, client_models: Any | None = None
 ):
@@ -355,12 +385,7 @@ def aggregate_and_distill(
     server.params, server.opt_state, deltas, outputs.num_examples
   )
   seen_counts = server.seen_counts + jnp.sum(counts, 0)
-  if algorithm.setup.global_teacher_weight >= 1.0:
-    teachers = None
-  elif client_models is not None:
-    teachers = client_models
-  else:
-    teachers = jax.tree.map(lambda p, d: p[None] + d, server.params, deltas)
+  teachers = round_teachers(algorithm.setup, server, deltas, client_models)
   generator, _ = train_on_teachers(
     algorithm.setup, algorithm.model, server.generator, teachers, counts, params, seen_counts, rng
   )

@@ -9,11 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from apfl_jax.core import sharding
 from apfl_jax.runner.evaluators import (
   dropout_no_label_prior,
   global_model,
   personalized,
   unseen_class,
+  unseen_class_control,
 )
 from apfl_jax.runner.evaluators.base import EvalInputs, Evaluation
 from apfl_jax.runner.experiment import EVAL_CHUNK, Experiment
@@ -25,6 +27,7 @@ EVALUATIONS: dict[str, Evaluation] = {
   'global': global_model.EVALUATION,
   'dropout_no_label_prior': dropout_no_label_prior.EVALUATION,
   'unseen_class': unseen_class.EVALUATION,
+  'unseen_class_onehot_control': unseen_class_control.EVALUATION,
 }
 
 
@@ -33,16 +36,16 @@ class Evaluator:
 
   def __init__(self, experiment: Experiment):
     self._exp = experiment
-    unseen = np.flatnonzero(
-      np.isin(
-        experiment.dataset.test_labels[np.asarray(experiment.data.union_test_index)],
-        experiment.unseen_classes,
-      )
+    union_test_index, test_count = sharding.to_host(
+      (experiment.data.union_test_index, experiment.data.test_count)
     )
-    unseen = unseen[unseen < int(np.asarray(experiment.data.test_count).sum())]
+    unseen = np.flatnonzero(
+      np.isin(experiment.dataset.test_labels[union_test_index], experiment.unseen_classes)
+    )
+    unseen = unseen[unseen < int(test_count.sum())]
     padded = -(-max(len(unseen), 1) // EVAL_CHUNK) * EVAL_CHUNK
     index = np.zeros((padded,), np.int32)
-    index[: len(unseen)] = np.asarray(experiment.data.union_test_index)[unseen]
+    index[: len(unseen)] = union_test_index[unseen]
     group = np.ones((padded,), np.int32)
     group[: len(unseen)] = 0
     self._inputs = EvalInputs(
@@ -70,7 +73,8 @@ class Evaluator:
 
   def __call__(self, state) -> dict[str, Any]:
     inputs = self._inputs
-    counts = jax.device_get(
+    # `to_host`: per-client counts may be split over the devices of several processes.
+    counts = sharding.to_host(
       self._evaluate(
         state, inputs.data, inputs.unseen_index, inputs.unseen_group, inputs.dropout_ids
       )
