@@ -1,6 +1,7 @@
 """Runs one federated experiment: `python experiments/main.py --flagfile=cifar10.flags`.
 
 A bare flagfile name that is not in the working directory is looked up in experiments/.
+`--seeds=0,1,2` trains those seeds as one program (<workdir>/seed<k> each).
 Invalid flags, missing data, diverged training and an interrupt (Ctrl-C, SIGTERM, SIGHUP)
 end with one line on stderr and a non-zero exit status; `--help` lists the project's flags
 by component and exits 0.
@@ -31,10 +32,17 @@ from absl import app, flags, logging  # noqa: E402 -- after the signal handlers
 
 from apfl_jax.config import config as config_lib  # noqa: E402
 from apfl_jax.core import sharding  # noqa: E402
-from apfl_jax.core.errors import UserError  # noqa: E402
-from apfl_jax.runner import train  # noqa: E402
+from apfl_jax.core.errors import ConfigError, UserError  # noqa: E402
+from apfl_jax.runner import batch, checkpoints, train  # noqa: E402
+from apfl_jax.runner import workdir as workdir_lib  # noqa: E402
 
 config_lib.define_flags()
+flags.DEFINE_list(
+  'seeds',
+  [],
+  'Several seeds as ONE program (the experiment axis, apfl_jax/runner/batch.py): seed k '
+  'runs in <workdir>/seed<k>, each its own run folder; --seed is then not used.',
+)
 
 _HELP_ARGS = ('--help', '-h', '-?', '--helpshort', '--helpfull')
 
@@ -53,6 +61,22 @@ def _parse_flags(argv):
     sys.exit(f'error: {str(e).splitlines()[0]} (see --help)')
 
 
+def _train_seeds(config, seeds):
+  """--seeds: the seeds of `config` as one program, <workdir>/seed<k> each."""
+  try:
+    values = [int(s) for s in seeds]
+  except ValueError:
+    raise ConfigError(f'--seeds must be integers like 0,1,2; got {",".join(seeds)}') from None
+  if len(set(values)) < len(values):
+    raise ConfigError(f'--seeds names a seed more than once: {",".join(seeds)}')
+  root = config.workdir or workdir_lib.default_workdir(config)
+  configs = [config.replace(seed=s, workdir=os.path.join(root, f'seed{s}')) for s in values]
+  outcomes = batch.train_and_evaluate_batch(configs, [c.workdir for c in configs])
+  failed = [f'seed {c.seed}: {o}' for c, o in zip(configs, outcomes) if isinstance(o, Exception)]
+  if failed:
+    raise UserError(f'{"; ".join(failed)} (the other seeds finished in {root})')
+
+
 def main(argv):
   if len(argv) > 1:
     # absl passes on what is not a flag: a stray word, or a flagfile line without dashes.
@@ -61,6 +85,7 @@ def main(argv):
       'command line and in a --flagfile (see --help)'
     )
   logging.set_verbosity(logging.WARNING)  # keeps orbax's per-save INFO lines out
+  sys.stderr = checkpoints.WithoutClosedLoopTracebacks(sys.stderr)
   for stop in _STOP_SIGNALS:
     signal.signal(stop, _interrupt)
   try:
@@ -69,7 +94,10 @@ def main(argv):
       sharding.maybe_initialize_distributed(
         auto_detect=True, timeout_s=config.distributed_timeout_s
       )
-    train.train_and_evaluate(config, config.workdir)
+    if flags.FLAGS.seeds:
+      _train_seeds(config, flags.FLAGS.seeds)
+    else:
+      train.train_and_evaluate(config, config.workdir)
   # fail_fast: sys.exit with the line; in a multi-process run, the line names the process
   # that failed and the other processes are stopped.
   except UserError as e:

@@ -20,7 +20,7 @@ import optax
 import pytest
 
 from apfl_jax.algorithms.fedavg import FedAvg
-from apfl_jax.data import client_data
+from apfl_jax.data import client_data, datasets
 from apfl_jax.data import partition as partition_lib
 from apfl_jax.studies import results
 
@@ -28,9 +28,15 @@ from apfl_jax.studies import results
 @pytest.fixture(scope='session', autouse=True)
 def shared_compilation_cache(tmp_path_factory):
   """One persistent compilation cache for the session: the many tiny runs that build equal
-  computations (each `train_and_evaluate` jits afresh) compile them once."""
+  computations (each `train_and_evaluate` jits afresh) compile them once. Under
+  pytest-xdist the workers share it (the folder above each worker's temporary root)."""
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    folder = tmp_path_factory.getbasetemp().parent / 'jax_cache'
+    folder.mkdir(exist_ok=True)
+  else:
+    folder = tmp_path_factory.mktemp('jax_cache')
   settings = {
-    'jax_compilation_cache_dir': str(tmp_path_factory.mktemp('jax_cache')),
+    'jax_compilation_cache_dir': str(folder),
     'jax_persistent_cache_min_compile_time_secs': 0.0,
     'jax_persistent_cache_min_entry_size_bytes': 0,
   }
@@ -134,6 +140,14 @@ def float32_matmuls():
   """
   with jax.default_matmul_precision('highest'):
     yield
+
+
+@pytest.fixture
+def synthetic_data(monkeypatch):
+  """Any data set a run loads is a small synthetic 28x28x1 one with 4 classes."""
+  dataset = make_synthetic_dataset(num_classes=4, per_class=20, shape=(28, 28, 1))
+  monkeypatch.setattr(datasets, 'load_dataset', lambda name, data_dir=None: dataset)
+  return dataset
 
 
 @pytest.fixture

@@ -6,63 +6,25 @@ the batched program computes the same operations on an extra axis, which XLA may
 schedule and fuse differently.
 """
 
-import json
 import os
 
-from conftest import make_synthetic_dataset
 import numpy as np
 import pytest
+from test_train import APFL_TINY, read_rows
+from test_train import tiny_config as train_tiny_config
 
-from apfl_jax.config.config import Config
 from apfl_jax.core.errors import ConfigError, RunInterrupted, TrainingDivergedError
-from apfl_jax.data import datasets
 from apfl_jax.runner import batch, train
 
 RTOL = 1e-5
-APFL_TINY = dict(
-  embedding='onehot',
-  generator='feature',
-  noise_dim=8,
-  generator_hidden_dim=16,
-  generator_steps=2,
-  generator_batch_size=8,
-  apfl_synthetic_per_class=4,
-  apfl_friend_batch_size=8,
-)
-
-
-@pytest.fixture
-def synthetic_data(monkeypatch):
-  dataset = make_synthetic_dataset(num_classes=4, per_class=20, shape=(28, 28, 1))
-  monkeypatch.setattr(datasets, 'load_dataset', lambda name, data_dir=None: dataset)
-  return dataset
 
 
 def tiny_config(**changes):
-  config = Config(
-    dataset='mnist',
-    num_clients=4,
-    partition='dirichlet',
-    dirichlet_alpha=0.5,
-    min_samples_per_client=5,
-    num_rounds=3,
-    batch_size=8,
-    local_epochs=1,
-    join_ratio=0.75,
-    learning_rate=0.05,
-    checkpoint_every=2,
-    eval_every=1,
-    verbose=False,
-  )
-  return config.replace(**changes)
-
-
-def read_rows(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    rows = [json.loads(line) for line in f]
-  for r in rows:
-    r.pop('elapsed_s')
-  return rows
+  """test_train's tiny run: 3 rounds of 3 of 4 clients, evaluated every round, in up to 4
+  size groups (the common schedule's group bounds hold for every partition)."""
+  return train_tiny_config(
+    num_rounds=3, join_ratio=0.75, eval_every=1, max_client_buckets=4
+  ).replace(**changes)
 
 
 def assert_rows_close(batched, separate):
@@ -103,7 +65,7 @@ def test_three_uneven_seeds_side_by_side_equal_three_runs(tmp_path, synthetic_da
 @pytest.mark.slow
 @pytest.mark.parametrize(
   'changes',
-  [{'algorithm': 'ditto'}, {'algorithm': 'fedrep'}, {'algorithm': 'apfl', **APFL_TINY}],
+  [{'algorithm': 'ditto'}, {'algorithm': 'fedrep'}, APFL_TINY],
   ids=['ditto', 'fedrep', 'apfl'],
 )
 def test_three_seeds_in_one_program_equal_three_runs(tmp_path, synthetic_data, changes):
@@ -114,7 +76,7 @@ def test_three_seeds_in_one_program_equal_three_runs(tmp_path, synthetic_data, c
 @pytest.mark.slow
 def test_a_beta_sweep_shares_the_program_with_the_seeds(tmp_path, synthetic_data):
   configs = [
-    tiny_config(algorithm='apfl', seed=seed, apfl_beta=beta, partition='iid', **APFL_TINY)
+    tiny_config(seed=seed, apfl_beta=beta, partition='iid', **APFL_TINY)
     for seed in (0, 1)
     for beta in (0.1, 0.6)
   ]

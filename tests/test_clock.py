@@ -2,31 +2,10 @@
 
 import numpy as np
 import pytest
+from test_simulator import async_config, write_trace
 
 from apfl_jax.asynchrony import clock
-from apfl_jax.config.config import Config
 from apfl_jax.core.errors import ConfigError
-
-
-def async_config(**changes):
-  config = Config(
-    num_clients=4,
-    server='fedbuff',
-    buffer_size=4,
-    concurrency=4,
-    speed_distribution='constant',
-    staleness_function='polynomial',
-    staleness_exponent=0.5,
-    max_staleness=4,
-    seed=0,
-  )
-  return config.replace(**changes)
-
-
-def write_trace(tmp_path, text):
-  path = tmp_path / 'speeds.csv'
-  path.write_text(text)
-  return str(path)
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from test_train import APFL_TINY
 
 from apfl_jax import algorithms
 from apfl_jax.algorithms import registry
@@ -20,24 +21,12 @@ from apfl_jax.runner import checkpoints
 
 # Small enough for every algorithm's extra work (generators, friends, fine-tuning).
 TINY_FLAGS = dict(
-  num_clients=4,
-  batch_size=8,
-  local_epochs=1,
-  local_steps=0,
-  learning_rate=0.1,
-  embedding='onehot',
-  generator='feature',
-  noise_dim=8,
-  generator_hidden_dim=16,
-  generator_steps=2,
-  generator_batch_size=8,
-  apfl_synthetic_per_class=4,
-  apfl_friend_batch_size=8,
+  num_clients=4, batch_size=8, local_epochs=1, local_steps=0, learning_rate=0.1, **APFL_TINY
 )
 
 
 def build(name, dataset, partition, data):
-  config = Config(algorithm=name, **TINY_FLAGS).validate()
+  config = Config(**TINY_FLAGS).replace(algorithm=name).validate()
   counts = np.asarray(data.train_count)
   schedule = local_training.Schedule.create(
     config.batch_size, config.local_epochs, config.local_steps, int(counts.min()), int(counts.max())

@@ -1214,3 +1214,21 @@ def test_benchmark_conv_impls_match_the_models():
   from apfl_jax.models import conv
 
   assert load_benchmark().CONV_IMPLS == conv.CONV_IMPLS
+
+
+@pytest.mark.slow
+def test_main_with_several_seeds_trains_them_as_one_program(env, reference):
+  """`main.py --seeds=0,1`: seed k in <workdir>/seed<k>; seed 0 equals the plain run."""
+  workdir = env.root / 'seeds'
+  result = run(env, *SMALL_RUN, '--seeds=0,1', f'--workdir={workdir}')
+  assert result.returncode == 0, result.stderr
+  for seed in (0, 1):
+    config = json.loads((workdir / f'seed{seed}' / 'config.json').read_text())
+    assert config['seed'] == seed
+  rows = read_rows(workdir / 'seed0')
+  assert [r['round'] for r in rows] == [r['round'] for r in reference.rows]
+  for row, expected in zip(rows, reference.rows):
+    assert row['personalized_acc'] == pytest.approx(expected['personalized_acc'], abs=1e-6)
+    assert row['train_loss'] == pytest.approx(expected['train_loss'], rel=1e-5)
+  bad = run(env, *SMALL_RUN, '--seeds=0,x', f'--workdir={workdir}_bad')
+  assert_one_line_error(bad.returncode, bad.stderr, '--seeds')

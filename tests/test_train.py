@@ -1,31 +1,24 @@
 """End-to-end tests of apfl_jax.runner.train and experiments/main.py (synthetic data, tiny runs)."""
 
+import io
 import json
 import os
 import subprocess
 import sys
+import threading
 import types
 
-from conftest import make_synthetic_dataset
 import numpy as np
 import pytest
 
 from apfl_jax.config.config import RENAMED_FLAGS, Config
 from apfl_jax.core.errors import ConfigError, TrainingDivergedError
-from apfl_jax.data import datasets
 from apfl_jax.runner import checkpoints, drivers, run_folder, train
 from apfl_jax.runner import experiment as experiment_lib
 from apfl_jax.runner import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(REPO, 'experiments', 'main.py')
-
-
-@pytest.fixture
-def synthetic_data(monkeypatch):
-  dataset = make_synthetic_dataset(num_classes=4, per_class=20, shape=(28, 28, 1))
-  monkeypatch.setattr(datasets, 'load_dataset', lambda name, data_dir=None: dataset)
-  return dataset
 
 
 def tiny_config(**changes):
@@ -340,3 +333,31 @@ def test_abandoned_orbax_reads_are_recognised_and_other_unraisables_are_not():
   assert checkpoints.is_abandoned_orbax_read(closed_loop)
   assert not checkpoints.is_abandoned_orbax_read(other)
   coroutine.close()
+
+
+def test_stderr_filter_drops_closed_loop_tracebacks_of_any_thread_and_keeps_the_rest():
+  out = io.StringIO()
+  stderr = checkpoints.WithoutClosedLoopTracebacks(out)
+
+  def traceback_ending_in(last):
+    for text in ('Traceback (most recent call last):\n', '  File "x.py", line 1, in f\n'):
+      stderr.write(text)
+    stderr.write(last)
+    stderr.write('\n')
+
+  traceback_ending_in('RuntimeError: Event loop is closed')
+  stderr.write('a warning\n')
+  traceback_ending_in('ValueError: a real problem')
+  threads = [
+    threading.Thread(target=traceback_ending_in, args=('RuntimeError: Event loop is closed',))
+    for _ in range(4)
+  ]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  stderr.write('error: the one line\n')
+  assert out.getvalue() == (
+    'a warning\nTraceback (most recent call last):\n  File "x.py", line 1, in f\n'
+    'ValueError: a real problem\nerror: the one line\n'
+  )

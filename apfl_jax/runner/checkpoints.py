@@ -22,6 +22,7 @@ import logging as python_logging
 import os
 import re
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -254,6 +255,42 @@ def write_errors(workdir: str) -> Iterator[None]:
       f'--workdir: cannot write a checkpoint in {os.path.join(workdir, CHECKPOINTS)}: {reason}'
       '; the checkpoints saved before it are kept'
     ) from None
+
+
+class WithoutClosedLoopTracebacks(io.TextIOBase):
+  """A stderr that drops the tracebacks of orbax's failed-save callbacks.
+
+  After a checkpoint write fails (a full disk), the save's tensorstore callbacks go on
+  failing in orbax's threads while the run winds down, each printing a traceback that
+  ends in `RuntimeError: Event loop is closed` (without any hook to catch it). A command
+  line that promises one line installs this: a traceback is held until its last line and
+  dropped if that is the closed event loop; everything else passes unchanged.
+  """
+
+  _LAST_LINE = 'RuntimeError: Event loop is closed'
+
+  def __init__(self, stream: Any):
+    super().__init__()
+    self._stream = stream
+    self._held: dict[int, list[str]] = {}  # per thread: tracebacks from threads interleave
+    self._lock = threading.Lock()
+
+  def write(self, text: str) -> int:
+    with self._lock:
+      held = self._held.setdefault(threading.get_ident(), [])
+      if not held and not text.startswith('Traceback (most recent call last)'):
+        self._stream.write(text)
+        return len(text)
+      held.append(text)
+      lines = ''.join(held).splitlines()
+      if held[-1].endswith('\n') and lines and not lines[-1].startswith((' ', 'Traceback')):
+        if lines[-1].strip() != self._LAST_LINE:
+          self._stream.write(''.join(held))
+        held.clear()
+      return len(text)
+
+  def flush(self) -> None:
+    self._stream.flush()
 
 
 def finish(manager: ocp.CheckpointManager, workdir: str, failed: bool = False) -> None:
