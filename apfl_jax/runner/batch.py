@@ -629,8 +629,11 @@ def _batch_loop(
         try:
           for hook in hooks[k]:
             hook.after_step(r, report)
+          # Only the Checkpoint callback reads the state: slice it on its rounds alone.
+          saves = r % config.checkpoint_every == 0 or r == config.num_rounds
+          mine = take(state, k) if saves else None
           for hook in hooks[k]:
-            hook.after_round(r, take(state, k), row, report)
+            hook.after_round(r, mine, row, report)
         except TrainingDivergedError as e:
           failed[k] = e
           log(f'{workdirs[k]}: {e}; the other experiments go on', flush=True)
