@@ -13,6 +13,10 @@
 #               the friend study on its AP-FL runs, then AP-FL taught by the clients' local
 #               models (docs/results/client_teachers_dropout)
 #   async       fashion_mnist_async.flags: FedBuff and sync FedAvg, seeds 0-2, plot_async
+#   apfl_async  apfl_async.flags: AP-FL under FedBuff, FedAsync and sync, FedBuff FedAvg and
+#               Local, seeds 0-2, with the update budget cut to 60 and $APFL_ASYNC_CUTS
+#               (empty it on a GPU for the flagfile's full setting: then also set
+#               APFL_ASYNC_UPDATES=120)
 #   pfllib      PFLlib's Fashion-MNIST settings (rounds: $PFLLIB_ROUNDS, default 12)
 #
 # With $OUT set (the device tool's output folder), the result files, without the runs, are
@@ -22,6 +26,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python || command -v python3)}
 PFLLIB_ROUNDS=${PFLLIB_ROUNDS:-12}
+APFL_ASYNC_METRICS=active_personalized_acc,global_acc,dropout_personalized_acc,dropout_personalized_acc_no_label_prior,unseen_class_acc,unseen_class_seen_acc,unseen_class_acc_onehot_control
 BETAS=0.001,0.01,0.1,0.5,1.0
 FRIEND_BETAS=0.01,0.1,0.5,1.0
 FRIENDS="apfl_friend_learning_rate=0.005;apfl_friend_learning_rate=0.01;apfl_synthetic_per_class=100"
@@ -75,6 +80,33 @@ async() {
     --target=0.6 --metric=active_personalized_acc
 }
 
+# The paper's dropout scenario served asynchronously, in virtual time. The flagfile's budget
+# is 120 client updates (FedBuff: 40 server steps of 3) with the monopoly client gone after
+# 30; APFL_ASYNC_UPDATES=60 halves the budget and keeps the dropout after 30 updates.
+apfl_async() {
+  local runs=docs/results/apfl_async/runs updates=${APFL_ASYNC_UPDATES:-60}
+  local cuts=${APFL_ASYNC_CUTS---generator_steps=5 --apfl_synthetic_per_class=100}
+  local fedbuff="--num_rounds=$((updates / 3)) --eval_every=$((updates / 15))"
+  local fedasync="--server=fedasync --num_rounds=$updates --dropout_round=30 --eval_every=$((updates / 5))"
+  local sync="--server=sync --num_rounds=$((updates / 5)) --dropout_round=6 --eval_every=$((updates / 20))"
+  $PY experiments/main.py --flagfile=apfl_async.flags $cuts $sync --seeds=0,1,2 \
+    --workdir=$runs/apfl_sync
+  $PY experiments/main.py --flagfile=apfl_async.flags $cuts $sync --algorithm=local \
+    --seeds=0,1,2 --workdir=$runs/local
+  for seed in 0 1 2; do
+    $PY experiments/main.py --flagfile=apfl_async.flags $cuts $fedbuff --seed=$seed \
+      --workdir=$runs/apfl_fedbuff/seed$seed
+    $PY experiments/main.py --flagfile=apfl_async.flags $cuts $fedbuff --algorithm=fedavg \
+      --seed=$seed --workdir=$runs/fedavg_fedbuff/seed$seed
+    $PY experiments/main.py --flagfile=apfl_async.flags $cuts $fedasync --seed=$seed \
+      --workdir=$runs/apfl_fedasync/seed$seed
+  done
+  $PY experiments/plot_async.py \
+    --runs=$runs/apfl_sync,$runs/apfl_fedbuff,$runs/apfl_fedasync,$runs/fedavg_fedbuff,$runs/local \
+    --out=docs/results/apfl_async --target=0.95 --metric=active_personalized_acc \
+    --final_metrics=$APFL_ASYNC_METRICS
+}
+
 pfllib() {
   local rounds=--num_rounds=$PFLLIB_ROUNDS
   $PY experiments/compare.py --flagfile=pfllib_fmnist.flags $rounds --seeds=0 \
@@ -89,13 +121,13 @@ pfllib() {
 }
 
 if [ $# -eq 0 ]; then
-  echo "usage: bash experiments/regenerate_results.sh SECTION... (dirichlet dropout async pfllib)" >&2
+  echo "usage: bash experiments/regenerate_results.sh SECTION... (dirichlet dropout async apfl_async pfllib)" >&2
   exit 2
 fi
 for section in "$@"; do
   case $section in
-    dirichlet | dropout | async | pfllib) ;;
-    *) echo "error: unknown section '$section' (dirichlet, dropout, async, pfllib)" >&2; exit 2 ;;
+    dirichlet | dropout | async | apfl_async | pfllib) ;;
+    *) echo "error: unknown section '$section' (dirichlet, dropout, async, apfl_async, pfllib)" >&2; exit 2 ;;
   esac
 done
 for section in "$@"; do

@@ -39,9 +39,18 @@ def test_a_folder_of_seed_runs_is_one_row(tmp_path):
     f'--out={out}',
     '--target=0.6',
     '--metric=acc',
+    '--final_metrics=acc',
   )
   assert proc.returncode == 0, proc.stderr
-  lines = (out / 'summary.md').read_text().splitlines()
+  summary = (out / 'summary.md').read_text()
+  lines, finals = summary.split('At the end of')
+  lines = lines.strip().splitlines()
+  # Last values: sync 0.7 and 0.1, fedbuff 0.8 and 0.4.
+  assert finals.strip().splitlines()[-3:] == [
+    '|---|---|',
+    '| sync (sync) | 0.4000 ± 0.3000 |',
+    '| fedbuff (fedbuff) | 0.6000 ± 0.2000 |',
+  ]
   assert lines[0].startswith('| run | seeds | final virtual time | acc at the budget |')
   # Budgets 8 (seed 0) and 9 (seed 1): sync has no seed-0 evaluation by 8.
   assert lines[2] == '| sync (sync) | 2 | 14 ± 6 | 0.1000 ± 0.0000 | 13 ± 7 | 2/2 |'
@@ -63,6 +72,13 @@ def test_bad_runs_give_one_line_errors(tmp_path):
   write_run(str(tmp_path / 'run'), 'sync', [1.0], [0.5])
   proc = plot_async(f'--runs={tmp_path / "run"}', f'--out={tmp_path / "out"}', '--metric=nope')
   assert proc.stderr.strip().splitlines()[-1].startswith('error: --metric:')
+  proc = plot_async(
+    f'--runs={tmp_path / "run"}',
+    f'--out={tmp_path / "out"}',
+    '--metric=acc',
+    '--final_metrics=acc,nope',
+  )
+  assert proc.stderr.strip().splitlines() == ['error: --final_metrics: no run logged nope']
   with open(tmp_path / 'run' / 'metrics.jsonl', 'a') as f:
     f.write('{torn\n{"round": 9}\n')
   proc = plot_async(f'--runs={tmp_path / "run"}', f'--out={tmp_path / "out"}', '--metric=acc')

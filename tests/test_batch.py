@@ -83,14 +83,51 @@ def test_a_beta_sweep_shares_the_program_with_the_seeds(tmp_path, synthetic_data
   run_both(tmp_path, configs, side_by_side=True)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('changes', [{'algorithm': 'ditto'}, APFL_TINY], ids=['ditto', 'apfl'])
+def test_a_learning_rate_sweep_shares_the_program_with_the_seeds(tmp_path, synthetic_data, changes):
+  configs = [
+    tiny_config(
+      seed=seed, learning_rate=lr, partition='iid', client_optimizer='momentum', **changes
+    )
+    for seed in (0, 1)
+    for lr in (0.02, 0.08)
+  ]
+  run_both(tmp_path, configs, side_by_side=True)
+
+
 def test_flags_that_change_the_program_are_refused_in_one_line():
   with pytest.raises(ConfigError, match='--batch_size: experiments of one program must share'):
     batch.check_batchable([tiny_config(), tiny_config(batch_size=4)])
   with pytest.raises(ConfigError, match='--server=fedbuff: the experiment axis runs sync'):
     batch.check_batchable([tiny_config(server='fedbuff')])
-  with pytest.raises(ConfigError, match='--learning_rate: experiments of one program must'):
-    batch.check_batchable([tiny_config(), tiny_config(learning_rate=0.1)])
+  with pytest.raises(ConfigError, match='--client_optimizer: experiments of one program must'):
+    batch.check_batchable([tiny_config(), tiny_config(client_optimizer='adam')])
   assert batch.check_batchable([tiny_config(seed=0), tiny_config(seed=3)]) == ('seed',)
+  assert batch.check_batchable([tiny_config(), tiny_config(learning_rate=0.1, seed=1)]) == (
+    'learning_rate',
+    'seed',
+  )
+
+
+def test_a_learning_rate_is_lifted_and_shared_optimizers_stay_shared():
+  """The learning rate is an `Optimizer` field, so it stacks like a number; Ditto's
+  personal optimizer is its client optimizer, and one experiment's copy keeps it so."""
+  from apfl_jax.algorithms.ditto import Ditto
+  from apfl_jax.core import local_training
+
+  algorithms = [
+    Ditto(None, (28, 28, 1), None, local_training.make_optimizer('momentum', lr), None, 0.1, 4)
+    for lr in (0.05, 0.2)
+  ]
+  lifted = batch.split_algorithms(algorithms, ['learning_rate'])
+  assert sorted(lifted) == ['client_optimizer.learning_rate', 'personal_optimizer.learning_rate']
+  np.testing.assert_allclose(lifted['client_optimizer.learning_rate'], [0.05, 0.2])
+  one = batch.with_lifted(algorithms[0], {k: v[1] for k, v in lifted.items()})
+  assert one.client_optimizer is one.personal_optimizer
+  assert one.client_optimizer.name == 'momentum'
+  assert float(one.client_optimizer.learning_rate) == pytest.approx(0.2)
+  assert algorithms[0].client_optimizer.learning_rate == 0.05  # the template is untouched
 
 
 @pytest.mark.slow

@@ -7,7 +7,9 @@ import os
 from conftest import make_synthetic_dataset
 import numpy as np
 import pytest
+from test_train import read_rows
 
+from apfl_jax.algorithms.fedprox import FedProx
 from apfl_jax.data import datasets
 from apfl_jax.runner import drivers
 from apfl_jax.studies import compare, results
@@ -175,3 +177,45 @@ def test_algorithm_flags_apply_to_one_algorithm_and_label_its_row():
       compare.parse_algorithm_flags([bad], ['fedgen'])
   with pytest.raises(compare.ConfigError, match='bad value'):
     compare.parse_algorithm_flags(['fedgen.fedgen_alpha=x'], ['fedgen'])
+
+
+def test_a_group_refused_while_tracing_runs_one_program_per_run(
+  tmp_path, synthetic_data, monkeypatch, capsys
+):
+  """A FedProx whose round needs mu as a Python number: the seeds x mu program is refused
+  when traced, and each run then trains alone, equal to a run outside the comparison."""
+  original = FedProx.client_update
+
+  def needs_python_mu(self, *args):
+    if self.mu > 0.5:  # a Python branch: fine with a number, refused with a traced one
+      raise AssertionError('mu is at most 0.2 here')
+    return original(self, *args)
+
+  monkeypatch.setattr(FedProx, 'client_update', needs_python_mu)
+  out = str(tmp_path / 'cmp')
+  argv = [
+    'compare.py',
+    *TINY,
+    '--partition=iid',
+    '--algorithms=fedprox',
+    '--sweep=fedprox_mu:0.1,0.2',
+    '--seeds=0',
+    f'--out={out}',
+  ]
+  assert compare.main(argv) == 0
+  printed = capsys.readouterr().out
+  assert (
+    'fedprox: one program per run (--fedprox_mu: the algorithm needs one of mu as a fixed '
+    'value (TracerBoolConversionError); run the experiments as separate programs)'
+  ) in printed
+  _, rows = read_csv(out)
+  assert [(r['setting'], r['num_failed']) for r in rows] == [
+    ('fedprox_mu=0.1', '0'),
+    ('fedprox_mu=0.2', '0'),
+  ]
+  alone = str(tmp_path / 'alone')
+  assert compare.main([*argv[:-1], '--noexperiment_axis', f'--out={alone}']) == 0
+  assert 'one program per run' not in capsys.readouterr().out
+  for setting in ('fedprox_mu=0.1', 'fedprox_mu=0.2'):
+    run = os.path.join('runs', 'fedprox', setting, 'seed0')
+    assert read_rows(os.path.join(out, run)) == read_rows(os.path.join(alone, run))

@@ -169,3 +169,28 @@ def test_fixed_steps_or_equal_clients_keep_one_lockstep_scan(epochs, steps, coun
     10, epochs, steps, min(counts), max(counts), client_counts=counts, max_buckets=4
   )
   assert schedule.buckets(len(counts)) == ((0, len(counts), schedule),)
+
+
+@pytest.mark.parametrize('name', local_training.OPTIMIZERS)
+def test_an_optimizer_steps_as_its_optax_transformation(name):
+  """`Optimizer` builds optax's optimizer from its fields: two steps by hand (NumPy) for
+  SGD and momentum, optax's own Adam for adam; an unknown name is refused."""
+  params = {'w': jnp.array([1.0, -2.0])}
+  grads = [{'w': jnp.array([0.5, 1.0])}, {'w': jnp.array([-1.0, 0.25])}]
+  optimizer = local_training.make_optimizer(name, 0.1)
+  reference = optax.adam(0.1) if name == 'adam' else None
+  state = optimizer.init(params)
+  ref_state = reference.init(params) if reference else None
+  w, velocity = np.array([1.0, -2.0]), np.zeros(2)
+  for g in grads:
+    updates, state = optimizer.update(g, state, params)
+    params = optax.apply_updates(params, updates)
+    if reference:
+      ref_updates, ref_state = reference.update(g, ref_state)
+      w = w + np.asarray(ref_updates['w'])
+    else:
+      velocity = np.asarray(g['w']) + (0.9 * velocity if name == 'momentum' else 0.0)
+      w = w - 0.1 * velocity
+  np.testing.assert_allclose(params['w'], w, rtol=1e-6)
+  with pytest.raises(ValueError, match="unknown optimizer 'lamb'"):
+    local_training.make_optimizer('lamb', 0.1)

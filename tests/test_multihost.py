@@ -24,7 +24,7 @@ import time
 import types
 
 import pytest
-from test_reliability import write_fake_fashion_mnist
+from test_reliability import largest_file, write_fake_fashion_mnist
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(REPO, 'experiments', 'main.py')
@@ -183,13 +183,22 @@ def assert_job_ok(codes, stderrs):
 
 @pytest.mark.slow
 def test_two_processes_write_one_run_equal_to_one_process_and_resume(env):
-  """FedAvg: 2 rounds as a 2-process job, resumed to 4, against one process's 4 rounds."""
+  """FedAvg: 2 rounds as a 2-process job, resumed to 4 past a truncated checkpoint, against
+  one process's 4 rounds."""
   reference = (*RUN, '--num_rounds=4', f'--workdir={env.root / "fedavg_single"}')
   process = start_single(env, *reference)
   workdir = env.root / 'fedavg_two'
   assert_job_ok(*job(env, *RUN, '--num_rounds=2', f'--workdir={workdir}')[:2])
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['1', '2']
-  assert_job_ok(*job(env, *RUN, '--num_rounds=4', f'--workdir={workdir}')[:2])
+  # Round 2's checkpoint is truncated: both processes find it, process 0 moves it aside
+  # once, and the job resumes from round 1.
+  victim = largest_file(workdir / 'checkpoints' / '2')
+  os.truncate(victim, os.path.getsize(victim) // 2)
+  codes, stderrs, _ = job(env, *RUN, '--num_rounds=4', f'--workdir={workdir}')
+  assert_job_ok(codes, stderrs)
+  assert 'checkpoint of round 2 does not restore' in stderrs[0]
+  assert 'does not restore' not in stderrs[1]
+  assert len(os.listdir(workdir / 'corrupt_checkpoints')) == 1
   assert_same_rows(rows_of([f'--workdir={workdir}']), single_rows(process, *reference))
   # One set of files, written by process 0 alone; one orbax checkpoint per round.
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['3', '4']

@@ -77,6 +77,17 @@ def test_paper_flagfile_runs_apfl_for_one_round(parsed_flags, tmp_path, flagfile
   assert summary['final_personalized_acc'] == row['personalized_acc']
 
 
+def test_cifar100_flagfile_parses_to_apfl_with_the_papers_beta(parsed_flags):
+  parsed_flags(['prog', f'--flagfile={os.path.join(PAPER, "cifar100.flags")}'])
+  config = config_lib.from_flags(parsed_flags)
+  assert (config.dataset, config.model, config.algorithm, config.apfl_beta) == (
+    'cifar100',
+    'resnet8',
+    'apfl',
+    0.01,
+  )
+
+
 def test_async_apfl_flagfile_parses_for_every_mode_of_its_header(parsed_flags):
   path = os.path.join(os.path.dirname(PAPER), 'async', 'apfl_async.flags')
   modes = [

@@ -89,6 +89,13 @@ def test_csv_has_fixed_columns_and_na(tmp_path, runs):
   assert local['num_failed'] == '1' and 'client 2' in local['errors']
 
 
+def test_final_value_is_the_last_logged_one():
+  rows = [{'acc': 0.5}, {'acc': 0.7, 'x': 1.0}, {'x': 2.0}, {'acc': None}]
+  assert results.final_value(rows, 'acc') == 0.7
+  assert results.final_value(rows, 'x') == 2.0
+  assert results.final_value(rows, 'missing') is None
+
+
 def test_virtual_time_to_target():
   assert results.virtual_time_to_target([1.0, 2.5, 4.0], [0.5, 0.81, 0.9], 0.8) == 2.5
   assert results.virtual_time_to_target([1.0, 2.0], [0.5, None], 0.8) is None

@@ -24,7 +24,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from apfl_jax.algorithms import base, registry
 from apfl_jax.algorithms.fedavg import FedAvg
@@ -67,8 +66,8 @@ class Ditto(FedAvg):
     model: Any,
     image_shape: tuple[int, ...],
     schedule: local_training.Schedule,
-    client_optimizer: optax.GradientTransformation,
-    server_optimizer: optax.GradientTransformation,
+    client_optimizer: local_training.OptimizerLike,
+    server_optimizer: local_training.OptimizerLike,
     lam: float,
     num_clients: int,
   ):

@@ -42,8 +42,8 @@ class FedAvg(base.Algorithm):
     model: Any,
     image_shape: tuple[int, ...],
     schedule: local_training.Schedule,
-    client_optimizer: optax.GradientTransformation,
-    server_optimizer: optax.GradientTransformation,
+    client_optimizer: local_training.OptimizerLike,
+    server_optimizer: local_training.OptimizerLike,
   ):
     self.model = model
     self.image_shape = image_shape

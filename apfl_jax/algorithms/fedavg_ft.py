@@ -25,7 +25,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from apfl_jax.algorithms import base, registry
 from apfl_jax.algorithms.fedavg import FedAvg
@@ -66,8 +65,8 @@ class FedAvgFT(FedAvg):
     model: Any,
     image_shape: tuple[int, ...],
     schedule: local_training.Schedule,
-    client_optimizer: optax.GradientTransformation,
-    server_optimizer: optax.GradientTransformation,
+    client_optimizer: local_training.OptimizerLike,
+    server_optimizer: local_training.OptimizerLike,
     finetune_schedule: local_training.Schedule | None,
     seed: int,
     dropout_clients: tuple[int, ...] = (),

@@ -216,8 +216,8 @@ class FedGen(FedAvg):
     model: Any,
     image_shape: tuple[int, ...],
     schedule: local_training.Schedule,
-    client_optimizer: optax.GradientTransformation,
-    server_optimizer: optax.GradientTransformation,
+    client_optimizer: local_training.OptimizerLike,
+    server_optimizer: local_training.OptimizerLike,
     setup: knowledge_transfer.GeneratorSetup,
     alpha: float,
     num_classes: int,
@@ -323,7 +323,7 @@ class FedGen(FedAvg):
 
     return loss_fn
 
-  def client_optimizer_at(self, server: FedGenServer) -> optax.GradientTransformation:
+  def client_optimizer_at(self, server: FedGenServer) -> local_training.OptimizerLike:
     """The client optimizer of the round the client starts in.
 
     With client_lr_decay < 1 its updates are scaled by decay^max(t - 1, 0), t the server
@@ -334,7 +334,10 @@ class FedGen(FedAvg):
     if self.client_lr_decay == 1.0:
       return self.client_optimizer
     exponent = jnp.maximum(server.round - 1, 0).astype(jnp.float32)
-    return optax.chain(self.client_optimizer, optax.scale(self.client_lr_decay**exponent))
+    return optax.chain(
+      local_training.as_transformation(self.client_optimizer),
+      optax.scale(self.client_lr_decay**exponent),
+    )
 
   def client_update(self, server, client, index_row, count, rng, data):
     params, loss = local_training.train_client(

@@ -100,8 +100,8 @@ class FedProx(FedAvg):
     model: Any,
     image_shape: tuple[int, ...],
     schedule: local_training.Schedule,
-    client_optimizer: optax.GradientTransformation,
-    server_optimizer: optax.GradientTransformation,
+    client_optimizer: local_training.OptimizerLike,
+    server_optimizer: local_training.OptimizerLike,
     mu: float,
   ):
     super().__init__(model, image_shape, schedule, client_optimizer, server_optimizer)

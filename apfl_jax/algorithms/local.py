@@ -11,7 +11,6 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-import optax
 
 from apfl_jax.algorithms import base, registry
 from apfl_jax.core import local_training
@@ -44,7 +43,7 @@ class LocalOnly(base.Algorithm):
     model: Any,
     image_shape: tuple[int, ...],
     schedule: local_training.Schedule,
-    client_optimizer: optax.GradientTransformation,
+    client_optimizer: local_training.OptimizerLike,
     num_clients: int,
   ):
     self.model = model

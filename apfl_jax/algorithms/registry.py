@@ -17,9 +17,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping
 
-import optax
-
 from apfl_jax.algorithms.base import Algorithm
+from apfl_jax.core import local_training
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,20 +30,20 @@ class BuildContext:
     dataset: the data set (image shape, class names, pixel statistics).
     partition: the client partition (label counts).
     schedule: the static local-training schedule (`local_training.Schedule`).
-    client_optimizer: the clients' optax optimizer.
-    server_optimizer: the server's optax optimizer.
+    client_optimizer: the clients' optimizer (`local_training.Optimizer`).
+    server_optimizer: the server's optimizer.
   """
 
   model: Any
   dataset: Any
   partition: Any
   schedule: Any
-  client_optimizer: optax.GradientTransformation
-  server_optimizer: optax.GradientTransformation
+  client_optimizer: local_training.OptimizerLike
+  server_optimizer: local_training.OptimizerLike
 
   def fedavg_args(
     self,
-  ) -> tuple[Any, Any, Any, optax.GradientTransformation, optax.GradientTransformation]:
+  ) -> tuple[Any, Any, Any, local_training.OptimizerLike, local_training.OptimizerLike]:
     """(model, image shape, schedule, client and server optimizer): the arguments
     `FedAvg(...)` takes, which its subclasses take first."""
     return (

@@ -85,7 +85,7 @@ import optax
 from apfl_jax.algorithms import base
 from apfl_jax.algorithms.fedprox import proximal_gradient
 from apfl_jax.asynchrony.clock import CLOCK_STREAM, Clock, Job, staleness_weight, step_durations
-from apfl_jax.core import sharding
+from apfl_jax.core import local_training, sharding
 from apfl_jax.core.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -120,7 +120,9 @@ def with_proximal_client_optimizer(algorithm: base.Algorithm, rho: float) -> bas
       f'{type(algorithm).__name__} has none'
     )
   clone = copy.copy(algorithm)
-  clone.client_optimizer = optax.chain(proximal_gradient(rho), algorithm.client_optimizer)
+  clone.client_optimizer = optax.chain(
+    proximal_gradient(rho), local_training.as_transformation(algorithm.client_optimizer)
+  )
   return clone
 
 

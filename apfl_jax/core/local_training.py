@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, TypeAlias
 
 import flax.struct
 import jax
@@ -274,7 +274,7 @@ class ClientTrainState:
   steps: jax.Array
 
 
-def client_init(params: Params, optimizer: optax.GradientTransformation) -> ClientTrainState:
+def client_init(params: Params, optimizer: OptimizerLike) -> ClientTrainState:
   """Fresh optimizer state around the starting parameters."""
   return ClientTrainState(
     params=params,
@@ -291,7 +291,7 @@ def client_step(
   example_mask: jax.Array,
   rng: jax.Array,
   loss_fn: LossFn,
-  optimizer: optax.GradientTransformation,
+  optimizer: OptimizerLike,
 ) -> ClientTrainState:
   """One optimizer step on one batch."""
   loss, grads = jax.value_and_grad(loss_fn)(state.params, images, labels, example_mask, rng)
@@ -361,7 +361,7 @@ def run_local_steps(
 def train_client(
   params: Params,
   loss_fn: LossFn,
-  optimizer: optax.GradientTransformation,
+  optimizer: OptimizerLike,
   data: FederatedData,
   index_row: jax.Array,
   count: jax.Array,
@@ -391,15 +391,60 @@ def train_client(
   )
 
 
-def make_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
-  """The named optax optimizer ('sgd', 'momentum' (0.9) or 'adam')."""
-  if name == 'sgd':
-    return optax.sgd(learning_rate)
-  if name == 'momentum':
-    return optax.sgd(learning_rate, momentum=0.9)
-  if name == 'adam':
-    return optax.adam(learning_rate)
-  raise ValueError(f'unknown optimizer {name!r}')
+OPTIMIZERS = ('sgd', 'momentum', 'adam')
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+  """A named optax optimizer, built from its fields where it is used.
+
+  The learning rate is a field rather than a number captured by optax's closures, so
+  experiments that differ only in it can share one program: `runner.batch` stacks it and
+  puts one experiment's (traced) value into a copy. It quacks like an
+  `optax.GradientTransformation` (`init`, `update`); `as_transformation` gives the optax
+  object where one is required (`optax.chain`).
+
+  Attributes:
+    name: 'sgd', 'momentum' (SGD with momentum 0.9) or 'adam'.
+    learning_rate: a number, or a traced scalar inside the experiment axis.
+  """
+
+  name: str
+  learning_rate: Any
+
+  def transformation(self) -> optax.GradientTransformation:
+    if self.name == 'sgd':
+      return optax.sgd(self.learning_rate)
+    if self.name == 'momentum':
+      return optax.sgd(self.learning_rate, momentum=0.9)
+    return optax.adam(self.learning_rate)
+
+  def init(self, params: Params) -> Any:
+    return self.transformation().init(params)
+
+  def update(self, updates: Any, state: Any, params: Params | None = None) -> tuple[Any, Any]:
+    return self.transformation().update(updates, state, params)
+
+
+# What algorithms take as an optimizer: an `Optimizer`, or an optax transformation built
+# around one (FedAsync's proximal term, FedGen's learning-rate decay).
+OptimizerLike: TypeAlias = Optimizer | optax.GradientTransformation
+
+
+def as_transformation(optimizer: OptimizerLike) -> optax.GradientTransformation:
+  """The optax transformation of an `Optimizer` (others are returned as they are)."""
+  return optimizer.transformation() if isinstance(optimizer, Optimizer) else optimizer
+
+
+def make_optimizer(name: str, learning_rate: float) -> Optimizer:
+  """The named optimizer ('sgd', 'momentum' (0.9) or 'adam').
+
+  Raises:
+    ValueError: an unknown name.
+  """
+  if name not in OPTIMIZERS:
+    raise ValueError(f'unknown optimizer {name!r}')
+  return Optimizer(name, learning_rate)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,11 +22,12 @@ How one algorithm object serves every experiment: each experiment's algorithm is
 on the host as for a separate run (with a schedule common to all, whose step bounds hold
 for every partition; padded steps are masked, so a client's steps are its own), then the
 attributes in which they differ (arrays such as label counts, numbers such as beta or a
-seed) are stacked and handed to the mapped function, which puts them into a copy of the
-first experiment's algorithm. An attribute that differs in any other way (an optimizer
-built from another learning rate, a static schedule, a closure) cannot be batched: the
-flag that caused it is refused in one line (`NotBatchable`), and `studies.compare` then
-runs one program per experiment.
+seed, number fields of dataclasses such as an optimizer's learning rate,
+`local_training.Optimizer`) are stacked and handed to the mapped function, which puts
+them into a copy of the first experiment's algorithm. An attribute that differs in any
+other way (a static schedule, a closure) cannot be batched: the flag that caused it is
+refused in one line (`NotBatchable`), and `studies.compare` then runs one program per
+experiment.
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ from apfl_jax.runner.experiment import EVAL_CHUNK, Experiment, build_experiment
 # keys) and hyper-parameters that enter the computation as numbers.
 AXIS_FLAGS = (
   'seed',
+  'learning_rate',
+  'server_learning_rate',
+  'apfl_friend_learning_rate',
   'apfl_beta',
   'fedprox_mu',
   'ditto_lambda',
@@ -298,8 +302,14 @@ def with_lifted(template: Any, lifted: dict[str, Any]) -> Any:
       nested.setdefault(name, {})[field] = value
     else:
       setattr(clone, name, value)
+  # Attributes that are one object in the template (AP-FL's personal_optimizer is its
+  # client_optimizer) stay one object in the copy.
+  replaced: dict[int, Any] = {}
   for name, fields in nested.items():
-    setattr(clone, name, dataclasses.replace(getattr(clone, name), **fields))
+    original = getattr(template, name)
+    if id(original) not in replaced:
+      replaced[id(original)] = dataclasses.replace(original, **fields)
+    setattr(clone, name, replaced[id(original)])
   return clone
 
 
@@ -509,7 +519,9 @@ def _run_batch(
   configs: list[Config], workdirs: list[str], flags: tuple[str, ...], side_by_side: bool | None
 ) -> list[dict[str, Any] | Exception]:
   experiments = [build_experiment(c) for c in configs]
-  # NotBatchable comes before anything is written.
+  # NotBatchable from the attributes comes before anything is written; one raised while
+  # tracing (`_batching`) leaves each folder's config committed and no checkpoint, which a
+  # separate run of the same config starts afresh (`studies.compare`'s fallback, tested).
   batch = ExperimentBatch(experiments, flags, side_by_side)
   for config, workdir, exp in zip(configs, workdirs, experiments):
     workdir_lib.commit_workdir(workdir, config)

@@ -31,6 +31,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from apfl_jax.core import sharding
 from apfl_jax.core.errors import ConfigError
 from apfl_jax.runner import run_folder
 from apfl_jax.runner.experiment import Experiment, build_experiment
@@ -387,14 +388,18 @@ def restore_newest_good(
     if failure is None:
       return rounds.join(device_tree, host), step
     _install_orbax_read_filter()
-    aside = os.path.join(workdir, 'corrupt_checkpoints', f'{step}-{time.time_ns()}')
-    os.makedirs(os.path.dirname(aside), exist_ok=True)
-    os.replace(os.path.join(workdir, 'checkpoints', str(step)), aside)
+    # Every process of a job reads the same checkpoint and finds the same failure; process
+    # 0 moves the folder, the others wait for it before looking again.
+    if sharding.is_main_process():
+      aside = os.path.join(workdir, 'corrupt_checkpoints', f'{step}-{time.time_ns()}')
+      os.makedirs(os.path.dirname(aside), exist_ok=True)
+      os.replace(os.path.join(workdir, 'checkpoints', str(step)), aside)
+      logging.warning(
+        'checkpoint of round %d does not restore (%s); moved it to %s and trying the previous one',
+        step,
+        failure,
+        aside,
+      )
+    sharding.barrier(f'corrupt checkpoint {step} moved aside')
     manager.reload()
-    logging.warning(
-      'checkpoint of round %d does not restore (%s); moved it to %s and trying the previous one',
-      step,
-      failure,
-      aside,
-    )
   return tree, 0

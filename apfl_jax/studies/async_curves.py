@@ -11,7 +11,8 @@ async mode; only at evaluated steps, so the histogram covers those steps' buffer
 accuracy_vs_virtual_time.png, staleness_histogram.png and summary.md: per row, mean ± std
 over its seeds of the final virtual time, of the accuracy at the budget (the shortest final
 virtual time among the runs of the same seed; every folder needs the same seeds) and of the
-virtual time to --target accuracy (over the seeds that reach it).
+virtual time to --target accuracy (over the seeds that reach it); with --final_metrics, a
+second table of those metrics' last logged values (the end of each run's update budget).
 """
 
 import os
@@ -32,6 +33,12 @@ def define_flags() -> None:
   flags.DEFINE_string('out', None, 'Output folder.')
   flags.DEFINE_float('target', 0.8, 'Target accuracy.')
   flags.DEFINE_string('metric', 'personalized_acc', 'Metric to plot.')
+  flags.DEFINE_list(
+    'final_metrics',
+    [],
+    "Metrics whose last logged value (the end of each run's update budget) the summary "
+    'also tabulates, mean ± std over seeds.',
+  )
 
 
 FLAGS = flags.FLAGS
@@ -72,11 +79,12 @@ def write_summary():
   if repeated:
     raise ConfigError(f'--runs names {", ".join(repeated)} more than once')
   outputs.check_output_folder(FLAGS.out, 'out')
-  groups, staleness = {}, []
+  groups, finals, staleness = {}, {}, []
   for folder in folders:
-    curves, servers = [], set()
+    curves, servers, seed_rows = [], set(), []
     for workdir in seed_workdirs(folder):
       rows = run_folder.read_metrics(workdir)
+      seed_rows.append(rows)
       if not rows or FLAGS.metric not in rows[-1]:
         raise ConfigError(f'--metric: {workdir}/{run_folder.METRICS} has no {FLAGS.metric}')
       if any('virtual_time' not in r for r in rows):
@@ -90,9 +98,25 @@ def write_summary():
       )
       for r in rows:
         staleness.extend(r.get('staleness', []))
-    groups[f'{os.path.basename(folder.rstrip("/"))} ({"/".join(sorted(servers))})'] = curves
+    label = f'{os.path.basename(folder.rstrip("/"))} ({"/".join(sorted(servers))})'
+    groups[label], finals[label] = curves, seed_rows
+  unknown = [
+    m
+    for m in FLAGS.final_metrics
+    if not any(
+      results.final_value(rows, m) is not None
+      for seed_rows in finals.values()
+      for rows in seed_rows
+    )
+  ]
+  if unknown:
+    raise ConfigError(f'--final_metrics: no run logged {", ".join(unknown)}')
   budgets, table = results.virtual_time_table(groups, FLAGS.target)
   summary = results.virtual_time_markdown(budgets, table, FLAGS.target, FLAGS.metric)
+  if FLAGS.final_metrics:
+    summary += "\n\nAt the end of each run's update budget:\n\n" + results.final_values_markdown(
+      finals, FLAGS.final_metrics
+    )
   os.makedirs(FLAGS.out, exist_ok=True)
   plots.plot_accuracy_vs_virtual_time(
     groups, os.path.join(FLAGS.out, 'accuracy_vs_virtual_time.png'), FLAGS.metric

@@ -351,6 +351,30 @@ def virtual_time_markdown(
   return '\n'.join(lines)
 
 
+def final_value(rows: Sequence[Mapping[str, Any]], metric: str) -> float | None:
+  """The metric's last logged value in a run's metrics rows (None if never logged)."""
+  logged = [r[metric] for r in rows if r.get(metric) is not None]
+  return float(logged[-1]) if logged else None
+
+
+def final_values_markdown(
+  finals: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]], metrics: Sequence[str]
+) -> str:
+  """Mean ± std over seeds (population std) of each metric's last logged value, one row
+  per group of seed runs; a column per metric, n/a where no seed logged it.
+
+  Args:
+    finals: label -> the metrics rows of each of its seed runs.
+    metrics: the columns, metrics.jsonl names.
+  """
+  names = [METRIC_NAMES.get(m, m) for m in metrics]
+  lines = ['| run | ' + ' | '.join(names) + ' |', '|---' * (len(metrics) + 1) + '|']
+  for label, seed_rows in finals.items():
+    cells = [format_stat(mean_std([final_value(rows, m) for rows in seed_rows])) for m in metrics]
+    lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
 def gain_by_client_size(
   client_accs: Mapping[str, Sequence[np.ndarray]],
   train_sizes: Sequence[np.ndarray],
