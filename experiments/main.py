@@ -33,7 +33,7 @@ from absl import app, flags, logging  # noqa: E402 -- after the signal handlers
 from apfl_jax.config import config as config_lib  # noqa: E402
 from apfl_jax.core import sharding  # noqa: E402
 from apfl_jax.core.errors import ConfigError, UserError  # noqa: E402
-from apfl_jax.runner import batch, checkpoints, train  # noqa: E402
+from apfl_jax.runner import batch, callbacks, checkpoints, train  # noqa: E402
 from apfl_jax.runner import workdir as workdir_lib  # noqa: E402
 
 config_lib.define_flags()
@@ -48,8 +48,10 @@ _HELP_ARGS = ('--help', '-h', '-?', '--helpshort', '--helpfull')
 
 
 def _interrupt(signum, frame):
-  """SIGTERM and SIGHUP end the run as Ctrl-C does (the round loop turns it into one line)."""
+  """Ctrl-C, SIGTERM and SIGHUP end the run (the round loop turns it into one line;
+  it also stops at the next round if the KeyboardInterrupt is swallowed where it lands)."""
   del signum, frame
+  callbacks.request_stop()
   raise KeyboardInterrupt
 
 
@@ -86,7 +88,7 @@ def main(argv):
     )
   logging.set_verbosity(logging.WARNING)  # keeps orbax's per-save INFO lines out
   sys.stderr = checkpoints.WithoutClosedLoopTracebacks(sys.stderr)
-  for stop in _STOP_SIGNALS:
+  for stop in (*_STOP_SIGNALS, signal.SIGINT):
     signal.signal(stop, _interrupt)
   try:
     config = config_lib.from_flags(flags.FLAGS)

@@ -21,5 +21,5 @@ def test_an_unknown_section_is_refused_before_anything_runs():
   proc = regenerate('async', 'dirichlet50')
   assert proc.returncode == 2 and proc.stdout == ''
   assert proc.stderr.strip() == (
-    "error: unknown section 'dirichlet50' (dirichlet, dropout, async, pfllib)"
+    "error: unknown section 'dirichlet50' (dirichlet, dropout, async, apfl_async, pfllib)"
   )

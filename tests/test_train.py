@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from apfl_jax.config.config import RENAMED_FLAGS, Config
-from apfl_jax.core.errors import ConfigError, TrainingDivergedError
-from apfl_jax.runner import checkpoints, drivers, run_folder, train
+from apfl_jax.core.errors import ConfigError, RunInterrupted, TrainingDivergedError
+from apfl_jax.runner import callbacks, checkpoints, drivers, run_folder, train
 from apfl_jax.runner import experiment as experiment_lib
 from apfl_jax.runner import workdir as workdir_lib
 
@@ -361,3 +361,17 @@ def test_stderr_filter_drops_closed_loop_tracebacks_of_any_thread_and_keeps_the_
     'a warning\nTraceback (most recent call last):\n  File "x.py", line 1, in f\n'
     'ValueError: a real problem\nerror: the one line\n'
   )
+
+
+def test_a_requested_stop_ends_the_loop_even_if_its_interrupt_was_swallowed(
+  tmp_path, synthetic_data
+):
+  """main.py's signal handler requests a stop before raising KeyboardInterrupt; when that
+  exception is lost (it landed in a __del__), the loop stops at the next round anyway, and
+  the request is spent: the rerun resumes and finishes."""
+  config = tiny_config(algorithm='fedavg', num_rounds=2)
+  callbacks.request_stop()
+  with pytest.raises(RunInterrupted, match='interrupted in round 1/2'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  summary = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert [r['round'] for r in read_rows(str(tmp_path / 'run'))] == [1, 2] and summary

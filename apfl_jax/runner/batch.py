@@ -603,6 +603,7 @@ def _batch_loop(
   r = done + 1
   try:
     for r in range(done + 1, config.num_rounds + 1):
+      callbacks.stop_if_requested()
       cohorts = np.stack(
         [
           cohort_for_round(
@@ -651,6 +652,7 @@ def _batch_loop(
           log(f'{workdirs[k]}: {e}; the other experiments go on', flush=True)
       log(f'round {r}/{config.num_rounds} of {len(configs)} experiments', flush=True)
   except KeyboardInterrupt:
+    callbacks.stop_handled()
     raise RunInterrupted(
       f'interrupted in round {r}/{config.num_rounds}: rerun the same command to resume '
       'every experiment from its last checkpoint'

@@ -19,6 +19,7 @@ import datetime
 import json
 import os
 import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -192,6 +193,30 @@ class Progress(Callback):
       f'{self.round_times[-1]:.2f}s ETA {datetime.timedelta(seconds=int(eta))}',
       flush=True,
     )
+
+
+_STOP = threading.Event()
+
+
+def request_stop() -> None:
+  """Asks the round loop to end as Ctrl-C does, at the next round at the latest.
+
+  main.py's SIGTERM/SIGHUP handler calls it before raising KeyboardInterrupt, which Python
+  swallows where it lands in a `__del__` or a garbage-collector callback: the loop then
+  still stops (`stop_if_requested`).
+  """
+  _STOP.set()
+
+
+def stop_if_requested() -> None:
+  """Raises KeyboardInterrupt if a stop was requested and not yet acted on."""
+  if _STOP.is_set():
+    raise KeyboardInterrupt
+
+
+def stop_handled() -> None:
+  """Marks a requested stop as acted on (the loop caught its KeyboardInterrupt)."""
+  _STOP.clear()
 
 
 def default_callbacks(

@@ -154,6 +154,7 @@ def _round_loop(
   r = done + 1  # the round running (named when it is interrupted)
   try:
     for r in range(done + 1, config.num_rounds + 1):
+      callbacks.stop_if_requested()
       tree, report = rounds.step(tree, r, jax.random.fold_in(base_key, r))
       for hook in hooks:
         hook.after_step(r, report)
@@ -169,6 +170,7 @@ def _round_loop(
       for hook in hooks:
         hook.after_round(r, tree, row, report)
   except KeyboardInterrupt:
+    callbacks.stop_handled()
     with checkpoints.write_errors(workdir):
       manager.wait_until_finished()
     saved = manager.latest_step() or 0
