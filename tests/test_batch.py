@@ -86,12 +86,18 @@ def test_a_beta_sweep_shares_the_program_with_the_seeds(tmp_path, synthetic_data
 @pytest.mark.slow
 @pytest.mark.parametrize('changes', [{'algorithm': 'ditto'}, APFL_TINY], ids=['ditto', 'apfl'])
 def test_a_learning_rate_sweep_shares_the_program_with_the_seeds(tmp_path, synthetic_data, changes):
+  # The server's learning rate varies with the clients' (both are on the axis).
   configs = [
     tiny_config(
-      seed=seed, learning_rate=lr, partition='iid', client_optimizer='momentum', **changes
+      seed=seed,
+      learning_rate=lr,
+      server_learning_rate=server_lr,
+      partition='iid',
+      client_optimizer='momentum',
+      **changes,
     )
     for seed in (0, 1)
-    for lr in (0.02, 0.08)
+    for lr, server_lr in ((0.02, 1.0), (0.08, 0.7))
   ]
   run_both(tmp_path, configs, side_by_side=True)
 

@@ -391,9 +391,6 @@ def train_client(
   )
 
 
-OPTIMIZERS = ('sgd', 'momentum', 'adam')
-
-
 @dataclasses.dataclass(frozen=True)
 class Optimizer:
   """A named optax optimizer, built from its fields where it is used.
