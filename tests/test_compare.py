@@ -146,6 +146,8 @@ def test_sweep_rows_failed_run_and_generated_samples(tmp_path, synthetic_data):
     'unseen_class_seen_acc',
     'unseen_class_balanced_acc',
     'unseen_class_acc_onehot_control',
+    'unseen_class_seen_acc_onehot_control',
+    'unseen_class_balanced_acc_onehot_control',
   ):
     assert float(finished[f'final_{metric}_mean']) == pytest.approx(
       summary[f'final_{metric}'], abs=1e-6
@@ -157,6 +159,7 @@ def test_sweep_rows_failed_run_and_generated_samples(tmp_path, synthetic_data):
   markdown = (tmp_path / 'sweep' / 'results.md').read_text()
   assert 'seed 0 failed: --batch_size' in markdown and 'unseen classes (final)' in markdown
   assert 'unseen classes, one-hot control (final)' in markdown
+  assert 'one-hot control balanced (final)' in markdown
   assert os.path.getsize(os.path.join(out, 'generated_samples_batch_size=8.png')) > 0
   assert not os.path.exists(os.path.join(out, 'generated_samples_batch_size=0.png'))
 

@@ -30,6 +30,8 @@ METRICS = (
   'unseen_class_seen_acc',
   'unseen_class_balanced_acc',
   'unseen_class_acc_onehot_control',
+  'unseen_class_seen_acc_onehot_control',
+  'unseen_class_balanced_acc_onehot_control',
 )
 METRIC_NAMES = {
   'personalized_acc': 'personalized',
@@ -42,6 +44,8 @@ METRIC_NAMES = {
   'unseen_class_seen_acc': 'probe on seen classes',
   'unseen_class_balanced_acc': 'probe balanced',
   'unseen_class_acc_onehot_control': 'unseen classes, one-hot control',
+  'unseen_class_seen_acc_onehot_control': 'one-hot control on seen classes',
+  'unseen_class_balanced_acc_onehot_control': 'one-hot control balanced',
 }
 STAGES = ('final', 'best')
 NA = 'n/a'
