@@ -165,6 +165,7 @@ def test_sweep_rows_failed_run_and_generated_samples(tmp_path, synthetic_data):
 
 
 def test_algorithm_flags_apply_to_one_algorithm_and_label_its_row():
+  compare.define_flags()  # as compare.main does; this test may run first in its process
   parsed = compare.parse_algorithm_flags(
     ['fedgen.fedgen_alpha=2', 'fedgen.fedgen_beta=0.5', 'apfl.apfl_beta=0.01'], ['fedgen', 'apfl']
   )
