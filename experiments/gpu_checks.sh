@@ -5,7 +5,7 @@
 #
 #   source .gpu/env.sh && bash experiments/gpu_checks.sh
 #
-# Steps, each under its own time limit (about 8 min in all at most); logs and JSON go to
+# Steps, each under its own time limit (530 s in all at most); logs and JSON go to
 # $OUT (the device tool's folder that comes back), else /tmp/gpu_checks:
 #   1. tests/test_batch.py, test_golden.py, test_cohort.py at the GPU's default TF32
 #      matmuls (the experiment axis equals separate runs; golden values; the client map);
@@ -13,7 +13,7 @@
 #   3. the client sweep, 10 to 10,000 clients (goal: 10,000 in chunks of 1000 at >= 80%
 #      of the 1000-client samples/s), memory analysis included.
 # Figures go to docs/benchmarks.md with the card, commit and this command.
-# GPU_CHECKS_QUICK=1 runs the same steps cut down on any machine (2 CPU cores: ~4 min),
+# GPU_CHECKS_QUICK=1 runs the same steps cut down on any machine (2 CPU cores: 3 min 50 s),
 # the CPU-checkable counterpart: it proves the commands run, not the figures.
 set -uo pipefail
 cd "$(dirname "$0")/.."
